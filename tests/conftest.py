@@ -10,3 +10,39 @@ sys.path.insert(0, ROOT)
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def write_synthetic_data(directory, vocab_size=64, n_train=40_000, n_val=4_000, seed=0):
+    """A prepared-data directory without a tokenizer: shards of a learnable token stream
+    (each token mostly determines the next: t_{i+1} = (3·t_i + 1) mod V, with 10% noise)."""
+    from data.shards import write_shard
+
+    rng = np.random.default_rng(seed)
+
+    def stream(n):
+        tokens = np.empty(n, dtype=np.int64)
+        tokens[0] = 0
+        for i in range(1, n):
+            tokens[i] = (3 * tokens[i - 1] + 1) % vocab_size if rng.random() > 0.1 else rng.integers(vocab_size)
+        return tokens
+
+    os.makedirs(directory, exist_ok=True)
+    write_shard(os.path.join(directory, "train_000000.bin"), stream(n_train), vocab_size)
+    write_shard(os.path.join(directory, "val_000000.bin"), stream(n_val), vocab_size)
+    meta = {"vocab_size": vocab_size, "eot_token": vocab_size - 1, "tokenizer": "tokenizer",
+            "train_shards": ["train_000000.bin"], "val_shards": ["val_000000.bin"],
+            "train_tokens": n_train, "val_tokens": n_val, "val_bytes": 3 * n_val}
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    return write_synthetic_data(str(tmp_path_factory.mktemp("data")))

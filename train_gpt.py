@@ -1,0 +1,1054 @@
+"""train_gpt.py — a GPT-2-style decoder, its pretraining loop and generation, in one file.
+
+Read beside Part 1 of the seed chapter (shared/seeds/000_…): every equation of pretraining
+is a small named function below, with its formula in the docstring and the section it
+implements. The file reads top to bottom:
+
+    1. The equations   6ND, 12·L·d², MFU, Chinchilla, warmup+cosine LR, perplexity   (1.4–1.6, 1.8)
+    2. The model       GPTConfig, attention (naive | sdpa | flash), blocks, GPT       (1.4)
+    3. Generation      KV cache, temperature / top-k / top-p sampling
+    4. GPT-2 weights   loading a Hugging Face GPT-2 state dict
+    5. Data            token shards → random training windows, fixed validation windows
+    6. Checkpoints     atomic writes, resume, model soups                          (1.8)
+    7. Stability       loss-spike / NaN detection and rollback                       (1.8)
+    8. The loop        AdamW, accumulation, clipping, logging, plots
+    9. Command line    `train`, `sample`, `soup`
+
+Usage:
+    python train_gpt.py train --data runs/default/data --out runs/default/pretrain
+    python train_gpt.py sample runs/default/pretrain/model.pt --prompt "def "
+    python train_gpt.py soup greedy ckpt_a.pt ckpt_b.pt --data runs/default/data --out soup.pt
+"""
+
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.shards import ShardError, read_shard
+from kernels.flash_attention import naive_attention
+
+
+class ConfigError(ValueError):
+    """Bad input the user can fix: a flag out of range, a missing file, a mismatched checkpoint."""
+
+
+# =============================================================================
+# 1. The equations of pretraining
+# =============================================================================
+
+def count_params(model, non_embedding=True):
+    """N: the number of learnable parameters (seed 1.5).
+
+    With non_embedding=True the token and position embeddings are left out, as in the
+    scaling-law papers (Kaplan et al. 2020): their N counts the weights that do the compute.
+    The LM head is tied to the token embedding, so it is not counted twice.
+    """
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.token_embedding.weight.numel() + model.position_embedding.weight.numel()
+    return n
+
+
+def approx_params(n_layer, n_embd):
+    """N ≈ 12·L·d²  (seed 1.5).
+
+    Per block: attention has Q, K, V and output projections, 4·d² weights; the MLP has
+    d→4d and 4d→d, 8·d². Biases and LayerNorms (O(d) each) are ignored.
+    """
+    return 12 * n_layer * n_embd**2
+
+
+def training_flops(n_params, n_tokens):
+    """C ≈ 6·N·D  (seed 1.5): 2 FLOPs per multiply-add, ×3 for forward + backward (≈ 2× forward)."""
+    return 6 * n_params * n_tokens
+
+
+def flops_per_token(n_params, n_layer, seq_len, n_embd):
+    """FLOPs to train on one token: 6·N + 12·L·T·d.
+
+    6·N is the weight matmuls (forward + backward); 12·L·T·d adds attention's Q·Kᵀ and P·V,
+    which grow with the context length T and are not in N (PaLM paper, appendix B).
+    """
+    return 6 * n_params + 12 * n_layer * seq_len * n_embd
+
+
+# Dense bf16 peak FLOP/s (no sparsity) of common accelerators, from their data sheets.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def mfu(tokens_per_sec, flops_per_tok, peak_flops):
+    """Model FLOPs utilisation = achieved FLOP/s ÷ peak FLOP/s = tokens/s · FLOPs/token ÷ peak."""
+    return tokens_per_sec * flops_per_tok / peak_flops
+
+
+def device_peak_flops(device):
+    """Look the accelerator's name up in PEAK_FLOPS; None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def chinchilla_optimal(compute):
+    """Compute-optimal (N*, D*) for a budget C (seed 1.6, Hoffmann et al. 2022).
+
+    With D* ≈ 20·N* and C = 6·N·D:  C = 120·N*²  ⇒  N* = √(C/120),  D* = 20·N*.
+    """
+    n_opt = math.sqrt(compute / (6 * 20))
+    return n_opt, 20 * n_opt
+
+
+def get_lr(step, warmup_steps, total_steps, max_lr, min_lr=None):
+    """Linear warmup from 0, then cosine decay to min_lr (seed 1.8, "Learning rate schedule").
+
+        lr(t) = max_lr · t / warmup                                   t < warmup
+        lr(t) = min_lr + ½ (max_lr − min_lr) (1 + cos(π · p))         p = (t − warmup)/(total − warmup)
+        lr(t) = min_lr                                                t ≥ total
+    min_lr defaults to max_lr / 10.
+    """
+    min_lr = max_lr / 10 if min_lr is None else min_lr
+    if step < warmup_steps:
+        return max_lr * step / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def perplexity(mean_nll):
+    """Perplexity = exp( (1/T) Σ_t −log P(x_t | x_<t) ) = exp(mean NLL in nats)  (seed 1.4)."""
+    return math.exp(mean_nll)
+
+
+def bits_per_byte(mean_nll, n_tokens, n_bytes):
+    """Bits per byte = (mean NLL / ln 2) · tokens / bytes.
+
+    NLL per token depends on the tokenizer (bigger tokens → higher loss per token);
+    per byte of the underlying text it does not, so runs with different tokenizers compare.
+    """
+    return mean_nll / math.log(2) * n_tokens / n_bytes
+
+
+def unigram_loss(train_tokens, val_tokens, vocab_size):
+    """Cross-entropy of the best context-free model: −mean log p(x), p = add-one-smoothed counts.
+
+    A language model has learned something only when its validation loss is well below this.
+    """
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[np.asarray(val_tokens)].mean())
+
+
+# =============================================================================
+# 2. The model
+# =============================================================================
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4102     # tokens in the vocabulary (our 4,096 BPE tokens + 6 special tokens)
+    block_size: int = 256      # longest context the position embedding covers
+    n_layer: int = 4           # transformer blocks
+    n_head: int = 4            # attention heads per block
+    n_embd: int = 128          # residual stream width d
+    dropout: float = 0.0       # dropout on attention output and MLP output (0 for pretraining)
+    bias: bool = True          # biases in Linear and LayerNorm, as in GPT-2
+    attention: str = "sdpa"    # naive | sdpa | flash — how attention is computed; not part of the maths
+
+    # Fields that change how the model computes but not what its weights mean.
+    RUNTIME_FIELDS = ("dropout", "attention")
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def attention_mask(query_doc_ids, key_doc_ids, query_positions, key_positions):
+    """Boolean mask (B, 1, Tq, Tk): True where query i may attend to key j.
+
+    allowed[i, j] = (pos_j ≤ pos_i) and (doc_j = doc_i) — causal, and never across documents.
+    Padding is a document of its own (id −1), so real tokens never attend to it.
+    """
+    causal = key_positions[:, None, :] <= query_positions[:, :, None]
+    same_doc = key_doc_ids[:, None, :] == query_doc_ids[:, :, None]
+    return (causal & same_doc)[:, None]
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, so each new token costs O(T), not O(T²).
+
+    Buffers are preallocated for `max_len` tokens; `length` says how many are filled.
+    Alongside the keys we keep each token's document id and sequence index, from which the
+    attention mask of later queries is built.
+    """
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, max_len, head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.doc_ids = torch.empty(batch_size, max_len, dtype=torch.long, device=device)
+        self.length = 0
+
+    def append(self, layer, k, v):
+        """Write this layer's new keys/values after the cached ones; return all of them."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.layer_index = layer_index
+        self.attention = config.attention
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.is_residual_projection = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, doc_ids=None, mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) → (B, heads, T, head_dim): each head attends independently.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.append(self.layer_index, k, v)
+        y = self.attend(q, k, v, doc_ids, mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+    def attend(self, q, k, v, doc_ids, mask):
+        """softmax(Q·Kᵀ/√d + mask)·V, computed by the selected implementation.
+
+        Training takes the causal fast path of each implementation (with per-token document
+        ids for packed sequences). Decoding with a KV cache and left padding needs a general
+        mask, which goes to PyTorch's SDPA whatever the choice.
+        """
+        dropout = self.dropout if self.training else 0.0
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if self.attention == "naive":
+            return naive_attention(q, k, v, causal=True, doc_ids=doc_ids)
+        if self.attention == "flash":
+            from kernels.flash_attention import flash_attention
+            return flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+        if doc_ids is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        positions = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
+        mask = attention_mask(doc_ids, doc_ids, positions, positions)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: d → 4d → GELU → d."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, doc_ids=None, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), doc_ids, mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): the output layer reuses the input embedding.
+        self.lm_head.weight = self.token_embedding.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2 initialisation: N(0, 0.02) everywhere, zero biases, and residual projections
+        scaled by 1/√(2·n_layer) — each block adds two outputs to the residual stream, so
+        without the scaling its variance would grow with depth."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, position_ids=None, doc_ids=None, cache=None):
+        """Logits (B, T, vocab) for every position, and the mean NLL if targets are given.
+
+        position_ids restart at 0 for each packed example; doc_ids keep attention inside one
+        document (packing) and away from padding (id −1). Targets equal to −100 are ignored.
+        """
+        B, T = idx.shape
+        offset = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + T, device=idx.device).expand(B, -1)
+        if int(position_ids.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(position_ids.max())} is beyond the context length "
+                             f"block_size={self.config.block_size}")
+        mask = None
+        if cache is not None:
+            doc_ids = torch.zeros_like(idx) if doc_ids is None else doc_ids
+            cache.doc_ids[:, offset:offset + T] = doc_ids
+            all_positions = torch.arange(offset + T, device=idx.device).expand(B, -1)
+            mask = attention_mask(doc_ids, cache.doc_ids[:, :offset + T], all_positions[:, offset:], all_positions)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(position_ids))
+        for block in self.blocks:
+            x = block(x, doc_ids, mask, cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            # fp32 log-softmax even under bf16 autocast: the loss is a sum of small differences.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW with weight decay only on matrices (≥ 2-D): decaying biases, LayerNorm gains and
+        embeddings' scale has no regularising purpose and hurts."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
+    # =========================================================================
+    # 3. Generation
+    # =========================================================================
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_token=None, pad_token=None, prompt_mask=None, use_cache=True, generator=None):
+        """Sample max_new_tokens continuations of idx (B, T) autoregressively.
+
+        temperature 0 is greedy decoding. Prompts of different lengths come left-padded, with
+        prompt_mask (B, T) True on real tokens; padding gets doc id −1 and no position.
+        A sequence that has emitted eos_token is finished: later slots hold pad_token (or eos).
+        With use_cache the keys and values of earlier tokens are kept (KVCache), so each step
+        feeds only the newest token; without it every step re-reads the whole sequence.
+        """
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context "
+                             f"length block_size={self.config.block_size}")
+        real = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
+        doc_ids = torch.where(real, 0, -1)
+        position_ids = (real.long().cumsum(1) - 1).clamp(min=0)
+        fill_token = pad_token if pad_token is not None else eos_token
+        cache = None
+        if use_cache:
+            dtype = next(self.parameters()).dtype
+            if torch.is_autocast_enabled(idx.device.type):
+                dtype = torch.get_autocast_dtype(idx.device.type)
+            cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out = idx
+        logits, _ = self(idx, position_ids=position_ids, doc_ids=doc_ids, cache=cache)
+        for _ in range(max_new_tokens):
+            next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_token is not None:
+                next_token = torch.where(finished, fill_token, next_token)
+                finished |= next_token == eos_token
+            out = torch.cat([out, next_token[:, None]], dim=1)
+            if eos_token is not None and finished.all():
+                break
+            next_position = position_ids[:, -1:] + 1
+            position_ids = torch.cat([position_ids, next_position], dim=1)
+            doc_ids = torch.cat([doc_ids, torch.zeros_like(next_position)], dim=1)
+            if use_cache:
+                logits, _ = self(next_token[:, None], position_ids=next_position,
+                                 doc_ids=doc_ids[:, -1:], cache=cache)
+            else:
+                logits, _ = self(out, position_ids=position_ids, doc_ids=doc_ids)
+        return out
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, vocab).
+
+    temperature rescales the logits (0 → argmax); top_k keeps the k most likely tokens;
+    top_p (nucleus sampling) keeps the smallest set whose probability mass reaches p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass *before* it already reaches p (so the top token stays).
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# =============================================================================
+# 4. GPT-2 weights from Hugging Face
+# =============================================================================
+
+def gpt2_key_map(n_layer):
+    """Our parameter names → Hugging Face GPT-2 names (without the `transformer.` prefix)."""
+    names = {"token_embedding.weight": "wte.weight", "position_embedding.weight": "wpe.weight",
+             "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"}
+    for i in range(n_layer):
+        for ours, theirs in [("ln_1", "ln_1"), ("ln_2", "ln_2"), ("attn.qkv", "attn.c_attn"),
+                             ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
+            for kind in ("weight", "bias"):
+                names[f"blocks.{i}.{ours}.{kind}"] = f"h.{i}.{theirs}.{kind}"
+    return names
+
+
+def gpt2_from_hf_state_dict(hf_state_dict, n_head=12, block_size=None):
+    """Build a GPT from a Hugging Face GPT2LMHeadModel (or GPT2Model) state dict.
+
+    Two differences to bridge: HF stores its linear layers as `Conv1D` with weights of shape
+    (in, out) — ours are nn.Linear, (out, in), so they are transposed — and it keeps the
+    causal mask as `attn.bias` / `attn.masked_bias` buffers, which we do not need.
+    n_head cannot be read off the shapes (12 for the 124M model).
+    """
+    sd = {k.removeprefix("transformer."): v for k, v in hf_state_dict.items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    vocab_size, n_embd = sd["wte.weight"].shape
+    config = GPTConfig(vocab_size=vocab_size, block_size=block_size or sd["wpe.weight"].shape[0],
+                       n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=True)
+    model = GPT(config)
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    ours = model.state_dict()
+    for our_name, hf_name in gpt2_key_map(n_layer).items():
+        tensor = sd[hf_name].t() if hf_name.endswith(conv1d) else sd[hf_name]
+        if our_name == "position_embedding.weight":
+            tensor = tensor[:config.block_size]
+        if tensor.shape != ours[our_name].shape:
+            raise ConfigError(f"GPT-2 weight {hf_name}: shape {tuple(tensor.shape)} != {tuple(ours[our_name].shape)}")
+        ours[our_name] = tensor
+    model.load_state_dict(ours)
+    return model
+
+
+# =============================================================================
+# 5. Data: token shards → training windows
+# =============================================================================
+
+def read_meta(data_dir):
+    """meta.json of a prepared data directory: vocabulary size, shard names, token and byte counts."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"{meta_path}: not found — run `python -m data.prepare --out {data_dir}` first")
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{meta_path}: not valid JSON ({e})") from None
+
+
+class TokenData:
+    """The shards written by data/prepare.py, read through np.memmap.
+
+    Training batches are *stateless*: the windows of batch number b are drawn from a random
+    generator seeded with (seed, b). Resuming, skipping a bad batch and splitting a global
+    batch across ranks therefore need no saved sampler state — only batch numbers.
+    """
+
+    def __init__(self, data_dir, block_size, vocab_size):
+        self.meta = read_meta(data_dir)
+        self.block_size = block_size
+        self.train = [self._open(os.path.join(data_dir, s), vocab_size) for s in self.meta["train_shards"]]
+        self.val = [self._open(os.path.join(data_dir, s), vocab_size) for s in self.meta["val_shards"]]
+        # A window is block_size inputs plus one more token for the last target.
+        self.train_starts = np.array([max(0, len(s) - block_size - 1) for s in self.train])
+        if self.train_starts.sum() == 0 or not any(len(s) > block_size for s in self.val):
+            raise ConfigError(f"--block-size {block_size} is longer than the data in {data_dir} "
+                              f"(largest train shard {max(map(len, self.train))} tokens)")
+        self.tokenizer = os.path.join(data_dir, self.meta.get("tokenizer", "tokenizer"))
+
+    @staticmethod
+    def _open(path, vocab_size):
+        tokens = read_shard(path)
+        shard_vocab = int(np.fromfile(path, dtype=np.int32, count=4)[3])
+        if shard_vocab > vocab_size:
+            raise ConfigError(f"{path}: token ids come from a vocabulary of {shard_vocab}, "
+                              f"larger than the model's vocab_size={vocab_size}")
+        return tokens
+
+    def window(self, shards, shard_index, start):
+        chunk = torch.from_numpy(shards[shard_index][start:start + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+    def batch_windows(self, seed, batch_number, global_batch_size):
+        """(shard, start) of every window of global batch `batch_number`, uniform over all starts."""
+        rng = np.random.default_rng([seed, batch_number])
+        flat = rng.integers(0, self.train_starts.sum(), size=global_batch_size)
+        shard = np.searchsorted(np.cumsum(self.train_starts), flat, side="right")
+        start = flat - np.concatenate([[0], np.cumsum(self.train_starts)])[shard]
+        return list(zip(shard.tolist(), start.tolist()))
+
+    def train_batch(self, windows):
+        x, y = zip(*(self.window(self.train, s, i) for s, i in windows))
+        return torch.stack(x), torch.stack(y)
+
+    def val_windows(self, max_windows):
+        """Fixed, non-overlapping validation windows, the same at every evaluation."""
+        windows = [(s, i) for s, shard in enumerate(self.val)
+                   for i in range(0, len(shard) - self.block_size - 1, self.block_size)]
+        step = max(1, len(windows) // max_windows)
+        return windows[::step][:max_windows]
+
+    def val_batches(self, max_windows, batch_size):
+        windows = self.val_windows(max_windows)
+        for i in range(0, len(windows), batch_size):
+            x, y = zip(*(self.window(self.val, s, j) for s, j in windows[i:i + batch_size]))
+            yield torch.stack(x), torch.stack(y)
+
+
+def micro_batch_rows(rank, world_size, micro_step, micro_batch_size, grad_accum):
+    """Which rows of the global batch this rank reads at this micro-step.
+
+    The global batch (world_size · grad_accum · micro_batch_size rows) is cut into one
+    contiguous slice per rank, each slice into grad_accum micro-batches: disjoint across
+    ranks, and together exactly the single-process batch.
+    """
+    first = (rank * grad_accum + micro_step) * micro_batch_size
+    return slice(first, first + micro_batch_size)
+
+
+def batch_number_for_step(step, skipped_batches):
+    """The step-th batch number that has not been skipped after a loss spike."""
+    number = step
+    for skipped in sorted(skipped_batches):
+        if skipped <= number:
+            number += 1
+    return number
+
+
+# =============================================================================
+# 6. Checkpoints
+# =============================================================================
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict with weights_only=True; one clear error if it is missing or corrupt."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any unpickling failure means a corrupt file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{path}: corrupt or not a checkpoint ({type(e).__name__}: {first_line[:120]})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise ConfigError(f"{path}: not a checkpoint of this project (no 'model'/'config' entries)")
+    return checkpoint
+
+
+def check_same_config(config, checkpoint_config, path):
+    """Refuse to load weights into a model of another shape, naming the first difference."""
+    for name, value in asdict(config).items():
+        if name in GPTConfig.RUNTIME_FIELDS:
+            continue
+        if checkpoint_config.get(name) != value:
+            raise ConfigError(f"{path}: checkpoint from a different config: "
+                              f"{name}={checkpoint_config.get(name)} there, {value} here")
+
+
+def model_from_checkpoint(path, device="cpu", **overrides):
+    """A GPT with the checkpoint's config and weights (the loader every later stage uses)."""
+    checkpoint = load_checkpoint(path)
+    config = GPTConfig.from_dict({**checkpoint["config"], **overrides})
+    model = GPT(config)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device), checkpoint
+
+
+def checkpoint_paths(out_dir):
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+
+
+def uniform_soup(state_dicts):
+    """Model soup (Wortsman et al. 2022, seed 1.8): θ_soup = (1/k) Σ_i θ_i, element-wise."""
+    return {name: sum(sd[name].double() for sd in state_dicts).div(len(state_dicts)).to(state_dicts[0][name].dtype)
+            for name in state_dicts[0]}
+
+
+def greedy_soup(state_dicts, evaluate):
+    """Greedy soup: sort checkpoints by validation loss, then add each to the soup only if the
+    soup's validation loss does not get worse. `evaluate(state_dict) → loss`. Returns the soup
+    and the indices of the checkpoints kept."""
+    losses = [evaluate(sd) for sd in state_dicts]
+    order = sorted(range(len(state_dicts)), key=lambda i: losses[i])
+    kept = [order[0]]
+    best_loss = losses[order[0]]
+    for i in order[1:]:
+        candidate_loss = evaluate(uniform_soup([state_dicts[j] for j in kept + [i]]))
+        if candidate_loss <= best_loss:
+            kept.append(i)
+            best_loss = candidate_loss
+    return uniform_soup([state_dicts[j] for j in kept]), kept
+
+
+# =============================================================================
+# 7. Stability: loss spikes and NaN (seed 1.8)
+# =============================================================================
+
+class SpikeDetector:
+    """A loss is a spike when it exceeds the rolling mean + k·σ of the last `window` losses.
+
+    The first `window // 2` losses only fill the window: at the start of training the loss
+    falls fast and its spread says nothing yet.
+    """
+
+    def __init__(self, window=50, num_sigmas=3.0):
+        self.window = window
+        self.num_sigmas = num_sigmas
+        self.history = []
+
+    def is_spike(self, loss):
+        if len(self.history) < max(2, self.window // 2):
+            return False
+        recent = np.array(self.history[-self.window:])
+        return loss > recent.mean() + self.num_sigmas * recent.std()
+
+    def record(self, loss):
+        self.history.append(loss)
+        del self.history[:-self.window]
+
+
+# =============================================================================
+# 8. The training loop
+# =============================================================================
+
+def log_line(metrics_file, record):
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+
+
+def truncate_metrics(path, after_step):
+    """On resume, forget metrics logged after the checkpoint we resume from."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line).get("step", 0) <= after_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, max_windows, batch_size, device, autocast):
+    """Mean NLL per token over the fixed validation windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.val_batches(max_windows, batch_size):
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def make_checkpoint(model, optimizer, config, step, state, args, tokenizer):
+    return {"model": model.state_dict(), "config": asdict(config), "step": step,
+            "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()},
+            "skipped_batches": list(state["skipped_batches"]), "lr_scale": state["lr_scale"],
+            "rollbacks": state["rollbacks"], "loss_history": list(state["spikes"].history),
+            "tokenizer": tokenizer, "args": {k: v for k, v in vars(args).items() if k != "func"}}
+
+
+def save_step_checkpoint(out_dir, checkpoint, keep_last):
+    atomic_save(checkpoint, os.path.join(out_dir, f"ckpt_{checkpoint['step']:07d}.pt"))
+    for old in checkpoint_paths(out_dir)[:-keep_last]:
+        os.remove(old)
+
+
+def restore(checkpoint, model, optimizer, state):
+    """Put model, optimizer, RNG and stability state back as they were at the checkpoint."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    state["spikes"].history = list(checkpoint["loss_history"])
+    return checkpoint["step"]
+
+
+def validate_train_args(args):
+    """One clear error per out-of-range flag, before any work starts."""
+    positive = ["n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "global_batch_size",
+                "max_steps", "lr", "eval_every", "eval_windows", "checkpoint_every", "keep_checkpoints",
+                "spike_window", "grad_clip"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    if not 0 <= args.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    if not 0 <= args.warmup_steps <= args.max_steps:
+        raise ConfigError(f"--warmup-steps must be in [0, --max-steps] (got {args.warmup_steps})")
+    if args.n_embd % args.n_head:
+        raise ConfigError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+    if args.global_batch_size % args.micro_batch_size:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                          f"--micro-batch-size {args.micro_batch_size}")
+    if args.attention == "flash" and not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+        raise ConfigError("--attention flash needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernel on CPU, slowly)")
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(args):
+    validate_train_args(args)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    meta = read_meta(args.data)
+    config = GPTConfig(vocab_size=meta["vocab_size"], block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
+                       attention=args.attention or ("flash" if device.type == "cuda" else "sdpa"))
+    data = TokenData(args.data, config.block_size, config.vocab_size)
+    model = GPT(config).to(device)
+    if args.init_from:
+        source, _ = model_from_checkpoint(args.init_from)
+        check_same_config(config, asdict(source.config), args.init_from)
+        model.load_state_dict(source.state_dict())
+    optimizer = model.configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
+    grad_accum = args.global_batch_size // args.micro_batch_size
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    state = {"skipped_batches": [], "lr_scale": 1.0, "rollbacks": 0,
+             "spikes": SpikeDetector(args.spike_window, args.spike_sigmas)}
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+
+    start_step = 0
+    if args.resume and checkpoint_paths(args.out):
+        path = checkpoint_paths(args.out)[-1]
+        checkpoint = load_checkpoint(path, map_location=device)
+        check_same_config(config, checkpoint["config"], path)
+        start_step = restore(checkpoint, model, optimizer, state)
+        state.update(skipped_batches=checkpoint["skipped_batches"], lr_scale=checkpoint["lr_scale"],
+                     rollbacks=checkpoint["rollbacks"])
+        truncate_metrics(metrics_path, start_step)
+        print(f"resumed from {path} at step {start_step}")
+    else:  # a fresh run: earlier checkpoints here must not become rollback targets
+        for old in checkpoint_paths(args.out) + [metrics_path]:
+            if os.path.exists(old):
+                os.remove(old)
+
+    # The numbers of section 1.5–1.6, printed before the first step.
+    n_params = count_params(model)
+    tokens_per_step = args.global_batch_size * config.block_size
+    total_tokens = tokens_per_step * args.max_steps
+    compute = training_flops(n_params, total_tokens)
+    n_opt, d_opt = chinchilla_optimal(compute)
+    unigram = unigram_loss(data.train[0][:2_000_000], data.val[0], config.vocab_size)
+    print(f"model: N={n_params:,} non-embedding parameters (12·L·d² = {approx_params(config.n_layer, config.n_embd):,}); "
+          f"data: {meta['train_tokens']:,} train tokens")
+    print(f"run: D={total_tokens:,} tokens, C=6ND={compute:.3g} FLOPs, {total_tokens / n_params:.1f} tokens/parameter "
+          f"(Chinchilla-optimal at this C: N*={n_opt:,.0f}, D*={d_opt:,.0f})")
+    print(f"unigram baseline val loss {unigram:.3f}; device {device}, attention {config.attention}, "
+          f"grad accumulation {grad_accum}")
+    if args.compile:
+        model = torch.compile(model)
+    raw_model = model._orig_mod if args.compile else model
+    peak = args.peak_flops or device_peak_flops(device)
+    flops_per_tok = flops_per_token(n_params, config.n_layer, config.block_size, config.n_embd)
+    val_bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+
+    def save(step):
+        checkpoint = make_checkpoint(raw_model, optimizer, config, step, state, args, data.tokenizer)
+        save_step_checkpoint(args.out, checkpoint, args.keep_checkpoints)
+        return checkpoint
+
+    def evaluate(step):
+        val_loss = evaluate_loss(model, data, args.eval_windows, args.micro_batch_size, device, autocast)
+        record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+                  "val_bpb": bits_per_byte(val_loss, 1, val_bytes_per_token), "unigram_loss": unigram}
+        log_line(metrics, record)
+        print(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, "
+              f"bits/byte {record['val_bpb']:.3f}")
+        return val_loss
+
+    with open(metrics_path, "a") as metrics:
+        if not checkpoint_paths(args.out):
+            save(0)  # a first good checkpoint, so a spike at step 1 has somewhere to roll back to
+        step = start_step
+        started = time.time()
+        last_val = None
+        checkpoint = load_checkpoint(checkpoint_paths(args.out)[-1], map_location=device)
+        while step < args.max_steps:
+            t0 = time.time()
+            lr = get_lr(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr) * state["lr_scale"]
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch_number = batch_number_for_step(step, state["skipped_batches"])
+            windows = data.batch_windows(args.seed, batch_number, args.global_batch_size)
+            loss_sum, problem = 0.0, None
+            for micro_step in range(grad_accum):
+                rows = micro_batch_rows(0, 1, micro_step, args.micro_batch_size, grad_accum)
+                x, y = data.train_batch(windows[rows])
+                if batch_number in args.inject_garbage_at:
+                    y = torch.randint_like(y, config.vocab_size)  # fault injection: unpredictable targets
+                with autocast:
+                    _, loss = model(x.to(device), y.to(device))
+                if batch_number in args.inject_nan_at:
+                    loss = loss * float("nan")  # fault injection: a non-finite loss
+                # NaN/Inf is caught before backward: one bad backward would poison every weight.
+                if not torch.isfinite(loss):
+                    problem = f"non-finite loss ({loss.item()})"
+                    break
+                (loss / grad_accum).backward()
+                loss_sum += loss.item()
+            train_loss = loss_sum / grad_accum
+            if problem is None and state["spikes"].is_spike(train_loss):
+                problem = f"loss spike ({train_loss:.3f} > rolling mean + {args.spike_sigmas}σ)"
+            if problem is not None:
+                optimizer.zero_grad(set_to_none=True)
+                if state["rollbacks"] >= args.max_rollbacks:
+                    raise RuntimeError(f"step {step}: {problem}; giving up after {state['rollbacks']} rollbacks "
+                                       f"(--max-rollbacks)")
+                path = checkpoint_paths(args.out)[-1]
+                step = restore(load_checkpoint(path, map_location=device), model, optimizer, state)
+                state["skipped_batches"].append(batch_number)
+                state["rollbacks"] += 1
+                state["lr_scale"] *= args.rollback_lr_factor
+                log_line(metrics, {"step": step, "event": "rollback", "reason": problem,
+                                   "skipped_batch": batch_number, "lr_scale": state["lr_scale"]})
+                print(f"rollback: {problem} at batch {batch_number}; back to {path}, batch skipped")
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["spikes"].record(train_loss)
+            step += 1
+
+            dt = time.time() - t0
+            tokens_per_sec = tokens_per_step / dt
+            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_sec": tokens_per_sec, "mfu": mfu(tokens_per_sec, flops_per_tok, peak) if peak else None}
+            log_line(metrics, record)
+            if step % args.log_every == 0 or step == args.max_steps:
+                eta = (time.time() - started) / (step - start_step) * (args.max_steps - step)
+                mfu_text = f", MFU {100 * record['mfu']:.1f}%" if peak else ""
+                print(f"step {step}/{args.max_steps}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                      f"{tokens_per_sec:,.0f} tok/s{mfu_text}, ETA {eta:.0f}s")
+            if step % args.eval_every == 0 or step == args.max_steps:
+                last_val = evaluate(step)
+            if step % args.checkpoint_every == 0 or step == args.max_steps:
+                checkpoint = save(step)
+        checkpoint["val_loss"] = last_val
+        atomic_save(checkpoint, os.path.join(args.out, "model.pt"))
+    plot_metrics(metrics_path, os.path.join(args.out, "pretrain.png"))
+    print(f"saved {os.path.join(args.out, 'model.pt')} (val loss {last_val:.4f})")
+    return last_val
+
+
+def plot_metrics(metrics_path, png_path):
+    """Train/val loss, learning rate and gradient norm against steps, rollbacks marked in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    rollbacks = [r["step"] for r in records if r.get("event") == "rollback"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=0.8)
+    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    if val:
+        axes[0].axhline(val[-1]["unigram_loss"], color="gray", ls="--", label="unigram baseline")
+    axes[0].set(title="loss (nats/token)", xlabel="step")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], lw=0.8)
+    axes[2].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
+    for ax in axes:
+        for step in rollbacks:
+            ax.axvline(step, color="red", alpha=0.5)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# =============================================================================
+# 9. Command line
+# =============================================================================
+
+def sample_command(args):
+    from data.tokenizer import load_tokenizer
+
+    device = pick_device(args.device)
+    model, checkpoint = model_from_checkpoint(args.checkpoint, device)
+    model.eval()
+    enc = load_tokenizer(args.tokenizer or checkpoint["tokenizer"])
+    prompt = enc.encode_ordinary(args.prompt) or [enc.eot_token]
+    idx = torch.tensor([prompt] * args.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             eos_token=enc.eot_token, generator=generator)
+    except ValueError as e:
+        raise ConfigError(f"--prompt/--max-new-tokens: {e}") from None
+    for row in out.tolist():
+        text = enc.decode([t for t in row if t != enc.eot_token])
+        print(text)
+        print("-" * 40)
+
+
+def soup_command(args):
+    checkpoints = [load_checkpoint(p) for p in args.checkpoints]
+    for path, checkpoint in zip(args.checkpoints[1:], checkpoints[1:]):
+        check_same_config(GPTConfig.from_dict(checkpoints[0]["config"]), checkpoint["config"], path)
+    state_dicts = [c["model"] for c in checkpoints]
+    if args.method == "uniform":
+        soup, kept = uniform_soup(state_dicts), list(range(len(state_dicts)))
+    else:
+        if not args.data:
+            raise ConfigError("--data is needed for a greedy soup (it evaluates validation loss)")
+        config = GPTConfig.from_dict(checkpoints[0]["config"])
+        model = GPT(config)
+        data = TokenData(args.data, config.block_size, config.vocab_size)
+
+        def evaluate(state_dict):
+            model.load_state_dict(state_dict)
+            return evaluate_loss(model, data, args.eval_windows, 8, torch.device("cpu"), contextlib.nullcontext())
+
+        soup, kept = greedy_soup(state_dicts, evaluate)
+    atomic_save({**checkpoints[0], "model": soup, "soup_of": [args.checkpoints[i] for i in kept]}, args.out)
+    print(f"{args.method} soup of {len(kept)} checkpoint(s) → {args.out}")
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pretrain a GPT on token shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", default="runs/default/data", help="directory written by `python -m data.prepare`")
+    t.add_argument("--out", default="runs/default/pretrain", help="output directory: checkpoints, metrics, plot")
+    t.add_argument("--n-layer", type=int, default=4, help="transformer blocks L")
+    t.add_argument("--n-head", type=int, default=4, help="attention heads per block")
+    t.add_argument("--n-embd", type=int, default=128, help="residual stream width d")
+    t.add_argument("--block-size", type=int, default=256, help="context length T")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
+    t.add_argument("--no-bias", action="store_true", help="no biases in Linear/LayerNorm layers")
+    t.add_argument("--attention", choices=["naive", "sdpa", "flash"], default=None,
+                   help="attention implementation (default: flash on CUDA, sdpa on CPU)")
+    t.add_argument("--init-from", default=None, help="start from this checkpoint's weights (same config)")
+    t.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
+    t.add_argument("--global-batch-size", type=int, default=16, help="sequences per optimizer step (accumulated)")
+    t.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    t.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    t.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
+    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    t.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
+    t.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    t.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
+    t.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
+    t.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    t.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--spike-window", type=int, default=50, help="losses in the rolling spike-detection window")
+    t.add_argument("--spike-sigmas", type=float, default=3.0, help="a spike is a loss above mean + this many σ")
+    t.add_argument("--max-rollbacks", type=int, default=5, help="give up after this many rollbacks")
+    t.add_argument("--rollback-lr-factor", type=float, default=1.0, help="multiply the LR by this after a rollback")
+    t.add_argument("--inject-nan-at", type=int_list, default=[], help="fault injection: batch numbers whose loss is NaN")
+    t.add_argument("--inject-garbage-at", type=int_list, default=[], help="fault injection: batch numbers with random targets")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
+    t.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: from the GPU's name)")
+    t.add_argument("--seed", type=int, default=1337, help="random seed (model init and batch sampling)")
+    t.set_defaults(func=train)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("checkpoint", help="a checkpoint .pt file")
+    s.add_argument("--prompt", default="", help="text to continue")
+    s.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the checkpoint names)")
+    s.add_argument("--num-samples", type=int, default=3, help="samples to draw")
+    s.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    s.add_argument("--device", default="auto", help="cpu, cuda, …")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.set_defaults(func=sample_command)
+
+    p = sub.add_parser("soup", help="average checkpoints (model soups)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("method", choices=["uniform", "greedy"], help="uniform average, or greedy by validation loss")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files of the same config")
+    p.add_argument("--data", default=None, help="data directory for the greedy soup's validation loss")
+    p.add_argument("--eval-windows", type=int, default=64, help="validation windows for the greedy soup")
+    p.add_argument("--out", required=True, help="where to write the soup checkpoint")
+    p.set_defaults(func=soup_command)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
