@@ -11,8 +11,9 @@ implements. The file reads top to bottom:
     5. Data            token shards → random training windows, fixed validation windows
     6. Checkpoints     atomic writes, resume, model soups                          (1.8)
     7. Stability       loss-spike / NaN detection and rollback                       (1.8)
-    8. The loop        AdamW, accumulation, clipping, logging, plots
-    9. Command line    `train`, `sample`, `soup`
+    8. Parallelism     DDP, FSDP2 and hand-written all-reduce under torchrun          (1.7)
+    9. The loop        AdamW, accumulation, clipping, logging, plots
+   10. Command line    `train`, `sample`, `soup`, `convert`
 
 Usage:
     python train_gpt.py train --data runs/default/data --out runs/default/pretrain
@@ -26,6 +27,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -610,7 +612,8 @@ def model_from_checkpoint(path, device="cpu", **overrides):
 
 
 def checkpoint_paths(out_dir):
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+    """Step checkpoints in out_dir, oldest first: ckpt_<step>.pt files, or ckpt_<step>/ sharded directories."""
+    return sorted(p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if not p.endswith(".tmp") and ".pt.tmp" not in p)
 
 
 def uniform_soup(state_dicts):
@@ -663,7 +666,137 @@ class SpikeDetector:
 
 
 # =============================================================================
-# 8. The training loop
+# 8. Data parallelism: DDP, FSDP, and DDP written out by hand (seed 1.7)
+# =============================================================================
+
+def memory_per_gpu(n_params, world_size, strategy):
+    """Bytes of model state per GPU for mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020).
+
+    Per parameter Ψ: 2 bytes of bf16 weights + 2 of bf16 gradients + 12 of fp32 optimizer state
+    (master weights, Adam m and v) = 16 bytes. Sharding over N data-parallel ranks:
+        ddp            16Ψ                 (everything replicated)
+        zero1          4Ψ  + 12Ψ/N         (optimizer state sharded)
+        zero2          2Ψ  + 14Ψ/N         (… and gradients)
+        zero3 / fsdp   16Ψ/N               (… and the weights themselves)
+    Activations are extra and depend on batch size and sequence length.
+    """
+    psi, n = n_params, world_size
+    per_strategy = {"ddp": 16 * psi, "zero1": 4 * psi + 12 * psi / n, "zero2": 2 * psi + 14 * psi / n,
+                    "zero3": 16 * psi / n, "fsdp": 16 * psi / n}
+    if strategy not in per_strategy:
+        raise ValueError(f"unknown strategy {strategy!r}; one of {sorted(per_strategy)}")
+    return per_strategy[strategy]
+
+
+@dataclass
+class Distributed:
+    rank: int = 0          # this process's index among all processes
+    world_size: int = 1    # number of processes (one per GPU)
+    local_rank: int = 0    # index on this machine → which GPU
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self):
+        """Rank 0 alone prints, plots and writes the non-sharded files."""
+        return self.rank == 0
+
+
+def setup_distributed(args):
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group:
+    NCCL between GPUs, gloo between CPU processes. Without torchrun: one process, no group."""
+    if "RANK" not in os.environ:
+        if args.parallel != "none":
+            raise ConfigError(f"--parallel {args.parallel} needs to be launched with torchrun")
+        return Distributed(device=pick_device(args.device))
+    import torch.distributed as dist
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.parallel == "none" and world_size > 1:
+        raise ConfigError("--parallel none under torchrun with several processes: choose ddp, fsdp or manual")
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank, device)
+
+
+def wrap_model(model, strategy, ctx):
+    """Wrap the model for data parallelism. Each wrapper's communication is spelled out."""
+    if strategy == "ddp":
+        # DDP: every rank keeps a full replica. During backward, gradients are grouped into
+        # ~25 MB buckets and each bucket is all-reduced (averaged) as soon as it is ready,
+        # overlapping communication with the rest of the backward pass. Weights stay in sync
+        # because every rank applies the same averaged gradient.
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    if strategy == "fsdp":
+        # FSDP2 (ZeRO-3): each rank stores 1/N of every parameter, gradient and Adam state.
+        # Before a block's forward (and again before its backward) its parameters are
+        # all-gathered from all ranks, then freed; after its backward the gradients are
+        # reduce-scattered so each rank keeps only its shard's average. The optimizer then
+        # updates only the local shard. One fully_shard per block = one all-gather per block.
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy()  # fp32 on CPU
+        if ctx.device.type == "cuda":
+            # bf16 compute and communication of weights, fp32 gradient reduction.
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # the root: embeddings, final LayerNorm, tied head
+        return model
+    # "manual" and "none": the plain module; manual averages gradients itself (below).
+    return model
+
+
+def all_reduce_gradients_by_hand(model, world_size):
+    """What DDP does, written out: sum every gradient over ranks, then divide by their number.
+    (DDP does the same maths in buckets, overlapped with backward; this waits until the end.)"""
+    import torch.distributed as dist
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= world_size
+
+
+def all_reduce_mean(value, ctx):
+    """Average a Python float over ranks (for the logged loss)."""
+    if ctx.world_size == 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / ctx.world_size
+
+
+def any_rank(flag, ctx):
+    """True on every rank if `flag` is True on any rank, so all ranks take the same branch."""
+    if ctx.world_size == 1:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([float(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gradient_sync(model, strategy, last_micro_step):
+    """During gradient accumulation only the last micro-step needs synchronised gradients:
+    DDP's no_sync() skips the all-reduce, FSDP keeps unsharded gradients locally."""
+    if strategy == "ddp" and not last_micro_step:
+        return model.no_sync()
+    if strategy == "fsdp":
+        model.set_requires_gradient_sync(last_micro_step)
+    return contextlib.nullcontext()
+
+
+def barrier(ctx):
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# =============================================================================
+# 9. The training loop
 # =============================================================================
 
 def log_line(metrics_file, record):
@@ -683,7 +816,8 @@ def truncate_metrics(path, after_step):
 
 @torch.no_grad()
 def evaluate_loss(model, data, max_windows, batch_size, device, autocast):
-    """Mean NLL per token over the fixed validation windows."""
+    """Mean NLL per token over the fixed validation windows (every rank sees all of them,
+    which FSDP needs anyway: its forward is a collective)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -696,27 +830,82 @@ def evaluate_loss(model, data, max_windows, batch_size, device, autocast):
     return total / count
 
 
-def make_checkpoint(model, optimizer, config, step, state, args, tokenizer):
-    return {"model": model.state_dict(), "config": asdict(config), "step": step,
-            "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()},
+def trainer_state(config, step, state, args, tokenizer):
+    """Everything but weights and optimizer that a resume or a rollback needs (plain values)."""
+    return {"config": asdict(config), "step": step, "rng": {"torch": torch.get_rng_state()},
             "skipped_batches": list(state["skipped_batches"]), "lr_scale": state["lr_scale"],
             "rollbacks": state["rollbacks"], "loss_history": list(state["spikes"].history),
             "tokenizer": tokenizer, "args": {k: v for k, v in vars(args).items() if k != "func"}}
 
 
-def save_step_checkpoint(out_dir, checkpoint, keep_last):
-    atomic_save(checkpoint, os.path.join(out_dir, f"ckpt_{checkpoint['step']:07d}.pt"))
-    for old in checkpoint_paths(out_dir)[:-keep_last]:
-        os.remove(old)
+def save_checkpoint(model, optimizer, extra, strategy, out_dir, keep_last, ctx):
+    """Write ckpt_<step>: one file from rank 0, or under FSDP a sharded directory written by all
+    ranks through torch.distributed.checkpoint (each rank writes its shards; the metadata
+    says which slice of which tensor is where, so any world size can read it back)."""
+    path = os.path.join(out_dir, f"ckpt_{extra['step']:07d}")
+    if strategy == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        content = {"model": get_model_state_dict(model)}
+        # Adam has no state before its first step; asking for it then would make DCP create it
+        # with a fake zero-gradient step, which shifts Adam's step count (and bias correction).
+        extra = {**extra, "optimizer_saved": bool(optimizer.state)}
+        if extra["optimizer_saved"]:
+            content["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        tmp = path + ".tmp"
+        dcp.save(content, checkpoint_id=tmp)
+        if ctx.master:
+            torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
+            os.replace(tmp, path)  # rename: the directory appears complete or not at all
+    elif ctx.master:
+        atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **extra}, path + ".pt")
+    barrier(ctx)
+    if ctx.master:
+        for old in checkpoint_paths(out_dir)[:-keep_last]:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    barrier(ctx)
 
 
-def restore(checkpoint, model, optimizer, state):
-    """Put model, optimizer, RNG and stability state back as they were at the checkpoint."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    state["spikes"].history = list(checkpoint["loss_history"])
-    return checkpoint["step"]
+def restore_checkpoint(path, model, optimizer, strategy, config, device):
+    """Load weights and optimizer state from either kind of checkpoint; return its trainer state.
+    A sharded checkpoint is resharded to the current world size by torch.distributed.checkpoint."""
+    if os.path.isdir(path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import state_dict as sd
+        saved = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+        check_same_config(config, saved["config"], path)
+        content = {"model": sd.get_model_state_dict(model)}
+        if saved["optimizer_saved"]:
+            content["optimizer"] = sd.get_optimizer_state_dict(model, optimizer)
+        dcp.load(content, checkpoint_id=path)  # fills the templates above, resharding as needed
+        sd.set_model_state_dict(model, content["model"])
+        if saved["optimizer_saved"]:
+            sd.set_optimizer_state_dict(model, optimizer, content["optimizer"])
+        else:
+            optimizer.state.clear()
+        return saved
+    if strategy == "fsdp":
+        raise ConfigError(f"{path}: a single-file checkpoint; resume FSDP from its sharded checkpoints "
+                          f"(or start from these weights with --init-from)")
+    saved = load_checkpoint(path, map_location=device)
+    check_same_config(config, saved["config"], path)
+    unwrap(model).load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return saved
+
+
+def full_state_dict(model, strategy):
+    """The whole, unsharded model state dict (on CPU), as every other script loads it."""
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def unwrap(model):
+    """The plain GPT inside DDP and torch.compile wrappers (its state dict has no prefixes)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 def validate_train_args(args):
@@ -733,11 +922,17 @@ def validate_train_args(args):
         raise ConfigError(f"--warmup-steps must be in [0, --max-steps] (got {args.warmup_steps})")
     if args.n_embd % args.n_head:
         raise ConfigError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
-    if args.global_batch_size % args.micro_batch_size:
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
-                          f"--micro-batch-size {args.micro_batch_size}")
     if args.attention == "flash" and not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
         raise ConfigError("--attention flash needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernel on CPU, slowly)")
+
+
+def gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size):
+    """Micro-steps per optimizer step: global batch = micro batch × ranks × accumulation."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ConfigError(f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
+                          f"{micro_batch_size} × {world_size} ranks = {per_step}")
+    return global_batch_size // per_step
 
 
 def pick_device(name):
@@ -748,146 +943,182 @@ def pick_device(name):
 
 def train(args):
     validate_train_args(args)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    os.makedirs(args.out, exist_ok=True)
+    ctx = setup_distributed(args)
+    try:
+        return run_training(args, ctx)
+    finally:
+        if ctx.world_size > 1 or "RANK" in os.environ:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def run_training(args, ctx):
+    say = print if ctx.master else (lambda *a, **k: None)
+    device, strategy = ctx.device, args.parallel
     meta = read_meta(args.data)
     config = GPTConfig(vocab_size=meta["vocab_size"], block_size=args.block_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
                        attention=args.attention or ("flash" if device.type == "cuda" else "sdpa"))
     data = TokenData(args.data, config.block_size, config.vocab_size)
+    grad_accum = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, ctx.world_size)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(config).to(device)
     if args.init_from:
         source, _ = model_from_checkpoint(args.init_from)
         check_same_config(config, asdict(source.config), args.init_from)
         model.load_state_dict(source.state_dict())
-    optimizer = model.configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
-    grad_accum = args.global_batch_size // args.micro_batch_size
+    n_params = count_params(model)
+    model = wrap_model(model, strategy, ctx)
+    # After fully_shard the model is still a GPT whose parameters are shards (DTensors), so the
+    # same optimizer set-up serves every strategy: under FSDP, Adam's state is sharded too.
+    optimizer = unwrap(model).configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
+    torch.manual_seed(args.seed + ctx.rank)  # different dropout masks on different ranks
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     state = {"skipped_batches": [], "lr_scale": 1.0, "rollbacks": 0,
              "spikes": SpikeDetector(args.spike_window, args.spike_sigmas)}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if ctx.master:
+        os.makedirs(args.out, exist_ok=True)
+    barrier(ctx)
+
+    def restore(path):
+        saved = restore_checkpoint(path, model, optimizer, strategy, config, device)
+        if ctx.world_size == 1:
+            torch.set_rng_state(saved["rng"]["torch"])
+        else:  # one saved RNG state cannot serve several ranks: reseed from (seed, rank, step)
+            torch.manual_seed(args.seed + 1000 * saved["step"] + ctx.rank)
+        state["spikes"].history = list(saved["loss_history"])
+        return saved
 
     start_step = 0
     if args.resume and checkpoint_paths(args.out):
-        path = checkpoint_paths(args.out)[-1]
-        checkpoint = load_checkpoint(path, map_location=device)
-        check_same_config(config, checkpoint["config"], path)
-        start_step = restore(checkpoint, model, optimizer, state)
-        state.update(skipped_batches=checkpoint["skipped_batches"], lr_scale=checkpoint["lr_scale"],
-                     rollbacks=checkpoint["rollbacks"])
-        truncate_metrics(metrics_path, start_step)
-        print(f"resumed from {path} at step {start_step}")
-    else:  # a fresh run: earlier checkpoints here must not become rollback targets
+        saved = restore(checkpoint_paths(args.out)[-1])
+        start_step = saved["step"]
+        state.update(skipped_batches=saved["skipped_batches"], lr_scale=saved["lr_scale"], rollbacks=saved["rollbacks"])
+        if ctx.master:
+            truncate_metrics(metrics_path, start_step)
+        say(f"resumed from {checkpoint_paths(args.out)[-1]} at step {start_step}")
+    elif ctx.master:  # a fresh run: earlier checkpoints here must not become rollback targets
         for old in checkpoint_paths(args.out) + [metrics_path]:
-            if os.path.exists(old):
-                os.remove(old)
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old) if os.path.exists(old) else None
+    barrier(ctx)
 
-    # The numbers of section 1.5–1.6, printed before the first step.
-    n_params = count_params(model)
+    # The numbers of sections 1.5–1.7, printed before the first step.
     tokens_per_step = args.global_batch_size * config.block_size
     total_tokens = tokens_per_step * args.max_steps
     compute = training_flops(n_params, total_tokens)
     n_opt, d_opt = chinchilla_optimal(compute)
     unigram = unigram_loss(data.train[0][:2_000_000], data.val[0], config.vocab_size)
-    print(f"model: N={n_params:,} non-embedding parameters (12·L·d² = {approx_params(config.n_layer, config.n_embd):,}); "
-          f"data: {meta['train_tokens']:,} train tokens")
-    print(f"run: D={total_tokens:,} tokens, C=6ND={compute:.3g} FLOPs, {total_tokens / n_params:.1f} tokens/parameter "
-          f"(Chinchilla-optimal at this C: N*={n_opt:,.0f}, D*={d_opt:,.0f})")
-    print(f"unigram baseline val loss {unigram:.3f}; device {device}, attention {config.attention}, "
-          f"grad accumulation {grad_accum}")
+    n_all = count_params(unwrap(model) if strategy != "fsdp" else GPT(config), non_embedding=False)
+    say(f"model: N={n_params:,} non-embedding parameters (12·L·d² = {approx_params(config.n_layer, config.n_embd):,}); "
+        f"data: {meta['train_tokens']:,} train tokens")
+    say(f"run: D={total_tokens:,} tokens, C=6ND={compute:.3g} FLOPs, {total_tokens / n_params:.1f} tokens/parameter "
+        f"(Chinchilla-optimal at this C: N*={n_opt:,.0f}, D*={d_opt:,.0f})")
+    say(f"parallel: {strategy} on {ctx.world_size} rank(s), grad accumulation {grad_accum}; model state per GPU "
+        f"(16 bytes/param, ZeRO accounting): {memory_per_gpu(n_all, ctx.world_size, 'fsdp' if strategy == 'fsdp' else 'ddp') / 2**20:,.1f} MiB")
+    say(f"unigram baseline val loss {unigram:.3f}; device {device}, attention {config.attention}")
     if args.compile:
         model = torch.compile(model)
-    raw_model = model._orig_mod if args.compile else model
     peak = args.peak_flops or device_peak_flops(device)
     flops_per_tok = flops_per_token(n_params, config.n_layer, config.block_size, config.n_embd)
     val_bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
 
     def save(step):
-        checkpoint = make_checkpoint(raw_model, optimizer, config, step, state, args, data.tokenizer)
-        save_step_checkpoint(args.out, checkpoint, args.keep_checkpoints)
-        return checkpoint
+        extra = trainer_state(config, step, state, args, data.tokenizer)
+        save_checkpoint(model, optimizer, extra, strategy, args.out, args.keep_checkpoints, ctx)
+
+    metrics = open(metrics_path, "a") if ctx.master else None
+    log = (lambda record: log_line(metrics, record)) if ctx.master else (lambda record: None)
 
     def evaluate(step):
         val_loss = evaluate_loss(model, data, args.eval_windows, args.micro_batch_size, device, autocast)
         record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
                   "val_bpb": bits_per_byte(val_loss, 1, val_bytes_per_token), "unigram_loss": unigram}
-        log_line(metrics, record)
-        print(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, "
-              f"bits/byte {record['val_bpb']:.3f}")
+        log(record)
+        say(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, bits/byte {record['val_bpb']:.3f}")
         return val_loss
 
-    with open(metrics_path, "a") as metrics:
-        if not checkpoint_paths(args.out):
-            save(0)  # a first good checkpoint, so a spike at step 1 has somewhere to roll back to
-        step = start_step
-        started = time.time()
-        last_val = None
-        checkpoint = load_checkpoint(checkpoint_paths(args.out)[-1], map_location=device)
-        while step < args.max_steps:
-            t0 = time.time()
-            lr = get_lr(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr) * state["lr_scale"]
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch_number = batch_number_for_step(step, state["skipped_batches"])
-            windows = data.batch_windows(args.seed, batch_number, args.global_batch_size)
-            loss_sum, problem = 0.0, None
-            for micro_step in range(grad_accum):
-                rows = micro_batch_rows(0, 1, micro_step, args.micro_batch_size, grad_accum)
-                x, y = data.train_batch(windows[rows])
-                if batch_number in args.inject_garbage_at:
-                    y = torch.randint_like(y, config.vocab_size)  # fault injection: unpredictable targets
+    if not checkpoint_paths(args.out):
+        save(0)  # a first good checkpoint, so a spike at step 1 has somewhere to roll back to
+    step, started, last_val = start_step, time.time(), None
+    injected_here = args.inject_rank in (-1, ctx.rank)
+    while step < args.max_steps:
+        t0 = time.time()
+        lr = get_lr(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr) * state["lr_scale"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch_number = batch_number_for_step(step, state["skipped_batches"])
+        windows = data.batch_windows(args.seed, batch_number, args.global_batch_size)
+        loss_sum, problem = 0.0, None
+        for micro_step in range(grad_accum):
+            rows = micro_batch_rows(ctx.rank, ctx.world_size, micro_step, args.micro_batch_size, grad_accum)
+            x, y = data.train_batch(windows[rows])
+            if injected_here and batch_number in args.inject_garbage_at:
+                y = torch.randint_like(y, config.vocab_size)  # fault injection: unpredictable targets
+            last = micro_step == grad_accum - 1
+            with gradient_sync(model, strategy, last):
                 with autocast:
                     _, loss = model(x.to(device), y.to(device))
-                if batch_number in args.inject_nan_at:
+                if injected_here and batch_number in args.inject_nan_at:
                     loss = loss * float("nan")  # fault injection: a non-finite loss
-                # NaN/Inf is caught before backward: one bad backward would poison every weight.
-                if not torch.isfinite(loss):
-                    problem = f"non-finite loss ({loss.item()})"
+                # NaN/Inf is caught before backward — one bad backward would poison every weight —
+                # and agreed on by all ranks, so they all skip the step together.
+                if any_rank(not torch.isfinite(loss).item(), ctx):
+                    problem = "non-finite loss"
                     break
                 (loss / grad_accum).backward()
-                loss_sum += loss.item()
-            train_loss = loss_sum / grad_accum
-            if problem is None and state["spikes"].is_spike(train_loss):
-                problem = f"loss spike ({train_loss:.3f} > rolling mean + {args.spike_sigmas}σ)"
-            if problem is not None:
-                optimizer.zero_grad(set_to_none=True)
-                if state["rollbacks"] >= args.max_rollbacks:
-                    raise RuntimeError(f"step {step}: {problem}; giving up after {state['rollbacks']} rollbacks "
-                                       f"(--max-rollbacks)")
-                path = checkpoint_paths(args.out)[-1]
-                step = restore(load_checkpoint(path, map_location=device), model, optimizer, state)
-                state["skipped_batches"].append(batch_number)
-                state["rollbacks"] += 1
-                state["lr_scale"] *= args.rollback_lr_factor
-                log_line(metrics, {"step": step, "event": "rollback", "reason": problem,
-                                   "skipped_batch": batch_number, "lr_scale": state["lr_scale"]})
-                print(f"rollback: {problem} at batch {batch_number}; back to {path}, batch skipped")
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-            optimizer.step()
+            loss_sum += loss.item()
+        train_loss = all_reduce_mean(loss_sum / grad_accum, ctx) if problem is None else float("nan")
+        if problem is None and state["spikes"].is_spike(train_loss):
+            problem = f"loss spike ({train_loss:.3f} > rolling mean + {args.spike_sigmas}σ)"
+        if problem is not None:
             optimizer.zero_grad(set_to_none=True)
-            state["spikes"].record(train_loss)
-            step += 1
+            if state["rollbacks"] >= args.max_rollbacks:
+                raise RuntimeError(f"step {step}: {problem}; giving up after {state['rollbacks']} rollbacks "
+                                   f"(--max-rollbacks)")
+            path = checkpoint_paths(args.out)[-1]
+            step = restore(path)["step"]
+            state["skipped_batches"].append(batch_number)
+            state["rollbacks"] += 1
+            state["lr_scale"] *= args.rollback_lr_factor
+            log({"step": step, "event": "rollback", "reason": problem, "skipped_batch": batch_number,
+                 "lr_scale": state["lr_scale"]})
+            say(f"rollback: {problem} at batch {batch_number}; back to {path}, batch skipped")
+            continue
+        if strategy == "manual":
+            all_reduce_gradients_by_hand(model, ctx.world_size)
+        # Clip only now: after synchronisation every rank holds the same averaged gradient.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["spikes"].record(train_loss)
+        step += 1
 
-            dt = time.time() - t0
-            tokens_per_sec = tokens_per_step / dt
-            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_sec": tokens_per_sec, "mfu": mfu(tokens_per_sec, flops_per_tok, peak) if peak else None}
-            log_line(metrics, record)
-            if step % args.log_every == 0 or step == args.max_steps:
-                eta = (time.time() - started) / (step - start_step) * (args.max_steps - step)
-                mfu_text = f", MFU {100 * record['mfu']:.1f}%" if peak else ""
-                print(f"step {step}/{args.max_steps}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                      f"{tokens_per_sec:,.0f} tok/s{mfu_text}, ETA {eta:.0f}s")
-            if step % args.eval_every == 0 or step == args.max_steps:
-                last_val = evaluate(step)
-            if step % args.checkpoint_every == 0 or step == args.max_steps:
-                checkpoint = save(step)
-        checkpoint["val_loss"] = last_val
-        atomic_save(checkpoint, os.path.join(args.out, "model.pt"))
-    plot_metrics(metrics_path, os.path.join(args.out, "pretrain.png"))
-    print(f"saved {os.path.join(args.out, 'model.pt')} (val loss {last_val:.4f})")
+        tokens_per_sec = tokens_per_step / (time.time() - t0)
+        record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                  "mfu": mfu(tokens_per_sec, flops_per_tok, peak) if peak else None}
+        log(record)
+        if step % args.log_every == 0 or step == args.max_steps:
+            eta = (time.time() - started) / (step - start_step) * (args.max_steps - step)
+            mfu_text = f", MFU {100 * record['mfu']:.1f}%" if peak else ""
+            say(f"step {step}/{args.max_steps}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                f"{tokens_per_sec:,.0f} tok/s{mfu_text}, ETA {eta:.0f}s")
+        if step % args.eval_every == 0 or step == args.max_steps:
+            last_val = evaluate(step)
+        if step % args.checkpoint_every == 0 or step == args.max_steps:
+            save(step)
+    if last_val is None:
+        last_val = evaluate(step)
+    # The single-file checkpoint every later stage loads (under FSDP: gathered from the shards).
+    weights = full_state_dict(model, strategy)
+    if ctx.master:
+        extra = trainer_state(config, step, state, args, data.tokenizer)
+        atomic_save({"model": weights, **extra, "val_loss": last_val}, os.path.join(args.out, "model.pt"))
+        metrics.close()
+        plot_metrics(metrics_path, os.path.join(args.out, "pretrain.png"))
+        say(f"saved {os.path.join(args.out, 'model.pt')} (val loss {last_val:.4f})")
     return last_val
 
 
@@ -922,7 +1153,7 @@ def plot_metrics(metrics_path, png_path):
 
 
 # =============================================================================
-# 9. Command line
+# 10. Command line
 # =============================================================================
 
 def sample_command(args):
@@ -969,6 +1200,24 @@ def soup_command(args):
     print(f"{args.method} soup of {len(kept)} checkpoint(s) → {args.out}")
 
 
+def sharded_to_single_file(sharded_dir):
+    """Gather an FSDP sharded checkpoint (any world size) into the single-file layout, in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    extra = torch.load(os.path.join(sharded_dir, "trainer_state.pt"), weights_only=True)
+    model = GPT(GPTConfig.from_dict(extra["config"]))
+    model_state = get_model_state_dict(model)
+    dcp.load({"model": model_state}, checkpoint_id=sharded_dir)
+    return {"model": model_state, **extra}
+
+
+def convert_command(args):
+    if not os.path.isfile(os.path.join(args.sharded, "trainer_state.pt")):
+        raise ConfigError(f"{args.sharded}: not a sharded checkpoint directory (no trainer_state.pt)")
+    atomic_save(sharded_to_single_file(args.sharded), args.out)
+    print(f"{args.sharded} → {args.out}")
+
+
 def int_list(text):
     return [int(x) for x in text.split(",") if x]
 
@@ -989,6 +1238,8 @@ def build_parser():
     t.add_argument("--no-bias", action="store_true", help="no biases in Linear/LayerNorm layers")
     t.add_argument("--attention", choices=["naive", "sdpa", "flash"], default=None,
                    help="attention implementation (default: flash on CUDA, sdpa on CPU)")
+    t.add_argument("--parallel", choices=["none", "ddp", "fsdp", "manual"], default="none",
+                   help="data parallelism under torchrun: DDP, FSDP2 (ZeRO-3), or DDP's all-reduce written by hand")
     t.add_argument("--init-from", default=None, help="start from this checkpoint's weights (same config)")
     t.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
     t.add_argument("--global-batch-size", type=int, default=16, help="sequences per optimizer step (accumulated)")
@@ -1012,6 +1263,7 @@ def build_parser():
     t.add_argument("--rollback-lr-factor", type=float, default=1.0, help="multiply the LR by this after a rollback")
     t.add_argument("--inject-nan-at", type=int_list, default=[], help="fault injection: batch numbers whose loss is NaN")
     t.add_argument("--inject-garbage-at", type=int_list, default=[], help="fault injection: batch numbers with random targets")
+    t.add_argument("--inject-rank", type=int, default=-1, help="fault injection only on this rank (-1: all)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
     t.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: from the GPU's name)")
@@ -1038,6 +1290,11 @@ def build_parser():
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows for the greedy soup")
     p.add_argument("--out", required=True, help="where to write the soup checkpoint")
     p.set_defaults(func=soup_command)
+
+    c = sub.add_parser("convert", help="gather an FSDP sharded checkpoint into one file")
+    c.add_argument("sharded", help="a ckpt_<step>/ directory written under --parallel fsdp")
+    c.add_argument("--out", required=True, help="the single-file checkpoint to write")
+    c.set_defaults(func=convert_command)
     return parser
 
 

@@ -1,0 +1,189 @@
+"""Flash-attention (kernels/flash_attention.py) against the textbook reference computed in fp64.
+
+On a machine without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), which
+is slow: shapes and tiles are kept small. Every output the kernels write starts as NaN (POISON_OUTPUTS), so an
+element that no program wrote cannot pass as a plausible zero.
+"""
+
+import pytest
+import torch
+
+import kernels.flash_attention as fa
+
+TOLERANCES = {  # (atol, rtol) for outputs, log-sum-exp and gradients, per input dtype
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(fa, "POISON_OUTPUTS", True)
+
+
+def random_inputs(B, H, T, D, H_kv=None, dtype=torch.float32, seed=0):
+    """q, k, v, dO drawn in fp64 and rounded to dtype (the reference then sees exactly the kernel's inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    H_kv = H if H_kv is None else H_kv
+    shapes = [(B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D), (B, H, T, D)]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for s in shapes]
+
+
+def reference(q, k, v, do, causal, doc_ids, sm_scale=None):
+    """fp64 naive attention: (o, lse, dq, dk, dv)."""
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    o, lse = fa.naive_attention(q, k, v, causal, doc_ids, sm_scale, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do.double())
+    return o.detach(), lse.detach(), dq, dk, dv
+
+
+def assert_matches(actual, expected, dtype, names=("o", "lse", "dq", "dk", "dv")):
+    atol, rtol = TOLERANCES[dtype]
+    for name, a, e in zip(names, actual, expected):
+        torch.testing.assert_close(a.double(), e, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def check_against_reference(B, H, T, D, causal, doc_ids=None, H_kv=None, dtype=torch.float32,
+                            sm_scale=None, block_m=None, block_n=None):
+    q, k, v, do = random_inputs(B, H, T, D, H_kv, dtype)
+    tiles = dict(block_m=block_m, block_n=block_n)
+    o, lse = fa.flash_attention_forward(q, k, v, causal, doc_ids, sm_scale, **tiles)
+    dq, dk, dv = fa.flash_attention_backward(do, q, k, v, o, lse, causal, doc_ids, sm_scale, **tiles)
+    assert o.dtype == dq.dtype == dk.dtype == dv.dtype == dtype and lse.dtype == torch.float32
+    assert_matches((o, lse, dq, dk, dv), reference(q, k, v, do, causal, doc_ids, sm_scale), dtype)
+
+
+def packed_doc_ids(*lengths_per_row):
+    """doc_ids for packed rows, e.g. packed_doc_ids([3, 1, 5], [9]) -> [[0,0,0,1,2,2,2,2,2], [0]*9]."""
+    rows = [torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+            for lengths in lengths_per_row]
+    return torch.stack(rows).to(DEVICE)
+
+
+# --- plain causal / non-causal attention ------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B, H, T, D", [
+    (1, 1, 1, 16),     # a single token
+    (2, 3, 17, 16),    # one token past a tile
+    (1, 2, 33, 24),    # a head_dim that is not a power of two (padded to 32)
+    (1, 1, 129, 32),   # many tiles, ragged end
+])
+def test_matches_reference_fp32(B, H, T, D, causal):
+    check_against_reference(B, H, T, D, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16)])
+def test_unequal_tiles(block_m, block_n, causal):
+    """Query and key tiles of different sizes move the diagonal inside tiles and the masked/unmasked split."""
+    check_against_reference(1, 1, 77, 16, causal, block_m=block_m, block_n=block_n)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B, H, T, D", [(2, 2, 17, 16), (1, 1, 40, 64)])
+def test_matches_reference_fp16(B, H, T, D, causal):
+    check_against_reference(B, H, T, D, causal, dtype=torch.float16)
+
+
+def test_bf16_runs_and_matches():
+    """On CPU this checks the interpreter path (tiles upcast to fp32); the GPU check is in bench/attention.py."""
+    check_against_reference(1, 2, 20, 16, True, dtype=torch.bfloat16)
+
+
+def test_sm_scale():
+    check_against_reference(1, 2, 19, 16, True, sm_scale=0.3)
+
+
+# --- document masking -------------------------------------------------------------------------------------
+
+DOCUMENT_LAYOUTS = {
+    "length-1 docs at both ends": [[1, 20, 18, 1], [40]],
+    "docs across tile edges": [[7, 9, 16, 8], [16, 16, 1, 7]],
+    "many tiny docs": [[1] * 10 + [30], [2] * 20],
+}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout", list(DOCUMENT_LAYOUTS))
+def test_document_mask(layout, causal):
+    doc_ids = packed_doc_ids(*DOCUMENT_LAYOUTS[layout])
+    check_against_reference(2, 2, 40, 16, causal, doc_ids=doc_ids)
+
+
+def test_document_mask_fp16_bigger_tiles():
+    doc_ids = packed_doc_ids([30, 1, 50], [81])
+    check_against_reference(2, 1, 81, 32, True, doc_ids=doc_ids, dtype=torch.float16, block_m=32, block_n=16)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_unsorted_doc_ids_are_still_exact(causal):
+    """Ids that decrease along time break the tile-skipping assumption: no skipping, same answer."""
+    gen = torch.Generator().manual_seed(1)
+    doc_ids = torch.randint(0, 3, (2, 37), generator=gen).to(DEVICE)
+    doc_ids[1] = packed_doc_ids([20, 17])[0]      # one sorted row next to an unsorted one
+    check_against_reference(2, 1, 37, 16, causal, doc_ids=doc_ids)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")   # document 0's own rows are NaN, as they should be
+@pytest.mark.parametrize("causal", [True, False])
+def test_other_documents_are_never_read(causal):
+    """Tiles of another document are skipped, not just masked: fill document 0 with NaN (NaN · 0 = NaN, so a
+    masked-but-loaded tile would leak it) and document 1 must still come out exact."""
+    T, split = 64, 32                                  # the document edge falls on a tile edge
+    doc_ids = packed_doc_ids([split, T - split])
+    q, k, v, do = random_inputs(1, 2, T, 16)
+    for x in (q, k, v, do):
+        x[:, :, :split] = float("nan")
+    o, lse = fa.flash_attention_forward(q, k, v, causal, doc_ids)
+    grads = fa.flash_attention_backward(do, q, k, v, o, lse, causal, doc_ids)
+    # Document 1 on its own is ordinary attention over tokens split … T − 1.
+    doc1 = [x[:, :, split:] for x in (q, k, v, do)]
+    expected = reference(*doc1, causal, None)
+    assert_matches([x[:, :, split:] for x in (o, lse, *grads)], expected, torch.float32)
+
+
+def test_document_bounds():
+    ids = torch.tensor([[0, 0, 1, 2, 2, 2], [5, 5, 5, 5, 5, 5], [0, 1, 0, 1, 1, 1]])
+    doc_ids, start, end, is_sorted = fa._document_bounds(ids, 6, "cpu")
+    assert start.tolist() == [[0, 0, 2, 3, 3, 3], [0] * 6, [0] * 6]   # unsorted row: no skipping
+    assert end.tolist() == [[2, 2, 3, 6, 6, 6], [6] * 6, [6] * 6]
+    assert is_sorted.tolist() == [1, 1, 0]
+    assert doc_ids.dtype == start.dtype == end.dtype == torch.int32
+
+
+# --- grouped-query attention ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("H, H_kv, causal, with_docs", [
+    (4, 2, True, False),
+    (4, 1, False, False),
+    (3, 1, True, True),
+])
+def test_grouped_query_attention(H, H_kv, causal, with_docs):
+    doc_ids = packed_doc_ids([10, 1, 12], [23]) if with_docs else None
+    check_against_reference(2, H, 23, 16, causal, doc_ids=doc_ids, H_kv=H_kv)
+
+
+# --- the autograd function --------------------------------------------------------------------------------
+
+def test_autograd_function_with_strided_inputs():
+    """flash_attention through autograd, fed (batch, time, heads, d) tensors transposed to (b, h, t, d) —
+    the layout a GPT produces — so the kernels see non-contiguous strides."""
+    B, H, T, D = 2, 2, 21, 16
+    q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in random_inputs(B, H, T, D))
+    assert not q.is_contiguous()
+    doc_ids = packed_doc_ids([5, 16], [21])
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    o = fa.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+    o.backward(do)
+    o_ref, _, dq, dk, dv = reference(q.detach(), k.detach(), v.detach(), do, True, doc_ids)
+    assert_matches((o, q.grad, k.grad, v.grad), (o_ref, dq, dk, dv), torch.float32, ("o", "dq", "dk", "dv"))
+
+
+def test_attention_dispatch_on_cpu_uses_reference():
+    q, k, v, _ = random_inputs(1, 2, 9, 16)
+    if q.is_cuda:
+        pytest.skip("CPU dispatch only")
+    torch.testing.assert_close(fa.attention(q, k, v), fa.naive_attention(q, k, v))
