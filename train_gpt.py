@@ -321,6 +321,16 @@ class GPT(nn.Module):
         position_ids restart at 0 for each packed example; doc_ids keep attention inside one
         document (packing) and away from padding (id −1). Targets equal to −100 are ignored.
         """
+        logits = self.lm_head(self.hidden_states(idx, position_ids, doc_ids, cache))
+        loss = None
+        if targets is not None:
+            # fp32 log-softmax even under bf16 autocast: the loss is a sum of small differences.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(self, idx, position_ids=None, doc_ids=None, cache=None):
+        """The final, LayerNormed residual stream (B, T, n_embd) — what the LM head reads, and
+        what a reward or value head reads instead (reward.py, ppo.py)."""
         B, T = idx.shape
         offset = cache.length if cache is not None else 0
         if position_ids is None:
@@ -339,12 +349,7 @@ class GPT(nn.Module):
             x = block(x, doc_ids, mask, cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            # fp32 log-softmax even under bf16 autocast: the loss is a sum of small differences.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
-        return logits, loss
+        return self.ln_f(x)
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
         """AdamW with weight decay only on matrices (≥ 2-D): decaying biases, LayerNorm gains and
