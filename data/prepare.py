@@ -1,0 +1,536 @@
+"""Raw text → curated documents → BPE tokenizer → token shards (seed Part 1, sections 1.1-1.3).
+
+    python -m data.prepare --out runs/default/data            # offline default: the stdlib corpus
+    python -m data.prepare --out DIR --source web=pages/:0.7 --source code=src/:0.3:code
+
+Stages, each counted in report.json's funnel:
+
+    load         sources → documents (data/sources.py), malformed input reported as file:line
+    normalise    UTF-8, NFC, whitespace runs and lengths capped        (curate.normalise_text)
+    quality      seed/Gopher/C4 rules for prose, Codex rules for code  (curate.quality_filter)
+    perplexity   Witten-Bell byte 5-gram, keep a percentile band       (perplexity.perplexity_band_filter)
+    exact dedup  64-bit hash of the case- and space-folded text        (curate.exact_dedup)
+    near dedup   MinHash + LSH + union-find                            (dedup.near_dedup)
+    substrings   suffix array, repeated spans ≥ 50 tokens (--substring-dedup)  (dedup.substring_dedup)
+    decontam     13-gram overlap with evaluation texts                 (curate.decontaminate)
+    mixture      sample each source to its weight                      (sources.mix)
+
+then a train/validation split by document, BPE training on the training documents only (the
+validation text stays unseen, so bits per byte on it are honest), parallel tokenisation, shards.
+
+Output (the contract with train_gpt.py):
+
+    DIR/tokenizer/{tokenizer.tiktoken, tokenizer.json}
+    DIR/train_000000.bin ...  DIR/val_000000.bin     every document preceded by <|endoftext|>
+    DIR/meta.json     {vocab_size, eot_token, tokenizer, train_shards, val_shards,
+                       train_tokens, val_tokens, val_bytes}
+    DIR/report.json, DIR/report.png
+
+`val_tokens` counts the <|endoftext|> separators too; `val_bytes` is the UTF-8 size of the
+validation documents, so bits per byte = (mean nll in nats / ln 2) · val_tokens / val_bytes.
+
+Python hook for later stages: `main(argv, extra_sources=[text_list_source("tasks", texts, 0.1)],
+eval_texts=heldout_prompts)` adds a source to the mixture and evaluation texts to decontaminate.
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+
+import numpy as np
+
+from data import curate, dedup, perplexity, sources
+from data.errors import DataError
+from data.shards import token_dtype, write_shard
+from data.tokenizer import DEFAULT_PATTERN, PRETRAINED, load_tokenizer, save_tokenizer, train_bpe
+
+# Defaults: `python -m data.prepare --out DIR` runs in about a minute on 2 CPU cores.
+OUT = "runs/default/data"
+MAX_BYTES = 6_000_000  # curated text in the final mixture (the stdlib has ~2.5 MB of curated prose: 40% of 6 MB)
+OVERREAD = 3.0  # raw bytes read per curated byte wanted: curation removes a third, and a larger
+#                pool lets the dedup stages meet both copies of a duplicate
+VOCAB_SIZE = 4096
+VAL_FRACTION = 0.05
+SHARD_TOKENS = 10_000_000
+PPL_BAND = (2.0, 95.0)  # keep documents between these perplexity percentiles of their source
+PPL_ORDER = 5
+MINHASH_THRESHOLD = 0.8  # seed 1.2: remove documents ">80% similar" to another
+NUM_PERM = 128
+SHINGLE_WORDS = 5
+SUBSTRING_MIN_TOKENS = 50  # Lee et al. 2022 remove repeated spans of ≥ 50 tokens
+SEED = 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=OUT, help="output directory for tokenizer, shards, meta.json and the report")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH[:WEIGHT[:KIND]]",
+                   help="a corpus (file or directory of .txt/.md/.rst/.py, .jsonl, .html) with a mixture weight and "
+                        "kind prose|code|curated; PATH 'stdlib-code' / 'stdlib-prose' are the built-in corpora; "
+                        "repeat for a mixture; default: code=stdlib-code:0.6 prose=stdlib-prose:0.4")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="bytes of curated text in the final mixture")
+    p.add_argument("--overread", type=float, default=OVERREAD,
+                   help="raw bytes read per curated byte wanted (curation removes some)")
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
+                   help="BPE vocabulary: 256 bytes + merges (6 special tokens come on top)")
+    p.add_argument("--tokenizer", default="train",
+                   help="'train' a BPE here, or use 'gpt2' / 'cl100k_base' (if tiktoken can load them) "
+                        "or an existing tokenizer directory")
+    p.add_argument("--bpe-train-bytes", type=int, default=0,
+                   help="train BPE on at most this many bytes of the training text (0 = all)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help="fraction of the text held out for validation, in whole documents")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per .bin shard")
+    p.add_argument("--workers", type=int, default=0, help="tokeniser processes (0 = one per CPU core, at most 8)")
+    p.add_argument("--max-doc-chars", type=int, default=curate.MAX_DOCUMENT_CHARS,
+                   help="documents are cut at a line break before this many characters")
+    p.add_argument("--max-whitespace-run", type=int, default=curate.MAX_WHITESPACE_RUN,
+                   help="longer whitespace runs are cut to this length")
+    p.add_argument("--rule", action="append", default=[], metavar="KIND.NAME=VALUE",
+                   help="override a quality threshold, e.g. prose.min_words=50 or code.max_line_length=500")
+    p.add_argument("--ppl-band", type=float, nargs=2, default=list(PPL_BAND), metavar=("LOW", "HIGH"),
+                   help="keep documents between these perplexity percentiles of their source (0 100 disables)")
+    p.add_argument("--ppl-order", type=int, default=PPL_ORDER, help="order n of the byte n-gram model (1-7)")
+    p.add_argument("--minhash-threshold", type=float, default=MINHASH_THRESHOLD,
+                   help="Jaccard similarity above which documents are near-duplicates")
+    p.add_argument("--num-perm", type=int, default=NUM_PERM, help="MinHash permutations")
+    p.add_argument("--shingle-words", type=int, default=SHINGLE_WORDS, help="words per MinHash shingle")
+    p.add_argument("--substring-dedup", action="store_true",
+                   help="also cut repeated spans with a suffix array (slower)")
+    p.add_argument("--substring-min-tokens", type=int, default=SUBSTRING_MIN_TOKENS,
+                   help="minimum length of a repeated span, in pre-tokeniser chunks")
+    p.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
+                   help="evaluation texts to remove from training data: .jsonl ('prompt' or 'text' field) "
+                        "or plain text with one text per line; repeatable")
+    p.add_argument("--decontaminate-ngram", type=int, default=curate.DECONTAMINATION_NGRAM,
+                   help="words per n-gram for decontamination")
+    p.add_argument("--seed", type=int, default=SEED, help="random seed (file order, sampling, split, MinHash)")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Small helpers
+# -----------------------------------------------------------------------------
+
+def nbytes(doc):
+    return len(sources.utf8(doc.text))
+
+
+class Log:
+    """Timed progress lines, and the funnel of documents and bytes after each stage."""
+
+    def __init__(self, quiet=False):
+        self.quiet, self.start, self.last = quiet, time.time(), time.time()
+        self.funnel, self.timing = [], {}
+
+    def say(self, message):
+        if not self.quiet:
+            print(f"[prepare {time.time() - self.start:6.1f}s] {message}", flush=True)
+
+    def stage(self, name, documents):
+        by_source = {}
+        for doc in documents:
+            entry = by_source.setdefault(doc.source, {"documents": 0, "bytes": 0})
+            entry["documents"] += 1
+            entry["bytes"] += nbytes(doc)
+        total = sum(e["bytes"] for e in by_source.values())
+        self.funnel.append({"stage": name, "documents": len(documents), "bytes": total, "by_source": by_source})
+        self.timing[name] = round(time.time() - self.last, 2)
+        self.last = time.time()
+        self.say(f"{name:<15} {len(documents):>7,} documents {total / 1e6:8.2f} MB   ({self.timing[name]:.1f}s)")
+
+    def timed(self, name):
+        self.timing[name] = round(time.time() - self.last, 2)
+        self.last = time.time()
+        self.say(f"{name} done ({self.timing[name]:.1f}s)")
+
+
+def apply_rule_overrides(overrides):
+    """--rule prose.min_words=50 → ProseRules(min_words=50); unknown names are a DataError."""
+    rules = {"prose": curate.ProseRules(), "code": curate.CodeRules()}
+    for spec in overrides:
+        key, sep, value = spec.partition("=")
+        kind, _, name = key.partition(".")
+        fields = {f.name: f for f in dataclasses.fields(rules[kind])} if kind in rules else {}
+        if not sep or name not in fields or name == "generated_markers":
+            names = {k: sorted(f.name for f in dataclasses.fields(r) if f.name != "generated_markers")
+                     for k, r in rules.items()}
+            raise DataError(f"--rule {spec}: expected prose.NAME=VALUE or code.NAME=VALUE with NAME in "
+                            f"prose: {names['prose']} / code: {names['code']}")
+        try:
+            rules[kind] = dataclasses.replace(rules[kind], **{name: type(getattr(rules[kind], name))(value)})
+        except ValueError:
+            raise DataError(f"--rule {spec}: {value!r} is not a number") from None
+    return rules["prose"], rules["code"]
+
+
+def read_eval_texts(path, problems):
+    """Evaluation texts for decontamination: .jsonl records ('prompt' or 'text'), else one per line."""
+    if not os.path.isfile(path):
+        raise DataError(f"--decontaminate {path}: no such file")
+    texts = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                texts.append(line.strip())
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: invalid JSON ({e.msg})")
+                continue
+            text = next((record[k] for k in ("prompt", "text") if isinstance(record, dict)
+                         and isinstance(record.get(k), str)), None)
+            if text is None:
+                problems.append(f"{path}:{lineno}: no string field 'prompt' or 'text'")
+            else:
+                texts.append(text)
+    return texts
+
+
+def check_args(args):
+    if args.vocab_size < 256 and args.tokenizer == "train":
+        raise DataError(f"--vocab-size {args.vocab_size}: a byte-level BPE needs at least 256")
+    if args.vocab_size > 2**31 - 1:
+        raise DataError(f"--vocab-size {args.vocab_size}: too large")
+    if not 0 < args.val_fraction < 1:
+        raise DataError(f"--val-fraction {args.val_fraction}: must lie strictly between 0 and 1")
+    if args.max_bytes <= 0:
+        raise DataError(f"--max-bytes {args.max_bytes}: must be positive")
+    if args.shard_tokens <= 0:
+        raise DataError(f"--shard-tokens {args.shard_tokens}: must be positive")
+    low, high = args.ppl_band
+    if not 0 <= low < high <= 100:
+        raise DataError(f"--ppl-band {low} {high}: need 0 <= LOW < HIGH <= 100")
+    if not 1 <= args.ppl_order <= 7:
+        raise DataError(f"--ppl-order {args.ppl_order}: must be between 1 and 7")
+    if not 0 < args.minhash_threshold <= 1:
+        raise DataError(f"--minhash-threshold {args.minhash_threshold}: must lie in (0, 1]")
+    if args.num_perm < 1 or args.shingle_words < 1 or args.substring_min_tokens < 1 or args.decontaminate_ngram < 1:
+        raise DataError("--num-perm, --shingle-words, --substring-min-tokens and --decontaminate-ngram must be >= 1")
+    if args.tokenizer != "train":
+        if args.tokenizer not in PRETRAINED and not os.path.isdir(args.tokenizer):
+            raise DataError(f"--tokenizer {args.tokenizer}: not 'train', {' / '.join(PRETRAINED)} or a directory")
+        load_tokenizer(args.tokenizer)  # fail now (offline, broken files), not after the curation
+    args.rules = apply_rule_overrides(args.rule)  # checked now, not after minutes of loading
+
+
+# -----------------------------------------------------------------------------
+# Curation
+# -----------------------------------------------------------------------------
+
+def load_sources(source_list, args, problems, log):
+    """Read each source up to its share of max_bytes × overread raw bytes."""
+    total_weight = sum(s.weight for s in source_list)
+    names = [s.name for s in source_list]
+    if len(set(names)) != len(names):
+        raise DataError(f"--source: source names must differ, got {names}")
+    documents = []
+    for source in source_list:
+        budget = int(args.max_bytes * args.overread * source.weight / total_weight)
+        loaded = source.load(budget, args.seed, problems)
+        documents.extend(loaded)
+        log.say(f"source {source.name!r}: {len(loaded):,} documents ({source.description})")
+    return documents
+
+
+def normalise(documents, args):
+    stats, kept = curate.NormaliseStats(), []
+    for doc in documents:
+        text, doc_stats = curate.normalise_text(doc.text, args.max_whitespace_run, args.max_doc_chars)
+        stats.add(doc_stats)
+        if text:
+            kept.append(dataclasses.replace(doc, text=text))
+    return kept, dataclasses.asdict(stats)
+
+
+def curate_documents(source_list, args, eval_texts, problems, log, report):
+    """Stages 1-7 and the mixture; returns the documents of the final mixture."""
+    documents = load_sources(source_list, args, problems, log)
+    log.stage("loaded", documents)
+    if problems:
+        log.say(f"{len(problems)} malformed or skipped inputs (all in report.json), e.g. {problems[0]}")
+
+    documents, report["normalise"] = normalise(documents, args)
+    log.stage("normalised", documents)
+
+    prose_rules, code_rules = args.rules
+    documents, _, report["quality"] = curate.quality_filter(documents, prose_rules, code_rules)
+    report["quality"]["rules"] = {"prose": dataclasses.asdict(prose_rules), "code": dataclasses.asdict(code_rules)}
+    log.stage("quality", documents)
+
+    if tuple(args.ppl_band) != (0.0, 100.0):
+        documents, _, by_source = perplexity.perplexity_band_filter(
+            documents, tuple(args.ppl_band), args.ppl_order, seed=args.seed)
+    else:
+        by_source = {}
+    report["perplexity"] = {"band_percentiles": list(args.ppl_band), "order": args.ppl_order, "by_source": by_source}
+    log.stage("perplexity", documents)
+
+    documents, removed, examples = curate.exact_dedup(documents)
+    report["exact_dedup"] = {"removed": len(removed), "examples": examples}
+    log.stage("exact_dedup", documents)
+
+    documents, _, report["near_dedup"] = dedup.near_dedup(
+        documents, args.minhash_threshold, args.num_perm, args.shingle_words, args.seed)
+    log.stage("near_dedup", documents)
+
+    if args.substring_dedup:
+        documents, _, report["substring_dedup"] = dedup.substring_dedup(documents, args.substring_min_tokens)
+        log.stage("substring_dedup", documents)
+    else:
+        report["substring_dedup"] = {"enabled": False}
+
+    documents, removed = curate.decontaminate(documents, eval_texts, args.decontaminate_ngram)
+    report["decontamination"] = {"eval_texts": len(eval_texts), "ngram": args.decontaminate_ngram,
+                                 "removed": len(removed), "examples": [d.origin for d in removed[:5]]}
+    log.stage("decontaminated", documents)
+
+    by_source = {s.name: [] for s in source_list}
+    for doc in documents:
+        by_source[doc.source].append(doc)
+    documents, report["mixture"] = sources.mix(by_source, {s.name: s.weight for s in source_list},
+                                               args.max_bytes, args.seed)
+    log.stage("mixture", documents)
+    total = sum(m["bytes"] for m in report["mixture"].values())
+    if total < 0.95 * args.max_bytes:
+        scarce = min(report["mixture"], key=lambda n: report["mixture"][n]["available_bytes"] /
+                     report["mixture"][n]["target_share"])
+        log.say(f"the mixture has {total / 1e6:.2f} MB, less than --max-bytes: source {scarce!r} has only "
+                f"{report['mixture'][scarce]['available_bytes'] / 1e6:.2f} MB after curation")
+    return documents
+
+
+def split_documents(documents, val_fraction, seed):
+    """Shuffle the documents, then hold out whole documents until they hold val_fraction of the
+    bytes (at least one document each side). Splitting by bytes, not by document count, keeps the
+    validation set's size steady when a few documents are very long."""
+    if len(documents) < 2:
+        raise DataError(f"only {len(documents)} document(s) survived curation; need at least 2 "
+                        f"(one for validation) — add text with --source or relax the filters (--rule, --ppl-band)")
+    documents = list(documents)
+    random.Random(seed).shuffle(documents)
+    wanted = val_fraction * sum(nbytes(d) for d in documents)
+    n_val, held_out = 0, 0
+    while n_val < len(documents) - 1 and (n_val == 0 or held_out < wanted):
+        held_out += nbytes(documents[n_val])
+        n_val += 1
+    return documents[n_val:], documents[:n_val]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and shards
+# -----------------------------------------------------------------------------
+
+_worker_encoding = None
+
+
+def _init_worker(tokenizer_ref):
+    global _worker_encoding
+    _worker_encoding = load_tokenizer(tokenizer_ref)
+
+
+def _encode_batch(texts):
+    """One worker's job: the ids of each text, concatenated, plus the length of each."""
+    ids = [_worker_encoding.encode_ordinary(t) for t in texts]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    flat = np.fromiter((i for x in ids for i in x), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def tokenize_texts(texts, tokenizer_ref, workers):
+    """Token ids of each text (a list of int64 arrays), encoded in `workers` processes.
+
+    tiktoken is fast, so processes only pay off for a few MB of text; if a pool cannot be
+    started (a sandbox without fork/semaphores) we fall back to this process. Returns
+    (arrays, number of processes used).
+    """
+    total = sum(len(t) for t in texts)
+    workers = max(1, min(workers, len(texts)))
+    if total < 1_000_000:
+        workers = 1
+    batch = max(1, len(texts) // (workers * 8))
+    batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
+    results = None
+    # fork: the workers inherit the imported modules, and a caller needs no `if __name__ ==
+    # "__main__"` guard (spawn would re-import the caller's script in every worker).
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        try:
+            with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_ref,)) as pool:
+                results = pool.map(_encode_batch, batches)
+        except (OSError, RuntimeError, ImportError) as e:
+            print(f"[prepare] multiprocessing unavailable ({type(e).__name__}: {e}); tokenising in one process",
+                  file=sys.stderr)
+            workers = 1
+    if results is None:
+        workers = 1
+        _init_worker(tokenizer_ref)
+        results = [_encode_batch(b) for b in batches]
+    arrays = []
+    for flat, lengths in results:
+        arrays.extend(np.split(flat, np.cumsum(lengths)[:-1]))
+    return arrays, workers
+
+
+def write_shards(out_dir, prefix, token_arrays, eot, vocab_size, shard_tokens):
+    """<|endoftext|> + document, for every document, cut into shards of shard_tokens tokens.
+    Returns (shard file names, total tokens). An empty split still gets one (empty) shard."""
+    dtype = token_dtype(vocab_size)
+    names, buffer, buffered, total = [], [], 0, 0
+
+    def flush(tokens):
+        name = f"{prefix}_{len(names):06d}.bin"
+        write_shard(os.path.join(out_dir, name), tokens, vocab_size)
+        names.append(name)
+
+    for ids in token_arrays:
+        buffer.append(np.concatenate([[eot], ids]).astype(dtype))
+        buffered += len(ids) + 1
+        while buffered >= shard_tokens:
+            stream = np.concatenate(buffer)
+            flush(stream[:shard_tokens])
+            buffer, buffered = [stream[shard_tokens:]], buffered - shard_tokens
+            total += shard_tokens
+    if buffered or not names:
+        flush(np.concatenate(buffer) if buffer else np.zeros(0, dtype=dtype))
+        total += buffered
+    return names, total
+
+
+def get_tokenizer(args, train_docs, out_dir, log, report):
+    """Train a BPE on the training documents (or take a given one); save it under out_dir/tokenizer."""
+    tokenizer_dir = os.path.join(out_dir, "tokenizer")
+    if args.tokenizer == "train":
+        texts, total = [], 0
+        for doc in train_docs:
+            if args.bpe_train_bytes and total >= args.bpe_train_bytes:
+                break
+            texts.append(doc.text)
+            total += nbytes(doc)
+        start = time.time()
+        ranks = train_bpe(texts, args.vocab_size, DEFAULT_PATTERN)
+        save_tokenizer(tokenizer_dir, ranks, DEFAULT_PATTERN, name=f"bpe{args.vocab_size}")
+        report["tokenizer"] = {"trained_on_bytes": total, "train_seconds": round(time.time() - start, 2)}
+        log.timed("bpe_training")
+    else:  # copy the given tokenizer next to the shards, so the data directory is self-contained
+        given = load_tokenizer(args.tokenizer)
+        save_tokenizer(tokenizer_dir, given._mergeable_ranks, given._pat_str, given._special_tokens, name=given.name)
+        report["tokenizer"] = {"pretrained": args.tokenizer}
+    enc = load_tokenizer(tokenizer_dir)
+    report["tokenizer"].update({"name": enc.name, "n_vocab": enc.n_vocab, "eot_token": enc.eot_token,
+                                "pattern": enc._pat_str, "special_tokens": enc._special_tokens})
+    return enc, tokenizer_dir
+
+
+# -----------------------------------------------------------------------------
+# The whole run
+# -----------------------------------------------------------------------------
+
+def prepare(args, extra_sources=(), eval_texts=()):
+    """Run every stage; returns meta (also written to args.out/meta.json)."""
+    check_args(args)
+    log = Log(args.quiet)
+    problems, report = [], {"config": {k: v for k, v in vars(args).items() if k != "rules"}}
+    if args.source:
+        source_list = [sources.parse_source_flag(spec, args.text_field) for spec in args.source]
+    else:
+        source_list = sources.default_sources()
+    source_list += list(extra_sources)
+    eval_texts = list(eval_texts)
+    for path in args.decontaminate:
+        eval_texts.extend(read_eval_texts(path, problems))
+
+    documents = curate_documents(source_list, args, eval_texts, problems, log, report)
+    if not documents:
+        raise DataError("no document survived curation (see the funnel above); add text with --source "
+                        "or relax the filters (--rule, --ppl-band, --minhash-threshold)")
+    train_docs, val_docs = split_documents(documents, args.val_fraction, args.seed)
+    report["split"] = {"train_documents": len(train_docs), "val_documents": len(val_docs)}
+
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    for stale in glob.glob(os.path.join(out, "train_*.bin")) + glob.glob(os.path.join(out, "val_*.bin")):
+        os.remove(stale)  # shards of an earlier, larger run would otherwise linger
+    enc, tokenizer_dir = get_tokenizer(args, train_docs, out, log, report)
+
+    workers = args.workers or min(os.cpu_count() or 1, 8)
+    train_ids, used = tokenize_texts([d.text for d in train_docs], tokenizer_dir, workers)
+    val_ids, _ = tokenize_texts([d.text for d in val_docs], tokenizer_dir, workers)
+    log.timed(f"tokenise ({used} process{'es' if used > 1 else ''})")
+    train_shards, train_tokens = write_shards(out, "train", train_ids, enc.eot_token, enc.n_vocab, args.shard_tokens)
+    val_shards, val_tokens = write_shards(out, "val", val_ids, enc.eot_token, enc.n_vocab, args.shard_tokens)
+    val_bytes = sum(nbytes(d) for d in val_docs)
+    meta = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "tokenizer": "tokenizer",
+            "train_shards": train_shards, "val_shards": val_shards, "train_tokens": int(train_tokens),
+            "val_tokens": int(val_tokens), "val_bytes": int(val_bytes)}
+    log.timed("shards")
+
+    _token_statistics(report, train_docs + val_docs, train_ids + val_ids, val_ids, val_bytes)
+    report["malformed"] = {"count": len(problems), "examples": problems[:100]}
+    report["funnel"] = log.funnel
+    report["timing_s"] = log.timing
+    report["meta"] = meta
+    report["timing_s"]["total"] = round(time.time() - log.start, 2)
+    _write_json(os.path.join(out, "report.json"), report)
+    from data.report import plot_report
+
+    plot_report(report, os.path.join(out, "report.png"))
+    _write_json(os.path.join(out, "meta.json"), meta)
+    return meta, report
+
+
+def _token_statistics(report, documents, token_arrays, val_ids, val_bytes):
+    """Achieved token share of each source and the tokenizer's bytes per token."""
+    tokens_by_source, bytes_by_source = {}, {}
+    for doc, ids in zip(documents, token_arrays):
+        tokens_by_source[doc.source] = tokens_by_source.get(doc.source, 0) + len(ids)
+        bytes_by_source[doc.source] = bytes_by_source.get(doc.source, 0) + nbytes(doc)
+    total_tokens = max(sum(tokens_by_source.values()), 1)
+    for name, entry in report["mixture"].items():
+        entry["tokens"] = tokens_by_source.get(name, 0)
+        entry["token_share"] = round(tokens_by_source.get(name, 0) / total_tokens, 4)
+    report["tokenizer"]["bytes_per_token_by_source"] = {
+        name: round(bytes_by_source[name] / max(tokens_by_source[name], 1), 3) for name in tokens_by_source}
+    report["tokenizer"]["bytes_per_token_val"] = round(val_bytes / max(sum(len(x) for x in val_ids), 1), 3)
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _summary(meta, report):
+    mixture = ", ".join(f"{name} {m['token_share']:.0%} (target {m['target_share']:.0%})"
+                        for name, m in report["mixture"].items())
+    return (f"wrote {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+            f"({len(meta['train_shards'])} + {len(meta['val_shards'])} shards), vocab {meta['vocab_size']}, "
+            f"{report['tokenizer']['bytes_per_token_val']:.2f} bytes/token; mixture: {mixture}; "
+            f"{report['malformed']['count']} malformed inputs; {report['timing_s']['total']:.0f}s")
+
+
+def main(argv=None, extra_sources=(), eval_texts=()):
+    args = build_parser().parse_args(argv)
+    try:
+        meta, report = prepare(args, extra_sources, eval_texts)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"[prepare] {_summary(meta, report)} -> {args.out}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Where the raw text comes from, and how several sources are mixed (seed Part 1, section 1.1).
+
+A pretraining corpus is a *mixture* of sources — GPT-3 used ~60% web, ~22% books, ~8% Wikipedia
+and the rest code — and the ratios are a design decision of their own. Here a `Source` is a name,
+a weight (its target share of the final text), a kind ("prose", "code" or "curated": it selects
+the quality rules in data/curate.py) and a loader that returns `Document`s.
+
+Sources available:
+
+* `stdlib_code_source`  — the standard library's `.py` files, one document per file. Real code
+  written by people, with the licence headers, generated tables (encodings/cp*.py) and copied
+  test fixtures that a real crawl also has: the curation stages have something to find.
+* `stdlib_prose_source` — English prose of the same install: the Language Reference bundled as
+  `pydoc_data.topics`, the `.txt`/`.rst` files shipped with the library, and per module its
+  docstrings and comment blocks — from the other half of the .py files than the code source
+  reads, so that no text is in both sources.
+* `path_source` — a user corpus: a file or a directory of `.txt`/`.md`/`.rst`/`.py` (one document
+  per file), `.jsonl` (one document per line, in a `text` field by default) and `.html`/`.htm`
+  (tags, scripts, navigation and other boilerplate stripped with html.parser).
+* `text_list_source` — a list of strings; the hook through which a later stage adds its "tasks".
+
+Nothing is downloaded. Malformed input (a bad JSON line, a missing field, an unreadable or binary
+file) is appended to a `problems` list as "file:line: reason" and skipped: one bad document never
+stops the run. Text is decoded as UTF-8 with `surrogateescape`, so invalid bytes survive as lone
+surrogates until data/curate.py's `normalise_text` replaces and counts them.
+"""
+
+import ast
+import html.parser
+import json
+import os
+import random
+import sysconfig
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from data.errors import DataError
+
+# "curated" is for text that is clean by construction (generated tasks): it skips the heuristic
+# and perplexity filters, which were designed for web text, but is still deduplicated and
+# decontaminated.
+KINDS = ("prose", "code", "curated")
+PLAIN_TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py")
+HTML_EXTENSIONS = (".html", ".htm")
+JSONL_EXTENSIONS = (".jsonl",)
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # name of the mixture source it belongs to
+    origin: str  # where it came from: a path, "path:line", or "pydoc_data.topics:name"
+    kind: str = "prose"  # "prose", "code" or "curated": which quality rules apply
+
+
+@dataclass
+class Source:
+    name: str
+    weight: float  # target share of the final mixture (normalised over all sources)
+    kind: str
+    load: Callable  # load(max_bytes, seed, problems) -> list[Document]
+    description: str = ""
+
+
+def decode(raw: bytes) -> str:
+    """UTF-8 → str, keeping invalid bytes as lone surrogates for normalise_text to count."""
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def utf8(text: str) -> bytes:
+    """The inverse of `decode`: str → the original bytes (invalid ones included). A lone surrogate
+    that did not come from `decode` (JSON can spell one: "\\ud800") becomes "?"."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="replace")
+
+
+def _take_until(documents, max_bytes):
+    """Documents from an iterator until their UTF-8 size reaches max_bytes (the last one included)."""
+    taken, total = [], 0
+    for doc in documents:
+        if total >= max_bytes:
+            break
+        taken.append(doc)
+        total += len(utf8(doc.text))
+    return taken
+
+
+# -----------------------------------------------------------------------------
+# The standard library: the default corpus
+# -----------------------------------------------------------------------------
+
+def stdlib_directory() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(extensions, seed=0):
+    """Files under the stdlib directory with these extensions, in a seeded shuffled order.
+
+    Installed third-party packages (site-packages) are not part of the standard library.
+    """
+    root = stdlib_directory()
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        found.extend(os.path.join(directory, f) for f in sorted(files) if f.endswith(extensions))
+    random.Random(seed).shuffle(found)
+    return found
+
+
+def _read_file(path, problems):
+    """The bytes of a file, or None (with a problem recorded) if unreadable or binary."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        problems.append(f"{path}: unreadable ({e.strerror})")
+        return None
+    if b"\x00" in raw[:8192]:  # text files have no NUL bytes; binary ones almost always do
+        problems.append(f"{path}: binary file, skipped")
+        return None
+    return raw
+
+
+def stdlib_python_halves(seed=0):
+    """The stdlib's .py files, shuffled and cut in two disjoint halves: (code half, prose half).
+
+    The code source reads whole files from the first half; the prose source takes docstrings
+    and comments from the second half only, so no sentence is in both sources.
+    """
+    files = stdlib_files((".py",), seed)
+    return files[:len(files) // 2], files[len(files) // 2:]
+
+
+def _iter_stdlib_code(seed, problems):
+    for path in stdlib_python_halves(seed)[0]:
+        raw = _read_file(path, problems)
+        if raw is not None:
+            yield Document(decode(raw), "code", path, "code")
+
+
+def stdlib_code_source(weight=0.6, name="code") -> Source:
+    def load(max_bytes, seed, problems):
+        return _take_until(_iter_stdlib_code(seed, problems), max_bytes)
+
+    return Source(name, weight, "code", load, "Python standard library .py files")
+
+
+def docstrings_and_comments(source_text, path="<string>", problems=None) -> str:
+    """The English inside a Python file: its docstrings and its blocks of `#` comments.
+
+    Docstrings come from the syntax tree (module, classes, functions); comments are runs of
+    consecutive lines starting with '#', joined into paragraphs. A file that does not parse
+    (old Python 2 test fixtures) still gives its comments, and is reported.
+    """
+    parts = []
+    try:
+        with warnings.catch_warnings():  # old files warn about invalid escapes like "\(": not our concern
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source_text)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring:
+                    parts.append(docstring)
+    except (SyntaxError, ValueError) as e:
+        if problems is not None:
+            problems.append(f"{path}:{getattr(e, 'lineno', '?')}: not valid Python 3, comments only")
+    block = []
+    for line in source_text.splitlines() + [""]:
+        stripped = line.strip()
+        if stripped.startswith("#") and not stripped.startswith("#!"):
+            block.append(stripped.lstrip("#").strip())
+        elif block:
+            paragraph = " ".join(w for w in block if w)
+            if any(c.isalpha() for c in paragraph):
+                parts.append(paragraph)
+            block = []
+    return "\n\n".join(parts)
+
+
+def _iter_stdlib_prose(seed, problems):
+    try:  # the Language Reference, shipped for help(); present on every CPython
+        from pydoc_data.topics import topics
+    except ImportError:
+        topics = {}
+    for topic in sorted(topics):
+        yield Document(topics[topic], "prose", f"pydoc_data.topics:{topic}", "prose")
+    for path in stdlib_files((".txt", ".rst"), seed):
+        raw = _read_file(path, problems)
+        if raw is not None:
+            yield Document(decode(raw), "prose", path, "prose")
+    for path in stdlib_python_halves(seed)[1]:
+        raw = _read_file(path, problems)
+        if raw is not None:
+            text = docstrings_and_comments(decode(raw), path, problems)
+            if text:
+                yield Document(text, "prose", f"{path} (docstrings and comments)", "prose")
+
+
+def stdlib_prose_source(weight=0.4, name="prose") -> Source:
+    def load(max_bytes, seed, problems):
+        return _take_until(_iter_stdlib_prose(seed, problems), max_bytes)
+
+    return Source(name, weight, "prose", load,
+                  "Language Reference (pydoc_data), stdlib .txt/.rst, docstrings and comments")
+
+
+def default_sources():
+    """The offline default: 60% code, 40% prose — a code-heavy mixture in the spirit of the
+    seed's remark that code-heavy data (DeepSeek, LLaMA 3) helps reasoning."""
+    return [stdlib_code_source(0.6), stdlib_prose_source(0.4)]
+
+
+# -----------------------------------------------------------------------------
+# User corpora
+# -----------------------------------------------------------------------------
+
+class _HTMLText(html.parser.HTMLParser):
+    """Collects the visible text of a page; drops scripts, styles and navigation boilerplate."""
+
+    SKIP = {"script", "style", "noscript", "template", "svg", "nav", "header", "footer", "aside", "form",
+            "head", "button", "select"}
+    BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "main", "pre",
+             "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "dd", "dt", "hr", "title"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.pieces, self.skip_depth, self.pre_depth = [], 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skip_depth += 1
+        elif tag in self.BLOCK:
+            self.pieces.append("\n")
+        self.pre_depth += tag == "pre"
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self.skip_depth = max(0, self.skip_depth - 1)
+        elif tag in self.BLOCK:
+            self.pieces.append("\n")
+        self.pre_depth = max(0, self.pre_depth - (tag == "pre"))
+
+    def handle_data(self, data):
+        if not self.skip_depth:
+            # In HTML a line break in the source is just a space, except inside <pre>.
+            self.pieces.append(data if self.pre_depth else " ".join(data.split(" ")).replace("\n", " "))
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of an HTML page: one line per block element (and per line of a <pre>),
+    runs of spaces inside a line collapsed, empty lines dropped."""
+    parser = _HTMLText()
+    parser.feed(markup)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.pieces).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def read_jsonl(path, text_field, source, kind, problems):
+    """One document per line from the string field `text_field`; bad lines are reported as file:line."""
+    raw = _read_file(path, problems)
+    if raw is None:
+        return
+    for lineno, line in enumerate(decode(raw).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{lineno}: invalid JSON ({e.msg})")
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            problems.append(f"{path}:{lineno}: no string field '{text_field}'")
+            continue
+        yield Document(text, source, f"{path}:{lineno}", kind)
+
+
+def read_corpus_file(path, text_field, source, kind, problems):
+    """Documents of one user file, chosen by its extension."""
+    lower = path.lower()
+    if lower.endswith(JSONL_EXTENSIONS):
+        yield from read_jsonl(path, text_field, source, kind, problems)
+        return
+    raw = _read_file(path, problems)
+    if raw is None:
+        return
+    if lower.endswith(HTML_EXTENSIONS):
+        try:
+            yield Document(html_to_text(decode(raw)), source, path, kind)
+        except Exception as e:  # html.parser is lenient, but a page must never stop the run
+            problems.append(f"{path}: HTML not parseable ({type(e).__name__}: {e})")
+    else:
+        yield Document(decode(raw), source, path, kind)
+
+
+def corpus_files(path, problems):
+    """The supported files under `path` (a file or a directory), sorted; others are reported."""
+    if os.path.isfile(path):
+        return [path]
+    found = []
+    for directory, subdirs, files in os.walk(path):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            if f.lower().endswith(PLAIN_TEXT_EXTENSIONS + HTML_EXTENSIONS + JSONL_EXTENSIONS):
+                found.append(os.path.join(directory, f))
+            else:
+                problems.append(f"{os.path.join(directory, f)}: unsupported extension, skipped")
+    return found
+
+
+def path_source(name, path, weight=1.0, kind="prose", text_field="text") -> Source:
+    """A user corpus at `path`; raises DataError if the path does not exist."""
+    if not os.path.exists(path):
+        raise DataError(f"--source {name}={path}: no such file or directory")
+
+    def load(max_bytes, seed, problems):
+        def documents():
+            for file in corpus_files(path, problems):
+                yield from read_corpus_file(file, text_field, name, kind, problems)
+
+        return _take_until(documents(), max_bytes)
+
+    return Source(name, weight, kind, load, f"user corpus {path}")
+
+
+def text_list_source(name, texts, weight, kind="curated") -> Source:
+    """A source made of given strings — the hook a later stage uses to add its "tasks" texts.
+    Its kind defaults to "curated": generated texts skip the filters meant for web text."""
+    texts = list(texts)
+
+    def load(max_bytes, seed, problems):
+        return _take_until((Document(t, name, f"{name}[{i}]", kind) for i, t in enumerate(texts)), max_bytes)
+
+    return Source(name, weight, kind, load, f"{len(texts)} texts given in Python")
+
+
+def parse_source_flag(spec, text_field="text") -> Source:
+    """Parse `--source NAME=PATH[:WEIGHT[:KIND]]`, e.g. `code=src/:0.7:code` or `web=pages/:0.3`.
+
+    WEIGHT defaults to 1; KIND defaults to "code" when NAME starts with "code", else "prose".
+    The names "stdlib-code" and "stdlib-prose" stand for the built-in sources (no path).
+    """
+    name, sep, rest = spec.partition("=")
+    name = name.strip()
+    if not sep or not name or not rest:
+        raise DataError(f"--source {spec}: expected NAME=PATH[:WEIGHT[:KIND]]")
+    path, weight, kind = rest, 1.0, "code" if name.startswith("code") else "prose"
+    parts = rest.rsplit(":", 2)
+    # Peel WEIGHT and KIND off the right, so that a path may itself contain ':'.
+    if len(parts) >= 2 and parts[-1] in KINDS and _is_number(parts[-2]):
+        path, weight, kind = ":".join(parts[:-2]), float(parts[-2]), parts[-1]
+    elif _is_number(parts[-1]):
+        path, weight = rest.rsplit(":", 1)[0], float(parts[-1])
+    elif len(parts) >= 2 and parts[-1] in KINDS:
+        raise DataError(f"--source {spec}: KIND must follow a WEIGHT (NAME=PATH:WEIGHT:KIND)")
+    if not weight > 0:
+        raise DataError(f"--source {spec}: the weight must be positive")
+    if path in ("stdlib-code", "stdlib-prose"):
+        maker = stdlib_code_source if path == "stdlib-code" else stdlib_prose_source
+        return maker(weight, name)
+    return path_source(name, path, weight, kind, text_field)
+
+
+def _is_number(s):
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# The mixture
+# -----------------------------------------------------------------------------
+
+def mix(documents_by_source, weights, max_bytes, seed=0):
+    """Sample documents so that source i contributes a share w_i of the bytes (w normalised).
+
+    With C_i curated bytes available in source i, the largest total T the mixture can reach
+    without repeating documents is  T = min(max_bytes, min_i C_i / w_i);  source i then gives
+    w_i·T bytes of randomly chosen documents. (Up-sampling a small source for several epochs is
+    the other option; it is left out so that no document is seen twice.)
+    Returns (documents, {source: {"target_share", "available_bytes", "bytes"}}).
+    """
+    total_weight = sum(weights.values())
+    shares = {name: w / total_weight for name, w in weights.items()}
+    available = {name: sum(_nbytes(d) for d in documents_by_source.get(name, [])) for name in shares}
+    reachable = [available[n] / shares[n] for n in shares if available[n] > 0]
+    total = min([max_bytes] + reachable) if reachable else 0
+    rng = random.Random(seed)
+    chosen, info = [], {}
+    for name in shares:
+        docs = list(documents_by_source.get(name, []))
+        rng.shuffle(docs)
+        budget, taken = shares[name] * total, 0
+        for doc in docs:
+            if taken >= budget:
+                break
+            chosen.append(doc)
+            taken += _nbytes(doc)
+        info[name] = {"target_share": shares[name], "available_bytes": available[name], "bytes": taken}
+    return chosen, info
+
+
+def _nbytes(doc):
+    return len(utf8(doc.text))
