@@ -996,8 +996,12 @@ def run_training(args, ctx):
         state["spikes"].history = list(saved["loss_history"])
         return saved
 
+    # Decide once, before any rank writes: a rank that looked after rank 0 had saved would
+    # see a different directory and take another branch — and the collectives would deadlock.
+    resuming = args.resume and bool(checkpoint_paths(args.out))
+    barrier(ctx)
     start_step = 0
-    if args.resume and checkpoint_paths(args.out):
+    if resuming:
         saved = restore(checkpoint_paths(args.out)[-1])
         start_step = saved["step"]
         state.update(skipped_batches=saved["skipped_batches"], lr_scale=saved["lr_scale"], rollbacks=saved["rollbacks"])
@@ -1044,7 +1048,7 @@ def run_training(args, ctx):
         say(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, bits/byte {record['val_bpb']:.3f}")
         return val_loss
 
-    if not checkpoint_paths(args.out):
+    if not resuming:
         save(0)  # a first good checkpoint, so a spike at step 1 has somewhere to roll back to
     step, started, last_val = start_step, time.time(), None
     injected_here = args.inject_rank in (-1, ctx.rank)
