@@ -1,0 +1,420 @@
+"""Tests for reward.py: the Bradley–Terry loss, rankings → pairs, the simulated labeler, the
+scalar-head model and padding, preference JSONL formats and their errors, the reward shift, and
+a reward model that must learn an easy synthetic preference.
+
+Everything runs on CPU with a byte-level tokenizer built here (256 byte tokens + the special
+tokens) and a tiny randomly initialised GPT as the "SFT" model.
+"""
+
+import json
+import math
+import random
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import reward
+from data.tasks import Task
+from data.tokenizer import SPECIAL_TOKENS, save_tokenizer
+from sft import chat_tokens, render_chat, render_prompt
+from train_gpt import GPT, ConfigError, GPTConfig, atomic_save
+
+PATTERN = r"""\s?\S+|\s+"""
+RANKS = {bytes([i]): i for i in range(256)}
+SPECIALS = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
+ENC = tiktoken.Encoding("tiny", pat_str=PATTERN, mergeable_ranks=RANKS, special_tokens=SPECIALS)
+PAD = chat_tokens(ENC).pad
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine a second thread
+    only makes every op wait (measured: 0.1 ms → 8 ms per small matmul)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gpt(block_size=64, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=ENC.n_vocab, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+
+
+def tiny_reward_model(seed=0):
+    return reward.reward_model_from_gpt(tiny_gpt(seed=seed))
+
+
+def tiny_sft_checkpoint(tmp_path):
+    """A tokenizer directory and a randomly initialised GPT saved in the SFT checkpoint layout."""
+    tokenizer_dir = str(tmp_path / "tokenizer")
+    save_tokenizer(tokenizer_dir, RANKS, PATTERN, SPECIALS, name="tiny")
+    model = tiny_gpt()
+    path = str(tmp_path / "sft.pt")
+    atomic_save({"model": model.state_dict(), "config": asdict(model.config), "step": 0,
+                 "tokenizer": tokenizer_dir, "stage": "sft"}, path)
+    return path
+
+
+def ids_of(prompt_text, response_text):
+    messages = [{"role": "user", "content": prompt_text}]
+    prompt = render_prompt(messages, ENC)
+    full = render_chat(messages + [{"role": "assistant", "content": response_text}], ENC)[0]
+    return prompt, full[len(prompt):]
+
+
+# ----------------------------------------------------------------------------- the loss (3.3)
+
+def test_loss_and_probability_match_hand_computation():
+    r_chosen = torch.tensor([2.0, 0.0, -1.0])
+    r_rejected = torch.tensor([0.5, 0.0, 1.0])
+    differences = [1.5, 0.0, -2.0]
+    sigmoid = [1 / (1 + math.exp(-d)) for d in differences]
+    assert torch.allclose(reward.preference_probability(r_chosen, r_rejected), torch.tensor(sigmoid))
+    expected = sum(math.log(1 + math.exp(-d)) for d in differences) / 3   # −log σ(d) = log(1 + e^{−d})
+    assert reward.bradley_terry_loss(r_chosen, r_rejected).item() == pytest.approx(expected, rel=1e-6)
+    # Equal rewards: P = ½ and the loss is ln 2.
+    assert reward.bradley_terry_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(math.log(2))
+
+
+def test_margin_and_weights():
+    r_chosen, r_rejected = torch.tensor([2.0, 1.0]), torch.tensor([0.5, 1.5])
+    # A margin m shifts the difference: −log σ(r_w − r_l − m).
+    expected = (math.log(1 + math.exp(-(1.5 - 1.0))) + math.log(1 + math.exp(-(-0.5 - 1.0)))) / 2
+    assert reward.bradley_terry_loss(r_chosen, r_rejected, margin=1.0).item() == pytest.approx(expected, rel=1e-6)
+    per_pair = torch.tensor([0.0, 2.0])
+    expected = (math.log(1 + math.exp(-1.5)) + math.log(1 + math.exp(-(-0.5 - 2.0)))) / 2
+    assert reward.bradley_terry_loss(r_chosen, r_rejected, margin=per_pair).item() == pytest.approx(expected, rel=1e-6)
+    # Weights: Σ w ℓ / Σ w.
+    losses = [math.log(1 + math.exp(-1.5)), math.log(1 + math.exp(0.5))]
+    weighted = reward.bradley_terry_loss(r_chosen, r_rejected, weights=torch.tensor([1.0, 3.0])).item()
+    assert weighted == pytest.approx((losses[0] + 3 * losses[1]) / 4, rel=1e-6)
+
+
+def test_loss_is_stable_and_its_gradient_is_sigmoid_minus_one():
+    r_chosen = torch.tensor([-200.0, 0.3], requires_grad=True)
+    loss = reward.bradley_terry_loss(r_chosen, torch.tensor([0.0, 0.0]))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx((200 + math.log(1 + math.exp(-0.3))) / 2, rel=1e-6)
+    loss.backward()
+    # ∂/∂r_w of −log σ(d) is σ(d) − 1, divided by the 2 pairs of the mean.
+    expected = torch.tensor([torch.sigmoid(torch.tensor(-200.0)) - 1, torch.sigmoid(torch.tensor(0.3)) - 1]) / 2
+    assert torch.allclose(r_chosen.grad, expected)
+
+
+def test_pairwise_accuracy_counts_ties_as_half():
+    assert reward.pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.tensor([0.0, 1.0, 2.0, 0.0])) == 0.625
+
+
+# ----------------------------------------------------------------------------- comparisons (3.2)
+
+def test_ranking_to_pairs_gives_every_ordered_pair():
+    assert reward.ranking_to_pairs(["a", "b", "c"], [2, 0, 1]) == [("c", "a"), ("c", "b"), ("a", "b")]
+    pairs = reward.ranking_to_pairs(list("abcd"), [3, 1, 0, 2])
+    assert len(pairs) == 6 == math.comb(4, 2)
+    position = {r: i for i, r in enumerate("dbac")}
+    assert all(position[w] < position[l] for w, l in pairs)
+    assert len(set(pairs)) == 6
+
+
+def sample(response, gold):
+    return {"response": response, "tokens": len(response), "gold": gold}
+
+
+def test_labeler_drops_ties_and_records_the_clean_label():
+    samples = [sample("4", 1.0), sample("5", 0.3), sample("4", 1.0), sample("", 0.0)]
+    pairs = reward.label_comparisons([{"role": "user", "content": "2+2?"}], samples, 0.0, 0.0, random.Random(0))
+    # 6 pairs minus the tie ("4" vs "4").
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("4", "5"), ("4", ""), ("4", "5"), ("4", ""), ("5", "")]
+    assert all(p["clean_label"] == 1.0 and not p["flipped"] for p in pairs)
+
+
+def test_label_noise_flips_pairs_and_length_bias_prefers_long_answers():
+    samples = [sample("4", 1.0), sample("5", 0.3), sample("6 is what I would say", 0.3)]
+    flipped = reward.label_comparisons([], samples, 1.0, 0.0, random.Random(0))
+    assert all(p["flipped"] and p["clean_label"] == 0.0 for p in flipped)
+    noisy = [p for seed in range(200)
+             for p in reward.label_comparisons([], samples, 0.2, 0.0, random.Random(seed))]
+    assert 0.12 < sum(p["flipped"] for p in noisy) / len(noisy) < 0.28
+    # B = 0.1 per token: the long wrong answer (22 tokens) now beats the exact one; the gold tie
+    # between the two wrong answers is broken by length, and its clean label says "equal".
+    biased = reward.label_comparisons([], samples, 0.0, 0.1, random.Random(0))
+    assert (biased[0]["chosen"], biased[0]["rejected"]) == ("6 is what I would say", "4")
+    assert biased[0]["clean_label"] == 0.0
+    assert {p["clean_label"] for p in biased if {p["chosen"], p["rejected"]} == {"5", "6 is what I would say"}} == {0.5}
+
+
+def fake_judge(task, text):
+    """Distinct scores for random text (the real judge gives a random model's nonsense 0)."""
+    return sum(map(ord, text)) % 7 / 6
+
+
+def test_build_preference_data_samples_k_per_prompt(monkeypatch):
+    monkeypatch.setattr(reward, "judge", fake_judge)
+    tasks = [Task("arith", "What is 1 + 2?", "3"), Task("arith", "What is 2 + 2?", "4")]
+    pairs, samples = reward.build_preference_data(tiny_gpt(), ENC, tasks, k=3, label_noise=0.0, max_new_tokens=6,
+                                                  seed=0)
+    assert len(samples) == 6 and all(s["tokens"] <= 6 for s in samples)
+    assert [s["prompt"][0]["content"] for s in samples] == ["What is 1 + 2?"] * 3 + ["What is 2 + 2?"] * 3
+    assert 0 < len(pairs) <= 6
+    for p in pairs:
+        assert fake_judge(None, p["chosen"]) > fake_judge(None, p["rejected"])  # the judge's order, no noise
+
+
+# ----------------------------------------------------------------------------- the model (3.3)
+
+def test_reward_model_keeps_the_backbone_and_adds_a_fresh_scalar_head():
+    gpt = tiny_gpt()
+    model = reward.reward_model_from_gpt(gpt)
+    assert isinstance(model.backbone.lm_head, torch.nn.Identity)
+    assert not any(k.startswith("backbone.lm_head") for k in model.state_dict())
+    assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, gpt.blocks[0].attn.qkv.weight)
+    assert model.head.weight.shape == (1, 32) and torch.all(model.head.bias == 0)
+    torch.manual_seed(0)
+    big = reward.RewardModel(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=1023))
+    assert big.head.weight.std().item() == pytest.approx(1 / math.sqrt(1024), rel=0.1)
+
+
+def test_padding_never_changes_a_reward():
+    model = tiny_reward_model().eval()
+    short = ids_of("Hi", "Hello")
+    long = ids_of("A much longer question here?", "And a much longer answer too.")
+    alone = reward.score(model, [short[0]], [short[1]])
+    batched = reward.score(model, [long[0], short[0], long[0]], [long[1], short[1], long[1]])
+    assert torch.allclose(alone, batched[1:2], atol=1e-5)
+    # Whatever fills the padding (and however much of it there is), the reward is the same.
+    sequence = torch.tensor(short[0] + short[1])
+    rows = torch.stack([torch.cat([sequence, torch.full((9,), PAD)]),
+                        torch.cat([sequence, torch.randint(0, 256, (9,))])])
+    end = torch.tensor([len(sequence) - 1] * 2)
+    rewards = model(rows, end)
+    assert torch.allclose(rewards, alone.expand(2), atol=1e-5)
+
+
+def test_reward_is_read_at_the_last_real_token():
+    model = tiny_reward_model().eval()
+    prompt, response = ids_of("Q", "yes")
+    full = torch.tensor([prompt + response])
+    hidden = model.backbone.hidden_states(full)
+    expected = model.head(hidden[0, -1]).squeeze()
+    assert response[-1] == chat_tokens(ENC).end
+    assert torch.allclose(reward.score(model, [prompt], [response]), expected, atol=1e-6)
+
+
+def test_reward_shift_makes_the_mean_zero_and_keeps_differences():
+    model = tiny_reward_model().eval()
+    with torch.no_grad():
+        model.head.bias.fill_(3.0)  # an offset Bradley–Terry cannot see
+    pairs = [ids_of(f"Question {i}?", "answer " * (i % 4)) for i in range(10)]
+    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+    before = reward.score(model, prompts, responses)
+    assert before.mean().item() > 1
+    shift = reward.center_rewards(model, prompts, responses, batch_size=3)
+    after = reward.score(model, prompts, responses)
+    assert abs(after.mean().item()) < 1e-5
+    assert shift == pytest.approx(before.mean().item(), abs=1e-5)
+    assert torch.allclose(after[:, None] - after[None], before[:, None] - before[None], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def test_batches_keep_a_prompts_pairs_together_and_score_each_response_once():
+    pairs = [{"prompt": [{"role": "user", "content": "Q1"}], "chosen": w, "rejected": l}
+             for w, l in reward.ranking_to_pairs(list("abcd"), [0, 1, 2, 3])]
+    pairs += [{"prompt": [{"role": "user", "content": "Q2"}], "chosen": "y", "rejected": "n", "clean_label": 0.0}]
+    examples, dropped = reward.tokenize_preferences(pairs, ENC, 64)
+    assert dropped == 0
+    batches = reward.preference_batches(examples, batch_size=1, pad_token=PAD, seed=1)
+    sizes = sorted(len(b.chosen) for b in batches)
+    assert sizes == [1, 6]
+    big = next(b for b in batches if len(b.chosen) == 6)
+    assert big.ids.shape[0] == 4  # 4 distinct responses for 6 comparisons
+    assert torch.allclose(big.weights, torch.full((6,), 1 / 6))
+    assert torch.isnan(big.clean_label).all()
+    small = next(b for b in batches if len(b.chosen) == 1)
+    assert small.weights.tolist() == [1.0] and small.clean_label.tolist() == [0.0]
+    flat = reward.preference_batches(examples, batch_size=2, pad_token=PAD, weighting="pair")[0]
+    assert flat.weights.tolist() == [1.0] * 7
+
+
+# ----------------------------------------------------------------------------- JSONL formats
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_pair_formats_parse_to_the_same_pair(tmp_path):
+    user = {"role": "user", "content": "2+2?"}
+    records = [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]},
+        {"chosen": [user, {"role": "assistant", "content": "4"}], "rejected": [user, {"role": "assistant", "content": "5"}]},
+        {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"},
+    ]
+    path = write_lines(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
+    pairs = reward.load_preferences(path)
+    assert pairs == [{"prompt": [user], "chosen": "4", "rejected": "5"}] * 4
+
+
+def test_rankings_expand_to_all_pairs_and_files_round_trip(tmp_path):
+    record = {"prompt": "Sort 3 1 2", "responses": ["1 2 3", "3 2 1", "1 3 2"], "ranking": [0, 2, 1], "id": 7}
+    path = write_lines(tmp_path / "r.jsonl", [json.dumps(record)])
+    pairs = reward.load_preferences(path)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("1 2 3", "1 3 2"), ("1 2 3", "3 2 1"), ("1 3 2", "3 2 1")]
+    assert all(p["id"] == 7 for p in pairs)
+    copy = str(tmp_path / "copy.jsonl")
+    reward.write_preferences(copy, pairs)
+    assert reward.load_preferences(copy) == pairs
+
+
+BAD_LINES = [
+    ('{"prompt": "x", "chosen": "a"', "not valid JSON"),
+    ('["a", "b"]', "expected a JSON object"),
+    ('{"question": "x", "answer": "a"}', "unknown format"),
+    ('{"prompt": "x", "responses": ["a", "b"], "ranking": [0, 0]}', "'ranking' must list every index"),
+    ('{"prompt": "x", "responses": ["a"], "ranking": [0]}', "at least 2 responses"),
+    ('{"prompt": "x", "ranking": [0, 1]}', "needs 'responses'"),
+    ('{"prompt": "x", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}', "single assistant message"),
+    ('{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}', "expected a user turn"),
+    ('{"prompt": 3, "chosen": "a", "rejected": "b"}', "'prompt' must be a string or a non-empty list"),
+    ('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: z\\n\\nAssistant: c"}', "share every turn"),
+    ('{"chosen": "just text", "rejected": "more text"}', "HH-RLHF transcript"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "clean_label": 2}', "'clean_label' must be"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_LINES)
+def test_malformed_lines_name_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "bad.jsonl", ['{"prompt": "ok", "chosen": "a", "rejected": "b"}', "", line])
+    with pytest.raises(ConfigError) as error:
+        reward.load_preferences(path)
+    assert str(error.value).startswith(f"{path}:3: ") and message in str(error.value)
+
+
+def test_empty_file_and_too_long_pair_are_errors(tmp_path):
+    empty = write_lines(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(ConfigError, match="no preference pairs"):
+        reward.load_preferences(empty)
+    long = write_lines(tmp_path / "long.jsonl", ['{"prompt": "ok", "chosen": "a", "rejected": "b"}',
+                                                 json.dumps({"prompt": "x", "chosen": "a" * 80, "rejected": "b"})])
+    with pytest.raises(ConfigError, match=r"long.jsonl:2: prompt \+ chosen response is \d+ tokens"):
+        reward.load_preferences(long, ENC, 64)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def synthetic_preferences(n, rng):
+    """An easy preference: the chosen response contains an "x", the rejected one does not."""
+    records = []
+    for i in range(n):
+        letters = [rng.choice("abcdefgh") for _ in range(rng.randint(3, 8))]
+        chosen = letters[:]
+        chosen.insert(rng.randint(0, len(chosen)), "x")
+        rejected = [rng.choice("abcdefgh") for _ in range(rng.randint(4, 9))]
+        records.append({"prompt": f"Pick {i % 60}", "chosen": "".join(chosen), "rejected": "".join(rejected),
+                        "clean_label": 1.0})
+    return records
+
+
+def test_reward_model_learns_an_easy_preference_end_to_end(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    train, val = str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")
+    reward.write_preferences(train, synthetic_preferences(240, rng))
+    reward.write_preferences(val, synthetic_preferences(100, rng))
+    out = tmp_path / "rm"
+    summary = reward.main(["--sft", tiny_sft_checkpoint(tmp_path), "--out", str(out), "--data", train,
+                           "--val-data", val, "--epochs", "2", "--batch-size", "4", "--lr", "3e-3",
+                           "--eval-prompts", "4", "--k", "2", "--max-new-tokens", "4", "--device", "cpu"])
+    assert summary["val_accuracy"] >= 0.9 and summary["val_clean_accuracy"] == summary["val_accuracy"]
+    for name in ["model.pt", "metrics.jsonl", "eval.json", "reward_training.png", "calibration.png",
+                 "reward_histogram.png"]:
+        assert (out / name).exists(), name
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert checkpoint["stage"] == "reward" and checkpoint["val_accuracy"] >= 0.5
+    assert checkpoint["reward_shift"] == pytest.approx(checkpoint["model"]["reward_shift"].item())
+    model = reward.load_reward_model(str(out / "model.pt"), "cpu")
+    # The shift centres rewards on the training responses.
+    pairs = reward.load_preferences(train)
+    samples = {(p["prompt"][0]["content"], p[f]) for p in pairs for f in ("chosen", "rejected")}
+    ids = [ids_of(prompt, text) for prompt, text in samples]
+    rewards = reward.score(model, [x for x, _ in ids], [y for _, y in ids])
+    assert abs(rewards.mean().item()) < 1e-4
+    # And the loaded model ranks held-out pairs as the run reported.
+    val_ids = [(ids_of(p["prompt"][0]["content"], p["chosen"]), ids_of(p["prompt"][0]["content"], p["rejected"]))
+               for p in reward.load_preferences(val)]
+    r_w = reward.score(model, [c[0] for c, _ in val_ids], [c[1] for c, _ in val_ids])
+    r_l = reward.score(model, [r[0] for _, r in val_ids], [r[1] for _, r in val_ids])
+    assert reward.pairwise_accuracy(r_w, r_l) == pytest.approx(summary["val_accuracy"])
+
+
+def test_default_data_is_sampled_ranked_and_written(tmp_path, monkeypatch):
+    # A random "SFT" model answers nonsense that the real judge scores 0 (all ties); a fake
+    # judge gives the samples distinct scores so that comparisons exist.
+    monkeypatch.setattr(reward, "judge", fake_judge)
+    out = tmp_path / "rm"
+    summary = reward.main(["--sft", tiny_sft_checkpoint(tmp_path), "--out", str(out), "--num-prompts", "12",
+                           "--k", "3", "--max-new-tokens", "6", "--eval-prompts", "3", "--epochs", "1",
+                           "--label-noise", "0.2", "--device", "cpu"])
+    train = reward.load_preferences(str(out / "preferences_train.jsonl"))
+    val = reward.load_preferences(str(out / "preferences_val.jsonl"))
+    assert train and val and summary["train_pairs"] == len(train) and summary["val_pairs"] == len(val)
+    assert {p["prompt"][0]["content"] for p in train}.isdisjoint({p["prompt"][0]["content"] for p in val})
+    for p in train + val:
+        assert p["clean_label"] in (0.0, 1.0) and p["flipped"] == (p["clean_label"] == 0.0)
+        assert p["chosen_gold"] == fake_judge(None, p["chosen"])
+    assert 0 < summary["heldout_samples"] <= 9 and json.loads((out / "eval.json").read_text())["steps"] >= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--label-noise", "0.7"], "--label-noise must be in [0, 0.5]"),
+    (["--k", "1"], "--k must be ≥ 2"),
+    (["--num-prompts", "1"], "--num-prompts must be ≥ 2"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--val-data", "x.jsonl"], "--val-data needs --data"),
+])
+def test_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        reward.main(["--sft", "missing.pt", "--out", str(tmp_path / "o"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_bad_files_are_one_line_errors(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    bad_data = write_lines(tmp_path / "bad.jsonl", ['{"prompt": "x"}'])
+    sft_path = tiny_sft_checkpoint(tmp_path)
+    cases = [(["--sft", str(corrupt)], "corrupt or not a checkpoint"),
+             (["--sft", sft_path, "--data", bad_data], "bad.jsonl:1: unknown format"),
+             (["--sft", sft_path, "--data", str(tmp_path / "none.jsonl")], "preference file not found")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit):
+            reward.main([*flags, "--out", str(tmp_path / "o"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match="not a reward model checkpoint"):
+        reward.load_reward_model(sft_path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_correlations_and_calibration_against_hand_computations():
+    assert reward.average_ranks([3.0, 1.0, 2.0, 2.0]).tolist() == [4.0, 1.0, 2.5, 2.5]
+    # Pearson of (1, 2, 3) and (2, 4, 7): deviations (−1, 0, 1) and (−7/3, −1/3, 8/3).
+    assert reward.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx((7 / 3 + 8 / 3) / math.sqrt(2 * (49 + 1 + 64) / 9))
+    assert reward.spearman([1, 2, 3], [2, 4, 70]) == pytest.approx(1.0)   # monotone: ranks agree exactly
+    assert reward.pearson([1, 1, 1], [1, 2, 3]) is None
+    assert reward.within_prompt([1.0, 3.0, 10.0, 14.0], [0, 0, 1, 1]).tolist() == [-1.0, 1.0, -2.0, 2.0]
+    # Two prompts whose offsets disagree with gold: every prompt's own order is right.
+    numbers = reward.correlations(np.array([5.0, 6.0, 0.0, 1.0]), np.array([0.0, 0.5, 0.5, 1.0]),
+                                  np.array([1, 2, 3, 4]), np.array([0, 0, 1, 1]))
+    assert numbers["pearson_gold"] < 0 and numbers["pearson_gold_within_prompt"] == pytest.approx(1.0)
+    table, ece = reward.calibration_table(np.array([0.9, 0.9, 0.9, 0.9]), np.array([1.0, 1.0, 1.0, 0.0]), bins=10)
+    # Both orders of each pair: p = 0.9 won 3 of 4, p = 0.1 won 1 of 4 → |0.75 − 0.9| = 0.15 in both bins.
+    assert [(round(b["p_mean"], 6), b["observed"], b["count"]) for b in table] == [(0.1, 0.25, 4), (0.9, 0.75, 4)]
+    assert ece == pytest.approx(0.15)
