@@ -57,7 +57,8 @@ from data.tasks import generate_tasks, judge, write_jsonl
 from data.tokenizer import load_tokenizer
 from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, decode_response, generate_responses,
                  render_chat, render_prompt)
-from train_gpt import GPT, ConfigError, GPTConfig, atomic_save, get_lr, load_checkpoint, log_line, pick_device
+from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, log_line,
+                       pick_device)
 
 # Defaults (all overridable on the command line; see build_parser).
 SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: source of the samples and of r_φ's initial weights
@@ -1014,7 +1015,7 @@ def train_reward(args):
           f"(total {total_steps}), warmup {schedule['warmup_steps']}, lr {args.lr:g} cosine, "
           f"validation every {schedule['eval_every']} steps")
     # GPT's optimizer recipe (decay on matrices only) works on any module's parameters.
-    optimizer = GPT.configure_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    optimizer = adamw(model, args.lr, args.weight_decay, device_type=device.type)
     model_path = os.path.join(args.out, "model.pt")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     extra = {"train_pairs": len(train_examples), "val_pairs": len(val_examples), "label_noise": args.label_noise,

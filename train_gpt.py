@@ -352,12 +352,7 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW with weight decay only on matrices (≥ 2-D): decaying biases, LayerNorm gains and
-        embeddings' scale has no regularising purpose and hurts."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+        return adamw(self, lr, weight_decay, betas, device_type)
 
     # =========================================================================
     # 3. Generation
@@ -408,6 +403,16 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(out, position_ids=position_ids, doc_ids=doc_ids)
         return out
+
+
+def adamw(module, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW over a module's trainable parameters, with weight decay only on matrices (≥ 2-D):
+    decaying biases and LayerNorm gains has no regularising purpose and hurts. Serves the GPT
+    and the models built around it (reward model, value model)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
