@@ -15,12 +15,13 @@ $(VENV)/.installed: requirements.txt
 .PHONY: run test bench clean
 
 # The main job: prepare the default data, pretrain the default small model, sample from it,
-# fine-tune it on the built-in tasks and judge base vs SFT on held-out prompts.
+# fine-tune it on the built-in tasks (judged base vs SFT), train the reward model on judge-ranked samples.
 run: $(VENV)/.installed
 	$(PY) -m data.prepare --out runs/$(RUN)/data
 	$(PY) train_gpt.py train --data runs/$(RUN)/data --out runs/$(RUN)/pretrain
 	$(PY) train_gpt.py sample runs/$(RUN)/pretrain/model.pt --prompt "def " --num-samples 2 --max-new-tokens 80
 	$(PY) sft.py --init runs/$(RUN)/pretrain/model.pt --out runs/$(RUN)/sft
+	$(PY) reward.py --sft runs/$(RUN)/sft/model.pt --out runs/$(RUN)/reward
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
