@@ -1,0 +1,1134 @@
+"""ppo.py — RLHF with PPO (and GRPO): the policy learns to please the reward model (seed 3.4–3.5).
+
+Read beside sections 3.4–3.5 of the seed chapter (shared/seeds/000_…) and the "Proximal Policy
+Optimization (PPO)" section of the blog post (shared/seeds/004_…), whose notation we keep. The
+language model is an RL agent: the state s_t = (x, y_<t) is the prompt and the response so far, the
+action a_t = y_t is the next token, and the policy π_θ(a_t | s_t) is our GPT. We maximise
+
+    J(θ) = E_{x∼D, y∼π_θ(·|x)} [ r_φ(x, y) − β · KL(π_θ(·|x) ‖ π_ref(·|x)) ]            (seed 3.4)
+
+with four networks: the policy π_θ (initialised from SFT, trained), the reference π_ref (the SFT
+model, frozen), the reward model r_φ (reward.py, frozen) and the value model V (the critic,
+initialised from r_φ, trained). One iteration of the loop:
+
+    1. Rollout      y ∼ π_θ(·|x) for a batch of task prompts (KV-cached, left-padded prompts)
+    2. Experience   log π_old(y_t|s_t), log π_ref(y_t|s_t), V(s_t) on every response token;
+                    r_φ(x, y) once per response, read at its last real token
+    3. Rewards      r_t = −β·(log π_θ − log π_ref)(y_t|s_t) + [t = last]·r_φ(x, y)   (blog, "LLM-specific PPO")
+    4. Advantages   GAE: δ_t = r_t + γ·V(s_{t+1}) − V(s_t),  A_t = Σ_l (γλ)^l δ_{t+l}         (seed 3.4)
+    5. Update       a few epochs of minibatch steps on the clipped objective and the value loss
+                    L = −E_t[min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)] + L_value − c₂·H       (seed 3.4; blog)
+
+GRPO (`--algo grpo`, the other algorithm the blog names) drops the critic: it samples k responses
+per prompt and uses A = (R − mean_group)/(std_group + ε) for every token of a response, with the
+KL to π_ref moved from the reward into the loss. Section 3.5's reward hacking is reproduced by
+`--beta-sweep`: PPO against a length-biased reward model, with and without the KL penalty. And
+`--reward-source judge` swaps r_φ for the gold judge itself (a verifiable reward, as in
+DeepSeek-R1): the same machinery with a reward that cannot be hacked, to tell apart what PPO
+can do from what the reward model lets it do.
+
+The file reads top to bottom:
+
+    1. Hyperparameters
+    2. The four models      policy, reference, reward model, value model; the memory of each  (3.4)
+    3. Rollouts             sampling, padding and masks, per-token log-probs and values
+    4. Rewards and KL       k1/k3 estimators, the KL-penalised per-token reward, adaptive β   (3.4)
+    5. Advantages           GAE (PPO), group-relative advantages (GRPO), whitening           (3.4)
+    6. Losses               clipped policy loss, clipped value loss, entropy                 (3.4; blog)
+    7. The update           experience → epochs of minibatches; one training iteration
+    8. Training             the loop, metrics.jsonl, checkpoint, held-out evaluation (SFT vs PPO)
+    9. Reward hacking       a β sweep against a length-biased reward model                   (3.5)
+   10. Plots
+   11. Command line
+
+Usage:
+    python ppo.py --sft runs/default/sft/model.pt --reward-model runs/default/reward/model.pt --out runs/default/ppo
+    python ppo.py --algo grpo --group-size 4 --beta 0.05
+    python ppo.py --kl-target 2.0                                  # adaptive β (Ziegler et al. 2019)
+    python ppo.py --reward-source judge --algo grpo                  # the gold judge as the reward
+    python ppo.py --beta-sweep 0,0.02,0.2 --length-bias 0.05 --out runs/default/ppo_hacking
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+
+import reward
+from data.errors import DataError
+from data.tasks import generate_tasks, judge
+from data.tokenizer import load_tokenizer
+from reward import load_reward_model, load_sft, reward_model_from_gpt, score, task_messages
+from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_response, evaluate_tasks, heldout_tasks,
+                 left_pad, render_prompt, token_logprobs)
+from train_gpt import ConfigError, atomic_save, load_checkpoint, log_line, pick_device
+
+# =============================================================================
+# 1. Hyperparameters (all overridable on the command line; see build_parser)
+# =============================================================================
+
+SFT = "runs/default/sft/model.pt"            # π_SFT: initialises the policy π_θ and is the reference π_ref
+REWARD_MODEL = "runs/default/reward/model.pt"  # r_φ, written by reward.py; also initialises the critic V
+OUT = "runs/default/ppo"                     # output: model.pt, metrics.jsonl, ppo.png, eval.json
+ALGO = "ppo"                                 # ppo (clipped objective + critic + GAE) or grpo (group baseline)
+REWARD_SOURCE = "rm"                         # rm: r_φ from reward.py (RLHF); judge: the gold judge, a verifiable reward
+ITERATIONS = 40                              # rollout → update cycles
+ROLLOUTS = 64                                # responses sampled per iteration (the experience batch)
+GROUP_SIZE = 4                               # GRPO: responses per prompt, k (the group is the baseline)
+MAX_NEW_TOKENS = 32                          # longest response in tokens (as reward.py sampled its data)
+TEMPERATURE = 1.0                            # rollout sampling temperature; 1 samples π_θ itself, as KL assumes
+BETA = 0.2                                   # β: weight of the KL penalty to π_ref (seed 3.4: typically 0.1–0.3)
+KL_TARGET = None                             # adaptive β: target KL per response in nats (None: β stays fixed)
+KL_HORIZON = 1000                            # adaptive β: horizon in responses, K_β = rollouts / horizon
+MISSING_END_PENALTY = 1.0                    # subtracted from r_φ when a response never emits <|end|>
+GAMMA = 1.0                                  # γ: discount; 1 — the episode is one short response
+LAM = 0.95                                   # λ: GAE's bias–variance knob (0: one-step TD, 1: Monte Carlo)
+PPO_EPOCHS = 4                               # passes over each batch of experience
+MINIBATCH_SIZE = 16                          # responses per gradient step
+CLIP_EPS = 0.2                               # ε: the ratio π_θ/π_old is clipped to [1 − ε, 1 + ε]
+VALUE_CLIP = 0.2                             # the critic's new values stay within ± this of the rollout's
+ENTROPY_COEF = 0.0                           # c₂: entropy bonus (0: the KL to π_ref already keeps diversity)
+LR = 3e-5                                    # policy learning rate (SFT used 1e-3: RL steps must be small)
+VALUE_LR = 1e-4                              # critic learning rate
+GRAD_CLIP = 1.0                              # max gradient norm, per network
+EVAL_TASKS = 300                             # held-out test-split tasks judged greedily for SFT and PPO
+LENGTH_BIAS = 0.05                           # --beta-sweep: labeler bias B per token of the reward model it trains
+RM_PROMPTS = 2000                            # --beta-sweep: prompts compared to train that reward model
+THREADS = 1                                  # CPU threads: a tiny model gains nothing from more, loses under load
+SEED = 1337                                  # seed for prompts, sampling and minibatch order
+
+
+# =============================================================================
+# 2. The four models (seed 3.4): π_θ, π_ref, r_φ, V
+# =============================================================================
+
+class ValueModel(nn.Module):
+    """V(s_t): the critic — the reward model's backbone and scalar head, read at *every* position.
+
+    r_φ reads its head once, at the response's last token; V reads the same head at each position
+    t, giving an estimate of the return from state s_t = (x, y_<t). Starting from r_φ (InstructGPT
+    initialises its value function from the reward model) means the critic begins knowing what a
+    good response looks like — read at a finished response it gives r_φ(x, y) itself — rather than
+    from a random head. The reward model's `reward_shift` is kept, so V starts on the rewards' scale.
+    """
+
+    def __init__(self, reward_model):
+        super().__init__()
+        critic = copy.deepcopy(reward_model)
+        self.config = critic.config
+        self.backbone = critic.backbone
+        self.head = critic.head
+        self.register_buffer("reward_shift", critic.reward_shift.detach().clone())
+        self.requires_grad_(True)
+
+    def forward(self, ids, position_ids=None, doc_ids=None):
+        """Values (B, T) in fp32: V at every position of ids (B, T)."""
+        hidden = self.backbone.hidden_states(ids, position_ids, doc_ids)
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            return self.head(hidden.float()).squeeze(-1) - self.reward_shift
+
+
+def model_memory(model, trainable):
+    """Bytes a model holds: its weights (and buffers); if trained, also gradients and AdamW's two
+    moment estimates (m, v), one tensor each per parameter — 4× the weights in fp32."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"params": sum(p.numel() for p in model.parameters()), "weights": weights + buffers,
+            "gradients": weights if trainable else 0, "optimizer": 2 * weights if trainable else 0}
+
+
+def print_memory(models):
+    """The memory of each of the four models (seed 3.4: PPO holds four networks at once)."""
+    print("models (PPO keeps four networks in memory; GRPO has no critic, --reward-source judge no r_φ):")
+    total = 0
+    for name, (model, trainable) in models.items():
+        if model is None:
+            continue
+        m = model_memory(model, trainable)
+        size = m["weights"] + m["gradients"] + m["optimizer"]
+        total += size
+        detail = (f"{m['weights'] / 2**20:.1f} MiB weights + {m['gradients'] / 2**20:.1f} gradients + "
+                  f"{m['optimizer'] / 2**20:.1f} AdamW" if trainable else f"{m['weights'] / 2**20:.1f} MiB weights")
+        print(f"  {name:<22} {'trained' if trainable else 'frozen ':<8} {m['params'] / 1e6:5.2f}M params  "
+              f"{detail} = {size / 2**20:.1f} MiB")
+    print(f"  {'total':<22} {'':<8} {'':>13}  {total / 2**20:.1f} MiB (activations come on top)")
+
+
+def same_tokenizer(ref_a, ref_b):
+    """True if two tokenizer references load the same vocabulary and special tokens."""
+    if ref_a == ref_b:
+        return True
+    a, b = load_tokenizer(ref_a), load_tokenizer(ref_b)
+    return a._mergeable_ranks == b._mergeable_ranks and a._special_tokens == b._special_tokens
+
+
+def flagged(load, flag, path, *rest):
+    """load(path, *rest), its ConfigError prefixed with the flag that named the file."""
+    try:
+        return load(path, *rest)
+    except ConfigError as e:
+        raise ConfigError(f"{flag} {e}") from None
+
+
+def load_models(args, device):
+    """π_θ and π_ref from --sft, r_φ from --reward-model, V from r_φ; the tokenizer and its reference.
+
+    Refuses a reward model whose tokenizer or vocabulary differs from the policy's: it would score
+    token ids that mean something else to it. With --reward-source judge there is no reward model
+    (r_φ is None) and the critic starts from the SFT model with a fresh scalar head.
+    """
+    sft_checkpoint = flagged(load_checkpoint, "--sft", args.sft)
+    if sft_checkpoint.get("stage") == "reward":
+        raise ConfigError(f"--sft {args.sft}: a reward model checkpoint, not a policy (SFT) checkpoint")
+    policy, sft_checkpoint = flagged(load_sft, "--sft", args.sft, device)
+    tokenizer_ref = sft_checkpoint.get("tokenizer")
+    if not tokenizer_ref:
+        raise ConfigError(f"--sft {args.sft}: the checkpoint names no tokenizer")
+    enc = load_tokenizer(tokenizer_ref)
+    chat_tokens(enc)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reward_model = None
+    if args.reward_source == "rm":
+        reward_model = load_compatible_reward_model(args, policy, tokenizer_ref, device)
+    critic = None
+    if args.algo == "ppo":
+        critic = ValueModel(reward_model if reward_model is not None else reward_model_from_gpt(policy)).train()
+    return policy.train(), reference, reward_model, critic, enc, tokenizer_ref
+
+
+def load_compatible_reward_model(args, policy, tokenizer_ref, device):
+    """r_φ from --reward-model, frozen, checked to read the policy's tokens."""
+    rm_checkpoint = flagged(load_checkpoint, "--reward-model", args.reward_model)
+    reward_model = flagged(load_reward_model, "--reward-model", args.reward_model, device)
+    if reward_model.config.vocab_size != policy.config.vocab_size:
+        raise ConfigError(f"--reward-model {args.reward_model}: vocabulary of {reward_model.config.vocab_size} tokens, "
+                          f"but the policy ({args.sft}) has {policy.config.vocab_size}")
+    try:
+        compatible = same_tokenizer(tokenizer_ref, rm_checkpoint.get("tokenizer") or "")
+    except (DataError, ConfigError, OSError) as e:
+        raise ConfigError(f"--reward-model {args.reward_model}: cannot load its tokenizer ({e})") from None
+    if not compatible:
+        raise ConfigError(f"--reward-model {args.reward_model}: tokenizer {rm_checkpoint.get('tokenizer')!r} differs "
+                          f"from the policy's {tokenizer_ref!r} ({args.sft})")
+    return reward_model.eval().requires_grad_(False)
+
+
+# =============================================================================
+# 3. Rollouts: sample responses, lay out the padding, read log-probs and values
+# =============================================================================
+#
+# Layout of a batch of B rollouts (P = longest prompt, R = longest response):
+#
+#     columns   0 … P−1                          P … P+R−1
+#               <pad> <pad> x₀ x₁ … x_{n−1}      y₀ y₁ … y_{m−1}=<|end|> <pad> <pad>
+#     real      0     0     1  1  …  1           1  1  …  1              0     0
+#
+# Prompts are left-padded so that every response starts at column P; responses are right-padded
+# after their <|end|>. Left padding gets doc id −1 (no real token attends to it) and positions
+# restart at 0 on the first real token; right padding comes after every real token, so causal
+# attention already hides it. response_mask (B, R) is 1 on y₀ … y_{m−1}, <|end|> included: that
+# token is an action too (the decision to stop), and it is where the reward lands.
+# The logits that predict y_t sit at column P−1+t, whose causal context is exactly s_t = (x, y_<t):
+# log π(y_t | s_t) and V(s_t) are both read there.
+
+@dataclass
+class Rollout:
+    """A batch of responses and, once `make_experience` has run, everything PPO needs about them."""
+
+    sequences: torch.Tensor            # (B, P+R) prompt and response token ids, padded as drawn above
+    position_ids: torch.Tensor         # (B, P+R) position of each token in its own sequence
+    doc_ids: torch.Tensor              # (B, P+R) −1 on left padding, 0 elsewhere
+    response_mask: torch.Tensor        # (B, R) 1.0 on real response tokens (up to and including <|end|>)
+    ended: torch.Tensor                # (B,) True if the response emitted <|end|> (False: truncated)
+    prompt_length: int                 # P: response token t sits at column P + t
+    prompts: list                      # B prompt token lists (no padding)
+    responses: list                    # B response token lists (no padding)
+    old_logprobs: torch.Tensor = None  # (B, R) log π_old(y_t | s_t), the policy that sampled them
+    ref_logprobs: torch.Tensor = None  # (B, R) log π_ref(y_t | s_t)
+    rm_scores: torch.Tensor = None     # (B,) r_φ(x, y)
+    scores: torch.Tensor = None        # (B,) r_φ(x, y), minus the penalty if <|end|> never came
+    kl: torch.Tensor = None            # (B,) Σ_t k1_t: per-sequence KL estimate to π_ref
+    kl_k3: torch.Tensor = None         # (B,) Σ_t k3_t
+    values: torch.Tensor = None        # (B, R) V(s_t) at rollout time (PPO)
+    rewards: torch.Tensor = None       # (B, R) r_t, the KL-penalised per-token reward (PPO)
+    advantages: torch.Tensor = None    # (B, R) A_t (whitened for PPO; group-relative for GRPO)
+    returns: torch.Tensor = None       # (B, R) A_t + V(s_t), the critic's regression target (PPO)
+
+    @property
+    def batch_size(self):
+        return self.sequences.shape[0]
+
+    def select(self, rows):
+        """The rollouts at `rows` (a 1-D index tensor): a minibatch."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[rows.to(value.device)]
+            elif isinstance(value, list):
+                value = [value[i] for i in rows.tolist()]
+            picked[f.name] = value
+        return Rollout(**picked)
+
+
+def response_mask_and_ended(responses, end_token):
+    """(mask (B, R) float, ended (B,) bool) for generated tokens (B, R).
+
+    A token is real if no <|end|> came before it: mask_t = 1 − [Σ_{s<t} end_s > 0]. The mask does
+    not look for the pad token, so a policy that samples <|pad|> mid-answer is handled like any
+    other token — and <|pad|> stays distinct from <|end|>, or padding would read as stopping.
+    """
+    is_end = (responses == end_token).long()
+    ended_before = (is_end.cumsum(dim=1) - is_end) > 0
+    return (~ended_before).float(), is_end.any(dim=1)
+
+
+@torch.no_grad()
+def sample_rollouts(policy, prompts, special, max_new_tokens, temperature, generator=None,
+                    autocast=contextlib.nullcontext()):
+    """Step 1 of an iteration: y ∼ π_θ(·|x) for each prompt (token lists), as a Rollout.
+
+    train_gpt's KV-cached `generate` samples all rows in step; a row that emits <|end|> is
+    finished and later slots hold <|pad|>. A row that never emits it stops at max_new_tokens
+    (truncated: `ended` is False, and the reward is read at its last generated token).
+    """
+    device = next(policy.parameters()).device
+    ids, prompt_mask = left_pad(prompts, special.pad)
+    ids, prompt_mask = ids.to(device), prompt_mask.to(device)
+    was_training = policy.training
+    policy.eval()
+    with autocast:
+        sequences = policy.generate(ids, max_new_tokens, temperature, eos_token=special.end, pad_token=special.pad,
+                                    prompt_mask=prompt_mask, generator=generator)
+    policy.train(was_training)
+    prompt_length = ids.shape[1]
+    responses = sequences[:, prompt_length:]
+    response_mask, ended = response_mask_and_ended(responses, special.end)
+    real = torch.cat([prompt_mask, torch.ones_like(responses, dtype=torch.bool)], dim=1)
+    position_ids = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    doc_ids = torch.where(real, 0, -1)
+    lengths = response_mask.sum(dim=1).long().tolist()
+    return Rollout(sequences, position_ids, doc_ids, response_mask, ended, prompt_length, [list(p) for p in prompts],
+                   [row[:n] for row, n in zip(responses.tolist(), lengths)])
+
+
+def response_hidden_states(gpt, rollout):
+    """The final hidden states (B, R, d) at columns P−1 … P+R−2, where state s_t = (x, y_<t) ends."""
+    P = rollout.prompt_length
+    hidden = gpt.hidden_states(rollout.sequences[:, :-1], rollout.position_ids[:, :-1], rollout.doc_ids[:, :-1])
+    return hidden[:, P - 1:]
+
+
+def response_logprobs(model, rollout, temperature=1.0, with_entropy=False):
+    """log π(y_t | s_t) for every response token (B, R), fp32, 0 on padding; and, if asked, the
+    entropy H_t = −Σ_v π(v|s_t) log π(v|s_t) of each step's distribution (B, R).
+
+    The LM head runs only on the R response columns (the prompt's logits are never needed). With
+    temperature T the logits are divided by T: the log-probs are those of the distribution the
+    tokens were sampled from.
+    """
+    logits = model.lm_head(response_hidden_states(model, rollout)).float() / temperature
+    targets = torch.where(rollout.response_mask.bool(), rollout.sequences[:, rollout.prompt_length:], IGNORE_INDEX)
+    logprobs = token_logprobs(logits, targets)
+    if not with_entropy:
+        return logprobs, None
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    return logprobs, entropy
+
+
+def response_values(critic, rollout):
+    """V(s_t) for every response token (B, R), fp32, 0 on padding: the critic read at the same
+    columns P−1 … P+R−2 as the log-probs."""
+    P = rollout.prompt_length
+    values = critic(rollout.sequences[:, :-1], rollout.position_ids[:, :-1], rollout.doc_ids[:, :-1])
+    return values[:, P - 1:] * rollout.response_mask
+
+
+# =============================================================================
+# 4. Rewards and KL (seed 3.4; blog, "LLM-specific PPO")
+# =============================================================================
+
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask = 1. Masked values are dropped, not multiplied by
+    0 (so even a NaN or ∞ there cannot leak in)."""
+    mask = mask.bool()
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_sum(x, mask, dim=1):
+    return torch.where(mask.bool(), x, 0.0).sum(dim=dim)
+
+
+def kl_estimators(logprobs, ref_logprobs):
+    """Per-token estimators of KL(π_θ ‖ π_ref) from tokens sampled from π_θ (Schulman, "Approximating
+    KL divergence", 2020). With r = π_ref(y_t|s_t) / π_θ(y_t|s_t):
+
+        k1 = −log r = log π_θ − log π_ref      unbiased, high variance, can be negative
+        k3 = (r − 1) − log r                   unbiased, always ≥ 0 (log r ≤ r − 1), lower variance
+
+    Both are 0 when π_θ = π_ref. Summed over a response's tokens they estimate the sequence KL.
+    """
+    log_r = ref_logprobs - logprobs
+    return -log_r, torch.expm1(log_r) - log_r
+
+
+def per_token_rewards(scores, kl_tokens, mask, beta):
+    """The reward PPO maximises, one per response token (B, R) (blog, "LLM-specific PPO"):
+
+        r_t = −β · (log π_θ(y_t|s_t) − log π_ref(y_t|s_t))  +  [t = T_last] · r_φ(x, y)
+
+    The KL penalty is paid on every token; the reward model's score arrives once, on the last
+    real token — the <|end|> token, or the last generated token if the response was truncated.
+    Not one past it: that position is padding, outside the mask, and a reward there would never
+    reach any advantage. Padding gets 0.
+    """
+    rewards = torch.where(mask.bool(), -beta * kl_tokens, 0.0)
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores
+    return rewards
+
+
+class AdaptiveKLController:
+    """β that steers the KL towards a target (Ziegler et al. 2019, "Fine-Tuning Language Models from
+    Human Preferences", §2.2):
+
+        e = clip((KL − KL_target) / KL_target, −0.2, 0.2),      β ← β · (1 + K_β · e)
+
+    with K_β = (responses in the batch) / horizon. Too much KL raises β, too little lowers it.
+    """
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n_responses):
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * n_responses / self.horizon
+        return self.beta
+
+
+class FixedKLController:
+    """β that never changes (the default)."""
+
+    def __init__(self, beta):
+        self.beta = beta
+
+    def update(self, kl, n_responses):
+        return self.beta
+
+
+# =============================================================================
+# 5. Advantages (seed 3.4): GAE for PPO, the group baseline for GRPO
+# =============================================================================
+
+def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
+    """Generalised Advantage Estimation (Schulman et al. 2016; seed 3.4), all rows at once.
+
+        δ_t = r_t + γ·V(s_{t+1}) − V(s_t)                  (TD error; V after the last token = 0)
+        A_t = Σ_{l≥0} (γλ)^l δ_{t+l} = δ_t + γλ·A_{t+1}    (computed backwards in time)
+        returns_t = A_t + V(s_t)                           (the critic's target)
+
+    rewards, values, mask: (B, T), right-padded. Padding holds no state: its value and advantage
+    are 0, so the recursion restarts at each row's last real token. λ = 1 gives the Monte-Carlo
+    return minus V; λ = 0 the one-step TD error.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value, next_advantage = values[:, t], advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask, eps=1e-8):
+    """(x − mean) / std over the valid tokens of the whole batch; 0 on padding. Advantages on a
+    fixed scale make the learning rate mean the same thing whatever the reward's scale."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
+
+
+def grpo_advantages(scores, group_size, eps=1e-6):
+    """GRPO's advantage (Shao et al. 2024, DeepSeekMath): each response against its own group.
+
+        A_i = (R_i − mean_j R_j) / (std_j R_j + ε)        over the k responses j of the same prompt
+
+    scores (B,) with the k responses of a prompt adjacent (B = prompts × k); std is the sample
+    standard deviation (k − 1 in the denominator). The group mean replaces the critic's V as the
+    baseline; a group whose responses all score the same has A = 0 (nothing to learn from it).
+    Every token of response i gets A_i.
+    """
+    groups = scores.view(-1, group_size)
+    advantages = (groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + eps)
+    return advantages.view(-1)
+
+
+def explained_variance(values, returns, mask):
+    """1 − Var[returns − V] / Var[returns] over valid tokens: 1 is a perfect critic, 0 no better
+    than a constant, negative worse than one."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return (1 - var_residual / var_returns).item() if var_returns > 0 else float("nan")
+
+
+# =============================================================================
+# 6. Losses (seed 3.4; blog, "Proximal Policy Optimization")
+# =============================================================================
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=CLIP_EPS):
+    """The clipped surrogate objective, as a loss to minimise (seed 3.4):
+
+        ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
+        L_policy = −mean_t [ min(ρ_t·A_t, clip(ρ_t, 1−ε, 1+ε)·A_t) ]
+
+    The min is pessimistic: once ρ has moved ε in the direction A favours, the clipped term is
+    smaller, has no gradient, and the token stops pulling. The mean runs over the valid tokens of
+    the minibatch. Also returns the diagnostics: mean ρ, the share of tokens with |ρ − 1| > ε (clip
+    fraction), and approx_kl = mean (ρ − 1) − log ρ, the k3 estimate of KL(π_old ‖ π_θ).
+    """
+    mask = mask.bool()
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    advantages = torch.where(mask, advantages, 0.0)
+    ratio = log_ratio.exp()
+    objective = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    loss = -masked_mean(objective, mask)
+    with torch.no_grad():
+        stats = {"ratio_mean": masked_mean(ratio, mask).item(),
+                 "clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
+                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item()}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip=VALUE_CLIP):
+    """The critic's regression loss (blog: L_value = E[(V(s_t) − V̂_t)²]), clipped like the policy:
+
+        V_clip = V_old + clip(V − V_old, −c, c)
+        L_value = ½ · mean_t max((V − returns)², (V_clip − returns)²)
+
+    The max is pessimistic too: a value may not jump more than c from what it was at rollout
+    time in one iteration. Returns the loss and the share of tokens where the clipped term wins.
+    """
+    mask = mask.bool()
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    squared_errors = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    loss = 0.5 * masked_mean(squared_errors, mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask).item()
+    return loss, {"value_clip_fraction": clip_fraction}
+
+
+# =============================================================================
+# 7. The update: experience, then epochs of minibatches
+# =============================================================================
+
+@torch.no_grad()
+def make_experience(rollout, policy, reference, critic, score_fn, beta, args, autocast=contextlib.nullcontext()):
+    """Step 2–4 of an iteration: fill `rollout` with what the update needs (in place).
+
+    log π_old and log π_ref on every response token; the reward model's score (minus the penalty
+    if the response never ended); the KL estimates; then for PPO the values, the KL-penalised
+    per-token rewards, GAE advantages (whitened) and returns, for GRPO the group advantages.
+    `score_fn(prompts, responses) → (B,)` is r_φ (or, in tests, any reward function).
+    """
+    was_training = policy.training
+    policy.eval()
+    mask = rollout.response_mask
+    with autocast:
+        rollout.old_logprobs, _ = response_logprobs(policy, rollout, args.temperature)
+        rollout.ref_logprobs, _ = response_logprobs(reference, rollout, args.temperature)
+    policy.train(was_training)
+    rollout.rm_scores = torch.as_tensor(score_fn(rollout.prompts, rollout.responses)).float().to(mask.device)
+    rollout.scores = rollout.rm_scores - args.missing_end_penalty * (~rollout.ended).float()
+    k1, k3 = kl_estimators(rollout.old_logprobs, rollout.ref_logprobs)
+    rollout.kl, rollout.kl_k3 = masked_sum(k1, mask), masked_sum(k3, mask)
+    if args.algo == "ppo":
+        was_training = critic.training
+        critic.eval()
+        with autocast:
+            rollout.values = response_values(critic, rollout)
+        critic.train(was_training)
+        rollout.rewards = per_token_rewards(rollout.scores, k1, mask, beta)
+        advantages, rollout.returns = gae(rollout.rewards, rollout.values, mask, args.gamma, args.lam)
+        rollout.advantages = whiten(advantages, mask)
+    else:
+        rollout.advantages = grpo_advantages(rollout.scores, args.group_size)[:, None] * mask
+    return rollout
+
+
+def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextlib.nullcontext()):
+    """Step 5: `args.ppo_epochs` passes over the rollouts in shuffled minibatches (seed 3.4).
+
+    PPO:   loss = L_policy + L_value − c₂·H
+    GRPO:  loss = L_policy + β · mean_t k3_t − c₂·H       (KL to π_ref in the loss, not the reward)
+
+    The blog writes PPO's loss as L_policy + c₁·L_value − c₂·H. Our policy and critic are separate
+    networks, each clipped separately and with its own AdamW learning rate; Adam divides out any
+    constant factor on a gradient, so c₁ would change nothing and the critic's learning rate takes
+    its place. Returns the diagnostics averaged over all minibatches.
+    """
+    policy.train()
+    if critic is not None:
+        critic.train()
+    totals = defaultdict(list)
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(rollout.batch_size)
+        for start in range(0, rollout.batch_size, args.minibatch_size):
+            batch = rollout.select(order[start:start + args.minibatch_size])
+            mask = batch.response_mask
+            with autocast:
+                logprobs, entropy = response_logprobs(policy, batch, args.temperature, with_entropy=True)
+            loss, stats = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, args.clip_eps)
+            stats["policy_loss"] = loss.item()
+            entropy = masked_mean(entropy, mask)
+            loss = loss - args.entropy_coef * entropy
+            stats["entropy"] = entropy.item()
+            if args.algo == "grpo":
+                _, k3 = kl_estimators(logprobs, batch.ref_logprobs)
+                kl_loss = masked_mean(k3, mask)
+                loss = loss + beta * kl_loss
+                stats["kl_loss"] = kl_loss.item()
+            else:
+                with autocast:
+                    values = response_values(critic, batch)
+                critic_loss, value_stats = value_loss(values, batch.values, batch.returns, mask, args.value_clip)
+                loss = loss + critic_loss
+                stats.update(value_loss=critic_loss.item(), **value_stats)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item()
+            if critic is not None:
+                stats["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip).item()
+            optimizer.step()
+            for key, value in stats.items():
+                totals[key].append(value)
+    return {key: sum(values) / len(values) for key, values in totals.items()}
+
+
+def make_optimizer(policy, critic, args):
+    """AdamW over the policy (lr) and, for PPO, the critic (value lr); no weight decay."""
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": args.lr}]
+    if critic is not None:
+        groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": args.value_lr})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def train_iteration(policy, reference, critic, optimizer, prompts, score_fn, special, beta, args,
+                    generator=None, autocast=contextlib.nullcontext()):
+    """One PPO/GRPO iteration on `prompts`: rollout, experience, update. Returns (rollout, stats),
+    stats with the seconds spent generating, scoring (the no-grad forwards of step 2) and optimising."""
+    t0 = time.time()
+    rollout = sample_rollouts(policy, prompts, special, args.max_new_tokens, args.temperature, generator, autocast)
+    t1 = time.time()
+    make_experience(rollout, policy, reference, critic, score_fn, beta, args, autocast)
+    t2 = time.time()
+    stats = ppo_update(policy, critic, optimizer, rollout, beta, args, autocast)
+    t3 = time.time()
+    stats.update(time_generation=t1 - t0, time_scoring=t2 - t1, time_optimisation=t3 - t2)
+    return rollout, stats
+
+
+# =============================================================================
+# 8. Training: the loop, metrics, checkpoint, held-out evaluation
+# =============================================================================
+
+def training_prompts(args, enc):
+    """(tasks, prompts) for every iteration: train-split tasks rendered with the chat template.
+    GRPO repeats each prompt k times, adjacently (a group)."""
+    copies = args.group_size if args.algo == "grpo" else 1
+    per_iteration = args.rollouts // copies
+    try:
+        tasks = generate_tasks(args.iterations * per_iteration, "train", seed=args.seed, families=args.families,
+                               levels=args.levels)
+    except ValueError as e:
+        raise ConfigError(f"--families/--levels: {e}") from None
+    tasks = [task for task in tasks for _ in range(copies)]
+    return tasks, [render_prompt(task_messages(task), enc) for task in tasks]
+
+
+def check_context(prompts, args, models):
+    """Every prompt + --max-new-tokens must fit in the context of each model that reads it."""
+    longest = max(map(len, prompts))
+    for flag, model in models.items():
+        if model is not None and longest + args.max_new_tokens > model.config.block_size:
+            raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: prompts of up to {longest} tokens + "
+                              f"{args.max_new_tokens} exceed the context of {flag} (block_size={model.config.block_size})")
+
+
+def make_reward_function(reward_model, enc, args, autocast=contextlib.nullcontext()):
+    """reward(prompts, responses, tasks) → (B,): r_φ(x, y) from the reward model (RLHF) or, with
+    --reward-source judge, the gold judge itself — a verifiable reward, nothing to hack."""
+    pad = chat_tokens(enc).pad
+
+    def reward(prompts, responses, tasks):
+        if reward_model is None:
+            return torch.tensor([judge(task, decode_response(enc, r)) for task, r in zip(tasks, responses)])
+        with autocast:
+            return score(reward_model, prompts, responses, args.eval_batch_size, pad)
+    return reward
+
+
+@torch.no_grad()
+def sampled_evaluation(policy, reference, enc, tasks, args, device, autocast=contextlib.nullcontext()):
+    """Held-out tasks answered by sampling at temperature 1, like the rollouts: the mean gold score
+    and the mean KL(π_θ ‖ π_ref) per response (Σ_t k1, the same estimate as the rollouts' "kl")."""
+    special = chat_tokens(enc)
+    prompts = [render_prompt(task_messages(task), enc) for task in tasks]
+    generator = torch.Generator(device=device).manual_seed(HELDOUT_SEED)
+    gold, kl = [], []
+    for start in range(0, len(prompts), args.eval_batch_size):
+        chunk = slice(start, start + args.eval_batch_size)
+        rollout = sample_rollouts(policy, prompts[chunk], special, args.max_new_tokens, 1.0, generator, autocast)
+        with autocast:
+            logprobs, _ = response_logprobs(policy, rollout)
+            ref_logprobs, _ = response_logprobs(reference, rollout)
+        kl += masked_sum(logprobs - ref_logprobs, rollout.response_mask).tolist()
+        gold += [judge(task, decode_response(enc, r)) for task, r in zip(tasks[chunk], rollout.responses)]
+    return {"sampled_gold_score": sum(gold) / len(gold), "kl": sum(kl) / len(kl)}
+
+
+def evaluate_heldout(name, policy, reference, enc, tasks, args, device, autocast=contextlib.nullcontext()):
+    """The held-out evaluation of one model: sft.evaluate_tasks (greedy answers, judged) plus the
+    gold score and KL of answers sampled at temperature 1."""
+    result = evaluate_tasks(policy, enc, tasks, args.max_new_tokens, args.eval_batch_size, device, autocast)
+    result.update(sampled_evaluation(policy, reference, enc, tasks, args, device, autocast))
+    print(f"{name} on {result['n']} held-out tasks: greedy gold score {result['mean_score']:.3f} (exact "
+          f"{result['exact_match']:.1%}, stopped with <|end|> {result['stopped']:.1%}); sampled (T=1) gold score "
+          f"{result['sampled_gold_score']:.3f}, KL to π_SFT {result['kl']:.3f}")
+    return result
+
+
+def iteration_record(iteration, rollout, stats, gold, beta):
+    """One line of metrics.jsonl: what the rollouts scored and how the update went."""
+    mask = rollout.response_mask
+    timings = ("time_generation", "time_scoring", "time_optimisation")
+    ev = explained_variance(rollout.values, rollout.returns, mask) if rollout.values is not None else math.nan
+    return {
+        "iteration": iteration,
+        "rm_score": rollout.rm_scores.mean().item(),                      # r_φ(x, y) (--reward-source judge: the judge's)
+        "score": rollout.scores.mean().item(),                            # … minus the missing-end penalty
+        "gold_score": sum(gold) / len(gold),                              # data.tasks.judge, in [0, 1]
+        "kl": rollout.kl.mean().item(),                                   # Σ_t k1_t, mean over responses (nats)
+        "kl_k3": rollout.kl_k3.mean().item(),                             # Σ_t k3_t
+        "objective": (rollout.scores - beta * rollout.kl).mean().item(),  # J(θ) = r − β·KL, estimated
+        "response_length": (mask.sum(dim=1) - rollout.ended.float()).mean().item(),  # tokens, <|end|> not counted
+        "ended": rollout.ended.float().mean().item(),                     # share that emitted <|end|>
+        "beta": beta,
+        "explained_variance": None if math.isnan(ev) else ev,
+        **{k: v for k, v in stats.items() if k not in timings},
+        "rollout_tokens_per_sec": mask.sum().item() / max(stats["time_generation"], 1e-9),
+        **{k: stats[k] for k in timings},
+        "time_iteration": sum(stats[k] for k in timings),
+    }
+
+
+def format_record(r, iterations):
+    ev = "n/a" if r["explained_variance"] is None else f"{r['explained_variance']:+.2f}"
+    seconds = r["time_iteration"]
+    share = {k: 100 * r[f"time_{k}"] / seconds for k in ("generation", "scoring", "optimisation")}
+    return (f"it {r['iteration']}/{iterations}: rm {r['rm_score']:+.3f} gold {r['gold_score']:.3f} "
+            f"KL {r['kl']:.3f} (k3 {r['kl_k3']:.3f}) len {r['response_length']:.1f} ended {r['ended']:.0%} | "
+            f"ratio {r['ratio_mean']:.3f} clip {r['clip_fraction']:.1%} approx_kl {r['approx_kl']:.4f} "
+            f"EV {ev} H {r['entropy']:.2f} β {r['beta']:.3g} | {r['rollout_tokens_per_sec']:,.0f} tok/s, "
+            f"gen {share['generation']:.0f}% score {share['scoring']:.0f}% opt {share['optimisation']:.0f}% "
+            f"of {seconds:.1f}s")
+
+
+def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path, device,
+                   autocast=contextlib.nullcontext()):
+    """The training loop: --iterations × (rollout, experience, update), one metrics.jsonl line and
+    (every --log-every) one progress line each; β updated by the KL controller. Returns (records, β)."""
+    special = chat_tokens(enc)
+    optimizer = make_optimizer(policy, critic, args)
+    controller = (AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
+                  else FixedKLController(args.beta))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    records = []
+    with open(metrics_path, "w") as metrics:
+        for iteration in range(1, args.iterations + 1):
+            batch = slice((iteration - 1) * args.rollouts, iteration * args.rollouts)
+            beta = controller.beta
+
+            def score_fn(prompt_ids, response_ids):
+                return reward(prompt_ids, response_ids, tasks[batch])
+
+            rollout, stats = train_iteration(policy, reference, critic, optimizer, prompts[batch], score_fn, special,
+                                             beta, args, generator, autocast)
+            gold = [judge(task, decode_response(enc, r)) for task, r in zip(tasks[batch], rollout.responses)]
+            record = iteration_record(iteration, rollout, stats, gold, beta)
+            records.append(record)
+            log_line(metrics, record)
+            if iteration % args.log_every == 0 or iteration in (1, args.iterations):
+                print(format_record(record, args.iterations))
+            controller.update(record["kl"], rollout.batch_size)
+    return records, controller.beta
+
+
+def ppo_checkpoint(policy, iteration, tokenizer_ref, args, extra):
+    """train_gpt's layout ("model", "config", "step", "tokenizer") plus the PPO entries:
+    train_gpt.model_from_checkpoint and sft.load_chat_model load it like any GPT checkpoint."""
+    return {"model": {k: v.detach().cpu() for k, v in policy.state_dict().items()}, "config": asdict(policy.config),
+            "step": iteration, "tokenizer": tokenizer_ref, "stage": "ppo",
+            "ppo": {"sft": args.sft, "reward_model": args.reward_model, "algo": args.algo, **extra},
+            "args": {k: v for k, v in vars(args).items()}}
+
+
+def average(records, keys=("rm_score", "gold_score", "kl", "kl_k3", "response_length", "ended")):
+    return {k: sum(r[k] for r in records) / len(records) for k in keys}
+
+
+def print_time_shares(totals, tokens_per_sec):
+    seconds = sum(totals.values())
+    shares = [f"{k.removeprefix('time_')} {v:.0f}s ({100 * v / seconds:.0f}%)" for k, v in totals.items()]
+    print(f"time: {', '.join(shares)}; {tokens_per_sec:,.0f} rollout tokens/s")
+
+
+def setup(args):
+    """The device, bf16 autocast on CUDA, CPU threads, the global seed (minibatch order)."""
+    device = pick_device(args.device)
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return device, autocast
+
+
+def train(args, sft_evaluation=None):
+    """Load the models, run the iterations, evaluate SFT vs the trained policy on held-out tasks,
+    save model.pt, metrics.jsonl, eval.json and ppo.png. Returns the summary written to eval.json;
+    `sft_evaluation` (a previous run's "sft" entry) skips re-judging the same SFT model in a sweep."""
+    validate_args(args)
+    started = time.time()
+    device, autocast = setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    policy, reference, reward_model, critic, enc, tokenizer_ref = load_models(args, device)
+    print_memory({"policy π_θ": (policy, True), "reference π_ref": (reference, False),
+                  "reward model r_φ": (reward_model, False), "value model V": (critic, True)})
+    tasks, prompts = training_prompts(args, enc)
+    check_context(prompts, args, {f"--sft {args.sft}": policy, f"--reward-model {args.reward_model}": reward_model})
+    heldout = heldout_tasks(args)
+    evaluation = {}
+    if heldout:
+        evaluation["sft"] = sft_evaluation or evaluate_heldout("SFT model", reference, reference, enc, heldout, args,
+                                                               device, autocast)
+    print(f"{args.algo.upper()}: {args.iterations} iterations × {args.rollouts} responses"
+          + (f" ({args.rollouts // args.group_size} prompts × k={args.group_size})" if args.algo == "grpo" else "")
+          + f", {args.ppo_epochs} epochs of minibatches of {args.minibatch_size}, lr {args.lr:g}, β {args.beta:g}"
+          + (f" (adaptive, target KL {args.kl_target:g})" if args.kl_target else "")
+          + f", reward: {'the gold judge' if reward_model is None else 'r_φ ' + args.reward_model}")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    reward = make_reward_function(reward_model, enc, args, autocast)
+    records, final_beta = run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path,
+                                         device, autocast)
+    if heldout:
+        evaluation["ppo"] = evaluate_heldout(f"{args.algo.upper()} policy", policy, reference, enc, heldout, args,
+                                             device, autocast)
+
+    window = max(1, min(5, args.iterations // 4))
+    first, last = average(records[:1]), average(records[-window:])
+    model_path = os.path.join(args.out, "model.pt")
+    atomic_save(ppo_checkpoint(policy, args.iterations, tokenizer_ref, args, {"final_beta": final_beta, **last}),
+                model_path)
+    totals = {k: sum(r[k] for r in records) for k in ("time_generation", "time_scoring", "time_optimisation")}
+    generated_tokens = sum(r["rollout_tokens_per_sec"] * r["time_generation"] for r in records)
+    tokens_per_sec = generated_tokens / totals["time_generation"]
+    summary = {"first_iteration": first, f"last_{window}_iterations": last, **evaluation, "algo": args.algo,
+               "reward_source": args.reward_source, "reward_model": args.reward_model, "beta": args.beta,
+               "final_beta": final_beta, "iterations": args.iterations, "rollouts_per_iteration": args.rollouts,
+               "heldout_tasks": len(heldout), "rollout_tokens_per_sec": tokens_per_sec,
+               **{k: round(v, 1) for k, v in totals.items()}, "wall_seconds": round(time.time() - started, 1),
+               "device": str(device)}
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_training(metrics_path, os.path.join(args.out, "ppo.png"))
+    print(f"rollouts, first iteration → mean of the last {window}: rm score {first['rm_score']:+.3f} → "
+          f"{last['rm_score']:+.3f}, gold {first['gold_score']:.3f} → {last['gold_score']:.3f}, KL {first['kl']:.3f} → "
+          f"{last['kl']:.3f}, length {first['response_length']:.1f} → {last['response_length']:.1f}")
+    print_time_shares(totals, tokens_per_sec)
+    print(f"saved {model_path}, metrics.jsonl, ppo.png, eval.json in {summary['wall_seconds']:.0f}s")
+    return summary
+
+
+# =============================================================================
+# 9. Reward hacking (seed 3.5): a β sweep against a length-biased reward model
+# =============================================================================
+#
+# A labeler who finds longer answers more convincing (reward.py --length-bias B: labeler score =
+# gold + B·|y|) teaches r_φ to pay for length. The gold judge does the opposite: text after the
+# answer costs a factor e^(−chars/20). PPO with β = 0 is free to find that loophole — the reward
+# model's score climbs while the gold score falls (Gao et al. 2023, "Scaling Laws for Reward
+# Model Overoptimization": gold reward first rises, then falls, as √KL grows). The KL penalty
+# keeps the policy near π_SFT, where r_φ is still a fair judge.
+
+def train_length_biased_reward_model(args):
+    """Train r_φ with reward.py on comparisons from a labeler with length bias --length-bias."""
+    out = os.path.join(args.out, "reward_length_bias")
+    rm_args = reward.build_parser().parse_args(
+        ["--sft", args.sft, "--out", out, "--length-bias", str(args.length_bias), "--num-prompts", str(args.rm_prompts),
+         "--eval-prompts", "100", "--device", args.device, "--seed", str(args.seed)])
+    print(f"training a length-biased reward model (B = {args.length_bias} per token) → {out}")
+    reward.train_reward(rm_args)
+    return os.path.join(out, "model.pt")
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def beta_sweep(args):
+    """PPO once per β in --beta-sweep, same SFT model, same reward model, same prompts; then
+    reward_hacking.png (r_φ and gold score per iteration, gold against √KL) and sweep.json."""
+    validate_args(args)
+    setup(args)  # CPU threads before reward.py runs too
+    os.makedirs(args.out, exist_ok=True)
+    if args.reward_model is None:
+        args.reward_model = train_length_biased_reward_model(args)
+    runs, sft_evaluation, summaries = {}, None, {}
+    for beta in args.beta_sweep:
+        run_args = argparse.Namespace(**{**vars(args), "beta": beta, "beta_sweep": None,
+                                         "out": os.path.join(args.out, f"beta_{beta:g}")})
+        print(f"\n=== β = {beta:g} → {run_args.out} ===")
+        summary = train(run_args, sft_evaluation)
+        sft_evaluation = summary.get("sft")
+        runs[beta] = read_metrics(os.path.join(run_args.out, "metrics.jsonl"))
+        summaries[f"{beta:g}"] = {k: v for k, v in summary.items() if k not in ("sft",)}
+    plot_reward_hacking(runs, os.path.join(args.out, "reward_hacking.png"))
+    result = {"reward_model": args.reward_model, "length_bias": args.length_bias, "sft": sft_evaluation,
+              "runs": {b: {k: s[k] for k in s if k in ("first_iteration", "ppo") or k.startswith("last_")}
+                       for b, s in summaries.items()}}
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump(result, f, indent=2, default=lambda o: None)
+    print("\nβ      rm score (first → last)   gold (first → last)   KL (last)   length (last)   held-out gold")
+    for beta in runs:
+        s = summaries[f"{beta:g}"]
+        last = next(v for k, v in s.items() if k.startswith("last_"))
+        first = s["first_iteration"]
+        heldout = f"{s['ppo']['mean_score']:.3f}" if s.get("ppo") else "n/a"
+        print(f"{beta:<6g} {first['rm_score']:+.3f} → {last['rm_score']:+.3f}          "
+              f"{first['gold_score']:.3f} → {last['gold_score']:.3f}         {last['kl']:7.2f}     "
+              f"{last['response_length']:6.1f}          {heldout}")
+    print(f"saved {os.path.join(args.out, 'reward_hacking.png')} and sweep.json")
+    return result
+
+
+# =============================================================================
+# 10. Plots
+# =============================================================================
+
+def smooth(values, window=5):
+    """Trailing moving average (rollout statistics are noisy from one iteration to the next)."""
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1):i + 1] if v is not None]
+        out.append(sum(chunk) / len(chunk) if chunk else None)
+    return out
+
+
+def plot_training(metrics_path, png_path):
+    """Six panels against iterations: r_φ score, gold score, KL (k1, k3), response length, the
+    policy-update diagnostics (ratio, clip fraction, approx KL) and the critic's explained
+    variance with the policy's entropy. Thin lines per iteration, thick lines smoothed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if "iteration" in r]
+    x = [r["iteration"] for r in records]
+
+    def curve(ax, key, label=None, color=None):
+        values = [r.get(key) for r in records]
+        if all(v is None for v in values):
+            return
+        line, = ax.plot(x, [math.nan if v is None else v for v in values], lw=0.7, alpha=0.4, color=color)
+        ax.plot(x, [math.nan if v is None else v for v in smooth(values)], lw=2, color=line.get_color(),
+                label=label or key)
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    curve(axes[0, 0], "rm_score", "r_φ(x, y)")
+    curve(axes[0, 0], "score", "r_φ − missing-end penalty")
+    axes[0, 0].set(title="reward-model score of the rollouts", xlabel="iteration")
+    curve(axes[0, 1], "gold_score", "gold (judge)", color="green")
+    axes[0, 1].set(title="gold score of the rollouts (the true goal)", xlabel="iteration")
+    curve(axes[0, 2], "kl", "k1 = Σ log π_θ/π_ref")
+    curve(axes[0, 2], "kl_k3", "k3")
+    axes[0, 2].set(title="KL(π_θ ‖ π_ref) per response (nats)", xlabel="iteration")
+    curve(axes[1, 0], "response_length", "tokens (without <|end|>)")
+    axes[1, 0].set(title="response length", xlabel="iteration")
+    curve(axes[1, 1], "clip_fraction", "clip fraction")
+    curve(axes[1, 1], "approx_kl", "approx KL(π_old ‖ π_θ)")
+    ratio_axis = axes[1, 1].twinx()
+    curve(ratio_axis, "ratio_mean", "mean ratio ρ (right axis)", color="gray")
+    ratio_axis.legend(fontsize=8, loc="lower right")
+    axes[1, 1].set(title="policy update (per iteration, averaged over minibatches)", xlabel="iteration")
+    curve(axes[1, 2], "explained_variance", "critic explained variance")
+    curve(axes[1, 2], "entropy", "policy entropy (nats/token)")
+    axes[1, 2].set(title="critic and entropy", xlabel="iteration")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reward_hacking(runs, png_path):
+    """Seed 3.5 in one figure, one colour per β: r_φ score and gold score per iteration, response
+    length, and gold score against √KL — Gao et al.'s over-optimisation curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for beta, records in runs.items():
+        x = [r["iteration"] for r in records]
+        label = f"β = {beta:g}"
+        line, = axes[0].plot(x, smooth([r["rm_score"] for r in records]), lw=2, label=label)
+        color = line.get_color()
+        axes[1].plot(x, smooth([r["gold_score"] for r in records]), lw=2, color=color, label=label)
+        axes[2].plot(x, smooth([r["response_length"] for r in records]), lw=2, color=color, label=label)
+        sqrt_kl = [math.sqrt(max(r["kl"], 0.0)) for r in records]
+        gold = [r["gold_score"] for r in records]
+        axes[3].scatter(sqrt_kl, gold, s=10, alpha=0.35, color=color)
+        axes[3].plot(smooth(sqrt_kl), smooth(gold), "-", lw=2, color=color, label=label)
+    axes[0].set(title="proxy: reward-model score (length-biased r_φ)", xlabel="iteration")
+    axes[1].set(title="truth: gold score", xlabel="iteration")
+    axes[2].set(title="response length (tokens)", xlabel="iteration")
+    axes[3].set(title="gold score vs √KL(π_θ ‖ π_ref) (Gao et al. 2023)", xlabel="√KL per response (√nats)",
+                ylabel="gold score (dots: iterations; lines: smoothed)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("Reward hacking (seed 3.5): the proxy rises, the truth falls — "
+                 "unless the KL penalty holds the policy back")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# =============================================================================
+# 11. Command line
+# =============================================================================
+
+def validate_args(args):
+    """One clear error per out-of-range flag, before any work starts."""
+    for name in ("iterations", "rollouts", "max_new_tokens", "ppo_epochs", "minibatch_size", "lr", "clip_eps",
+                 "value_clip", "temperature", "eval_batch_size", "log_every", "kl_horizon", "grad_clip", "rm_prompts"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    for name in ("beta", "missing_end_penalty", "entropy_coef", "eval_tasks", "threads"):
+        if not getattr(args, name) >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
+    if args.algo == "ppo" and not args.value_lr > 0:
+        raise ConfigError(f"--value-lr must be > 0 (got {args.value_lr})")
+    if not args.clip_eps < 1:
+        raise ConfigError(f"--clip-eps must be in (0, 1) (got {args.clip_eps})")
+    if not 0 < args.gamma <= 1:
+        raise ConfigError(f"--gamma must be in (0, 1] (got {args.gamma})")
+    if not 0 <= args.lam <= 1:
+        raise ConfigError(f"--lam must be in [0, 1] (got {args.lam})")
+    if args.kl_target is not None and not args.kl_target > 0:
+        raise ConfigError(f"--kl-target must be > 0 (got {args.kl_target})")
+    if args.algo == "grpo":
+        if args.group_size < 2:
+            raise ConfigError(f"--group-size must be ≥ 2 for GRPO: the group is the baseline (got {args.group_size})")
+        if args.rollouts % args.group_size:
+            raise ConfigError(f"--rollouts {args.rollouts} must be a multiple of --group-size {args.group_size}")
+    if args.beta_sweep is not None and (not args.beta_sweep or any(not b >= 0 for b in args.beta_sweep)):
+        raise ConfigError(f"--beta-sweep needs one or more β ≥ 0, e.g. 0,0.02,0.1 (got {args.beta_sweep})")
+    if args.beta_sweep is not None and args.reward_source != "rm":
+        raise ConfigError("--beta-sweep studies a (length-biased) reward model: it needs --reward-source rm")
+    if not math.isfinite(args.length_bias):
+        raise ConfigError(f"--length-bias must be a finite number (got {args.length_bias})")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sft", default=SFT, help="the SFT checkpoint: initialises π_θ and is the frozen reference π_ref")
+    p.add_argument("--reward-model", default=None,
+                   help=f"reward model checkpoint from reward.py (r_φ; also initialises the critic). Default "
+                        f"{REWARD_MODEL}; with --beta-sweep and no value, a length-biased one is trained first")
+    p.add_argument("--out", default=OUT, help="output directory: model.pt, metrics.jsonl, ppo.png, eval.json")
+    p.add_argument("--algo", choices=["ppo", "grpo"], default=ALGO,
+                   help="ppo: clipped objective, critic, GAE; grpo: group-relative advantages, no critic")
+    p.add_argument("--reward-source", choices=["rm", "judge"], default=REWARD_SOURCE,
+                   help="rm: the reward model r_φ (RLHF); judge: the gold judge as a verifiable reward (no r_φ to hack)")
+
+    rollout = p.add_argument_group("rollouts")
+    rollout.add_argument("--iterations", type=int, default=ITERATIONS, help="rollout → update cycles")
+    rollout.add_argument("--rollouts", type=int, default=ROLLOUTS, help="responses sampled per iteration")
+    rollout.add_argument("--group-size", type=int, default=GROUP_SIZE, help="GRPO: responses per prompt (k)")
+    rollout.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest response in tokens")
+    rollout.add_argument("--temperature", type=float, default=TEMPERATURE, help="rollout sampling temperature")
+    rollout.add_argument("--missing-end-penalty", type=float, default=MISSING_END_PENALTY,
+                         help="subtracted from r_φ for a response that never emits <|end|>")
+    rollout.add_argument("--families", type=comma_list(str), default=None,
+                         help="task families for rollouts and evaluation, e.g. arith,sort (default: all)")
+    rollout.add_argument("--levels", type=comma_list(int), default=None,
+                         help="task levels for rollouts and evaluation, e.g. 1,2 (default: the usual mix)")
+
+    objective = p.add_argument_group("objective")
+    objective.add_argument("--beta", type=float, default=BETA, help="β: KL penalty coefficient")
+    objective.add_argument("--kl-target", type=float, default=KL_TARGET,
+                           help="adaptive β (Ziegler et al. 2019): target KL per response in nats (default: fixed β)")
+    objective.add_argument("--kl-horizon", type=float, default=KL_HORIZON,
+                           help="adaptive β: horizon in responses (K_β = rollouts / horizon)")
+    objective.add_argument("--gamma", type=float, default=GAMMA, help="γ: discount factor")
+    objective.add_argument("--lam", type=float, default=LAM, help="λ: GAE parameter")
+
+    update = p.add_argument_group("update")
+    update.add_argument("--ppo-epochs", type=int, default=PPO_EPOCHS, help="passes over each batch of rollouts")
+    update.add_argument("--minibatch-size", type=int, default=MINIBATCH_SIZE, help="responses per gradient step")
+    update.add_argument("--clip-eps", type=float, default=CLIP_EPS, help="ε: ratio clipping range")
+    update.add_argument("--value-clip", type=float, default=VALUE_CLIP, help="value clipping range")
+    update.add_argument("--entropy-coef", type=float, default=ENTROPY_COEF, help="c₂: entropy bonus coefficient")
+    update.add_argument("--lr", type=float, default=LR, help="policy learning rate")
+    update.add_argument("--value-lr", type=float, default=VALUE_LR, help="critic learning rate (PPO)")
+    update.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max gradient norm, per network")
+
+    sweep = p.add_argument_group("reward hacking (seed 3.5)")
+    sweep.add_argument("--beta-sweep", type=comma_list(float), default=None,
+                       help="run PPO once per β (e.g. 0,0.02,0.1) and plot reward_hacking.png")
+    sweep.add_argument("--length-bias", type=float, default=LENGTH_BIAS,
+                       help="B per token of the length-biased labeler when the sweep trains its reward model")
+    sweep.add_argument("--rm-prompts", type=int, default=RM_PROMPTS,
+                       help="prompts compared to train the sweep's reward model")
+
+    run = p.add_argument_group("evaluation and running")
+    run.add_argument("--eval-tasks", type=int, default=EVAL_TASKS, help="held-out tasks judged for SFT and PPO (0: skip)")
+    run.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated (and responses scored) at once")
+    run.add_argument("--log-every", type=int, default=1, help="iterations between progress lines")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
+    run.add_argument("--threads", type=int, default=THREADS, help="CPU threads for torch (0: torch's default)")
+    run.add_argument("--seed", type=int, default=SEED, help="seed for prompts, sampling and minibatch order")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.beta_sweep is not None:
+            return beta_sweep(args)
+        if args.reward_model is None and args.reward_source == "rm":
+            args.reward_model = REWARD_MODEL
+        return train(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
