@@ -1,0 +1,1051 @@
+"""dpo.py — Direct Preference Optimization and its variants: IPO, SimPO, ORPO, KTO (seed Part 4).
+
+Read beside Part 4 of the seed chapter (shared/seeds/000_…, "DPO (Direct Preference Optimization)")
+and the "Direct Preference Optimization (DPO)" section of the blog post (shared/seeds/004_…).
+Notation: x a prompt, y_w ≻ y_l the chosen and rejected responses, π_θ the policy we train,
+π_ref the frozen SFT model it starts from, β the strength of the pull towards π_ref, σ the sigmoid.
+
+The derivation in five lines (seed 4.2; blog, "Direct Preference Optimization")
+-------------------------------------------------------------------------------
+1. RLHF maximises  E_{y∼π}[r(x, y)] − β·KL(π ‖ π_ref)                     (seed 3.4, the same objective PPO optimises)
+2. Its maximiser has a closed form  π*(y|x) = π_ref(y|x)·exp(r(x, y)/β) / Z(x)   (the blog's Lagrangian)
+3. Solved for the reward:  r(x, y) = β·log π*(y|x)/π_ref(y|x) + β·log Z(x)
+4. Bradley–Terry (seed 3.3) only sees reward differences, so β·log Z(x) cancels:
+       P(y_w ≻ y_l | x) = σ( β·log π*(y_w|x)/π_ref(y_w|x) − β·log π*(y_l|x)/π_ref(y_l|x) )
+5. Put the trainable π_θ in place of π* and maximise the likelihood of the observed preferences:
+       L_DPO(θ) = −E_{(x, y_w, y_l)} log σ( β·[log π_θ(y_w|x)/π_ref(y_w|x) − log π_θ(y_l|x)/π_ref(y_l|x)] )
+
+So DPO is logistic regression on preference pairs, with the *implicit reward*
+r_θ(x, y) = β·(log π_θ(y|x) − log π_ref(y|x)): no reward model, no critic, no rollouts (seed 4.4's
+table). Two remarks on the sources. The blog's last step drops the π_SFT terms as "constant with
+respect to θ"; they are constant, but they sit inside σ, so they do change the gradient — DPO
+keeps them, and that is what anchors π_θ to π_ref. The seed's listing documents its inputs as
+"per-token average log probabilities"; DPO's are *sums* over the response's tokens,
+log π(y|x) = Σ_t log π(y_t | x, y_<t) — averaging is what SimPO and ORPO do (4.5).
+
+The file reads top to bottom:
+
+    1. Losses          dpo_loss, ipo_loss, simpo_loss, orpo_loss, kto_loss               (4.3, 4.5)
+    2. Data            preference / unpaired JSONL, pairs → KTO examples, tokenisation
+    3. Log-probs       chosen and rejected in one forward; π_ref's cached once, no grad  (4.3)
+    4. Training        AdamW, warmup + cosine, clipping, metrics.jsonl, checkpoint
+    5. Evaluation      held-out reward accuracy, KL(π_θ ‖ π_ref) on the policy's own samples,
+                       gold score and win rate against the SFT model                    (4.6)
+    6. The frontier    gold score against KL, DPO's β sweep beside PPO's run             (4.4)
+    7. Command line
+
+Usage:
+    python dpo.py --sft runs/default/sft/model.pt --out runs/default/dpo
+    python dpo.py --loss ipo --beta 0.1 --data prefs.jsonl --out runs/default/ipo
+    python dpo.py --loss kto --data unpaired.jsonl --out runs/default/kto
+    python dpo.py --beta-sweep 0.05,0.1,0.3,1.0 --ppo-run runs/default/ppo --out runs/default/dpo_sweep
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import namedtuple
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from data.errors import DataError
+from data.tasks import generate_tasks, judge
+from reward import (K, LABEL_NOISE, NUM_PROMPTS, build_preference_data, load_preferences, prompt_messages,
+                    response_text, split_by_prompt, write_preferences)
+from sft import (chat_tokens, collate_examples, comma_list, decode_response, generate_responses,
+                 heldout_tasks, load_chat_model, render_chat, render_prompt, sequence_logprobs)
+from train_gpt import ConfigError, atomic_save, get_lr, log_line, pick_device
+
+# Defaults (all overridable on the command line; see build_parser).
+SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: the starting policy π_θ and the frozen π_ref
+OUT = "runs/default/dpo"            # run directory: model.pt, metrics.jsonl, eval.json, dpo.png
+LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")  # --loss choices: DPO and the variants of seed 4.5
+BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.0, "kto": 0.1}  # per-loss β (DPO/IPO/KTO papers; SimPO's β≈2; ORPO has none)
+SIMPO_GAMMA = 1.0                   # SimPO target margin γ (the paper's γ/β ≈ 0.5)
+ORPO_LAMBDA = 0.1                   # ORPO weight λ of the odds-ratio term (the paper's default)
+KTO_DESIRABLE_WEIGHT = 1.0          # KTO λ_D
+KTO_UNDESIRABLE_WEIGHT = 1.0        # KTO λ_U
+EPOCHS = 1                          # passes over the pairs (1-3 is usual; a 2nd pass over our noisy labels raised KL, not gold)
+BATCH_SIZE = 16                     # preference pairs (or KTO examples) per optimizer step
+LR = 3e-5                           # peak LR, by experiment on the default model: 3e-4 collapses, 1e-4 drifts (KL 2+ nats)
+WARMUP_RATIO = 0.1                  # share of the steps spent in linear warmup
+WEIGHT_DECAY = 0.0                  # AdamW weight decay on matrices
+GRAD_CLIP = 1.0                     # max global gradient norm
+VAL_FRACTION = 0.1                  # share of --data held out when no validation file is given
+EVALS_PER_EPOCH = 4                 # held-out preference evaluations per epoch
+EVAL_TASKS = 200                    # held-out task prompts for KL, gold score and win rate
+MAX_NEW_TOKENS = 32                 # longest generated reply
+SEED = 1337                         # data order, KTO mismatched pairs, sampling
+
+
+# =============================================================================
+# 1. The losses (seed 4.3, 4.5)
+# =============================================================================
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta=0.1):
+    """DPO (Rafailov et al. 2023; seed 4.3, the listing; blog, "Direct Preference Optimization").
+
+        h  = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]
+        L  = −mean log σ(β·h)
+
+    Inputs are (B,) *summed* response log-probs. Returns (loss, chosen_rewards, rejected_rewards,
+    reward_accuracies), the last three batch means of the implicit rewards β·log π_θ/π_ref and of
+    [r_w > r_l]. With π_θ = π_ref, h = 0 and L = −log σ(0) = ln 2.
+
+    The gradient is bounded (blog): with Δ = β·h, ∂L/∂Δ = σ(Δ) − 1 ∈ [−1, 0] per pair — a pair the
+    policy already ranks right (Δ ≫ 0) contributes almost nothing; no importance ratio can explode.
+    """
+    chosen_log_ratios = policy_chosen_logps - reference_chosen_logps
+    rejected_log_ratios = policy_rejected_logps - reference_rejected_logps
+    loss = -F.logsigmoid(beta * (chosen_log_ratios - rejected_log_ratios)).mean()
+    chosen_rewards = beta * chosen_log_ratios.detach()
+    rejected_rewards = beta * rejected_log_ratios.detach()
+    reward_accuracies = (chosen_rewards > rejected_rewards).float()
+    return loss, chosen_rewards.mean(), rejected_rewards.mean(), reward_accuracies.mean()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta=0.1):
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences"; seed 4.5).
+
+        h = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]
+        L = mean (h − 1/(2β))²
+
+    DPO's −log σ(β·h) keeps falling as h → ∞, so on deterministic preferences (y_w always wins)
+    it drives π_θ(y_l) → 0 whatever β says: the KL anchor stops holding. IPO regresses h onto a
+    finite target 1/(2β) instead (β is the paper's τ): minimum 0 at h = 1/(2β), and overshooting
+    is penalised. Rewards returned as in `dpo_loss` (β·log-ratio), summed log-probs as inputs.
+    """
+    chosen_log_ratios = policy_chosen_logps - reference_chosen_logps
+    rejected_log_ratios = policy_rejected_logps - reference_rejected_logps
+    loss = ((chosen_log_ratios - rejected_log_ratios - 1 / (2 * beta)) ** 2).mean()
+    chosen_rewards = beta * chosen_log_ratios.detach()
+    rejected_rewards = beta * rejected_log_ratios.detach()
+    return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+
+
+def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gamma=1.0):
+    """SimPO (Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward"; seed 4.5).
+
+        r(x, y) = (β/|y|)·log π_θ(y|x)             the length-normalised (average) log-prob
+        L       = −mean log σ( r(x, y_w) − r(x, y_l) − γ )
+
+    No reference model: the reward is the policy's own average log-prob, the quantity generation
+    ranks by, and dividing by |y| removes the pull towards longer (or shorter) responses that a
+    sum has. γ asks the chosen response to win by a margin. Inputs are (B,) *average* log-probs.
+    With γ = 0 it is DPO's shape, −log σ(β·difference), with π_ref ≡ 1 and averages for sums.
+    Returns (loss, chosen_rewards, rejected_rewards, reward_accuracies) with r as above.
+    """
+    chosen_rewards = beta * policy_chosen_avg_logps
+    rejected_rewards = beta * policy_rejected_avg_logps
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+
+
+def log_odds(avg_logps):
+    """log odds(y|x) = log P/(1 − P) with P = exp(average token log-prob) (ORPO's odds).
+
+        log odds = a − log(1 − eᵃ),   computed as a − log(−expm1(a)), accurate for a near 0.
+    a is clamped just below 0 (P < 1), where the odds are finite.
+    """
+    avg_logps = avg_logps.clamp(max=-1e-6)
+    return avg_logps - torch.log(-torch.expm1(avg_logps))
+
+
+def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, odds_ratio_weight=0.1):
+    """ORPO (Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model"; seed 4.5).
+
+        L_SFT = −(1/|y_w|)·log π_θ(y_w|x)                                   NLL of the chosen response
+        L_OR  = −log σ( log odds(y_w|x) − log odds(y_l|x) )                 odds(y|x) = P/(1 − P),
+                                                                            P = exp((1/|y|)·log π_θ(y|x))
+        L     = mean (L_SFT + λ·L_OR)
+
+    SFT and preference learning in one objective, no reference model: the NLL keeps the chosen
+    responses likely, the odds-ratio term pushes the rejected ones down relative to them. Inputs
+    are (B,) *average* log-probs. The rewards returned are the log odds of each response.
+    """
+    chosen_log_odds = log_odds(policy_chosen_avg_logps)
+    rejected_log_odds = log_odds(policy_rejected_avg_logps)
+    odds_ratio_term = -F.logsigmoid(chosen_log_odds - rejected_log_odds)
+    loss = (-policy_chosen_avg_logps + odds_ratio_weight * odds_ratio_term).mean()
+    chosen_rewards, rejected_rewards = chosen_log_odds.detach(), rejected_log_odds.detach()
+    return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+
+
+def kto_reference_point(policy_mismatched_logps, reference_mismatched_logps):
+    """KTO's reference point z_ref ≈ KL(π_θ ‖ π_ref), estimated on *mismatched* pairs (x_i, y_j), j ≠ i:
+
+        z_ref = max(0, mean_j [log π_θ(y_j|x_i) − log π_ref(y_j|x_i)])      detached: no gradient
+
+    Responses to other prompts stand in for samples from π_θ(·|x_i) (cheap: no generation). The
+    clamp is the paper's (a KL is ≥ 0; a noisy negative estimate would shift every reward).
+    """
+    return (policy_mismatched_logps - reference_mismatched_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy_logps, reference_logps, is_desirable, reference_point, beta=0.1,
+             desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"; seed 4.5).
+
+        r(x, y) = log π_θ(y|x) − log π_ref(y|x)
+        v(x, y) = λ_D·σ(β·(r − z_ref))     if y is desirable
+                  λ_U·σ(β·(z_ref − r))     if y is undesirable
+        L       = mean (λ_y − v(x, y))
+
+    Unpaired data: each example is one response with a thumbs up or down, no partner needed. The
+    value v is a prospect-theory curve around the reference point z_ref (`kto_reference_point`):
+    concave for gains, and λ_U > λ_D makes losses loom larger. Inputs (B,) summed log-probs and a
+    (B,) bool tensor. Returns (loss, desirable_rewards, undesirable_rewards, reference_point):
+    mean β·r over each group (NaN for an empty group) and z_ref.
+    """
+    rewards = policy_logps - reference_logps
+    desirable_values = desirable_weight * torch.sigmoid(beta * (rewards - reference_point))
+    undesirable_values = undesirable_weight * torch.sigmoid(beta * (reference_point - rewards))
+    losses = torch.where(is_desirable, desirable_weight - desirable_values, undesirable_weight - undesirable_values)
+    implicit_rewards = beta * rewards.detach()
+    return (losses.mean(), implicit_rewards[is_desirable].mean(), implicit_rewards[~is_desirable].mean(),
+            reference_point)
+
+
+# =============================================================================
+# 2. Data: preference pairs and unpaired examples
+# =============================================================================
+#
+# Paired: the reward model's files, read by reward.load_preferences (same formats, same FILE:LINE
+# errors): {"prompt", "chosen", "rejected"}, {"prompt", "responses", "ranking"}, or HH-RLHF-style
+# conversations. It returns {"prompt": messages, "chosen": text, "rejected": text, …} records.
+# Unpaired (KTO): {"prompt": str | messages, "completion": str | [assistant message], "label": bool},
+# validated with reward.py's prompt_messages / response_text.
+
+@dataclass
+class PreferencePair:
+    """One (x, y_w, y_l) tokenised: (ids, mask) of prompt + response, mask 1 on the response only."""
+
+    chosen: tuple
+    rejected: tuple
+    prompt_key: str = ""
+    reference_chosen_logp: float = None     # log π_ref(y_w|x), filled once by cache_reference_logprobs
+    reference_rejected_logp: float = None
+
+
+@dataclass
+class UnpairedExample:
+    """One (x, y, desirable?) for KTO, with a mismatched (x, y') whose y' answers another prompt."""
+
+    sequence: tuple
+    desirable: bool
+    prompt_key: str = ""
+    mismatched: tuple = None
+    reference_logp: float = None
+    reference_mismatched_logp: float = None
+
+
+def tokenize_response(prompt, response, enc):
+    """(ids, mask) of prompt x + response y through the chat template (sft.render_chat), the mask
+    1 only on y's tokens and its closing <|end|>: the prompt — earlier assistant turns of a
+    multi-turn prompt included — is context, never scored."""
+    ids, mask = render_chat(prompt + [{"role": "assistant", "content": response}], enc)
+    prompt_length = len(render_prompt(prompt, enc))
+    return ids, [0] * prompt_length + mask[prompt_length:]
+
+
+def prompt_key(prompt):
+    return json.dumps(prompt, sort_keys=True)
+
+
+def fits(sequence, block_size):
+    """A sequence of n tokens fills n − 1 input slots (the last token is only a target)."""
+    return len(sequence[0]) - 1 <= block_size
+
+
+def tokenize_pairs(records, enc, block_size, source):
+    """PreferencePairs from {"prompt", "chosen", "rejected"} records. A pair that does not fit the
+    context is dropped, not truncated (a cut response would be scored without its end).
+    Returns (pairs, number dropped)."""
+    pairs, dropped = [], 0
+    for index, record in enumerate(records, 1):
+        where = f"{source}: record {index}"
+        if not isinstance(record, dict) or not {"prompt", "chosen", "rejected"} <= set(record):
+            raise ConfigError(f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected'")
+        prompt = prompt_messages(record["prompt"], where)
+        chosen, rejected = (response_text(record[field], where, field) for field in ("chosen", "rejected"))
+        pair = PreferencePair(tokenize_response(prompt, chosen, enc), tokenize_response(prompt, rejected, enc),
+                              prompt_key(prompt))
+        if fits(pair.chosen, block_size) and fits(pair.rejected, block_size):
+            pairs.append(pair)
+        else:
+            dropped += 1
+    return pairs, dropped
+
+
+def load_unpaired(path):
+    """KTO records {"prompt": messages, "completion": text, "label": bool} from a JSONL file;
+    errors name FILE:LINE."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: data file not found")
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict) or not {"prompt", "completion", "label"} <= set(record):
+                    raise ConfigError(f"{where}: an unpaired (KTO) record needs 'prompt', 'completion' and 'label'")
+                if not isinstance(record["label"], bool):
+                    raise ConfigError(f"{where}: 'label' must be true or false, got {record['label']!r}")
+                records.append({"prompt": prompt_messages(record["prompt"], where),
+                                "completion": response_text(record["completion"], where, "completion"),
+                                "label": record["label"]})
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not records:
+        raise ConfigError(f"{path}: no records in the file")
+    return records
+
+
+def pairs_to_unpaired(records):
+    """A paired set as KTO data: each chosen response is desirable, each rejected one undesirable."""
+    unpaired = []
+    for record in records:
+        unpaired.append({"prompt": record["prompt"], "completion": record["chosen"], "label": True})
+        unpaired.append({"prompt": record["prompt"], "completion": record["rejected"], "label": False})
+    return unpaired
+
+
+def tokenize_unpaired(records, enc, block_size, source, seed):
+    """UnpairedExamples, each with a mismatched sequence (its own prompt, another prompt's
+    completion) for KTO's z_ref. The mismatch is drawn once (seeded), so π_ref's log-prob of it
+    can be cached like every other. Returns (examples, number dropped as too long)."""
+    examples, parts, dropped = [], [], 0
+    for index, record in enumerate(records, 1):
+        where = f"{source}: record {index}"
+        prompt = prompt_messages(record["prompt"], where)
+        completion = response_text(record["completion"], where, "completion")
+        sequence = tokenize_response(prompt, completion, enc)
+        if not fits(sequence, block_size):
+            dropped += 1
+            continue
+        examples.append(UnpairedExample(sequence, bool(record["label"]), prompt_key(prompt)))
+        parts.append((prompt, completion))
+    if len({e.prompt_key for e in examples}) < 2:
+        raise ConfigError(f"{source}: KTO needs examples from at least 2 different prompts (for z_ref's mismatched pairs)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for position, i in enumerate(order):
+        for offset in range(1, len(order)):  # the next example in the shuffled order with another prompt that fits
+            j = order[(position + offset) % len(order)]
+            if examples[j].prompt_key != examples[i].prompt_key:
+                mismatched = tokenize_response(parts[i][0], parts[j][1], enc)
+                if fits(mismatched, block_size):
+                    examples[i].mismatched = mismatched
+                    break
+        if examples[i].mismatched is None:  # no other completion fits after this prompt
+            examples[i].mismatched = examples[i].sequence
+    return examples, dropped
+
+
+def is_unpaired_file(path):
+    """True if the first record of a JSONL file has the KTO keys ("completion", "label")."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return False  # the loader reports the line
+                return isinstance(record, dict) and "completion" in record and "label" in record
+    return False
+
+
+# =============================================================================
+# 3. Log-probabilities: chosen and rejected in one forward; π_ref cached once (seed 4.3)
+# =============================================================================
+
+PairLogps = namedtuple("PairLogps", "chosen rejected chosen_count rejected_count")
+
+
+def pair_logprobs(model, pairs, pad_token, device):
+    """log π(y_w|x) and log π(y_l|x) summed over response tokens, with |y_w| and |y_l|: the 2B
+    sequences (chosen rows, then rejected rows) are right-padded into one batch, one forward.
+    sft.sequence_logprobs shifts by one, masks prompt and padding, and computes in fp32."""
+    ids, mask = collate_examples([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token)
+    logps, counts = sequence_logprobs(model, ids.to(device), mask.to(device), return_count=True)
+    chosen, rejected = logps.chunk(2)
+    chosen_count, rejected_count = counts.chunk(2)
+    return PairLogps(chosen, rejected, chosen_count, rejected_count)
+
+
+def batch_logprobs(model, sequences, pad_token, device):
+    """Summed response log-probs (B,) of (ids, mask) sequences, right-padded into one batch."""
+    ids, mask = collate_examples(sequences, pad_token)
+    return sequence_logprobs(model, ids.to(device), mask.to(device))
+
+
+def batches(items, batch_size):
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+@torch.no_grad()
+def cache_reference_logprobs(reference, examples, pad_token, batch_size, device, autocast=contextlib.nullcontext()):
+    """log π_ref of every sequence, computed once before training, without gradient, stored on
+    each example: π_ref is frozen, so recomputing it every step would only double the cost."""
+    was_training = reference.training
+    reference.eval()
+    for chunk in batches(examples, batch_size):
+        with autocast:
+            if isinstance(chunk[0], PreferencePair):
+                logps = pair_logprobs(reference, chunk, pad_token, device)
+                for pair, chosen, rejected in zip(chunk, logps.chosen.tolist(), logps.rejected.tolist()):
+                    pair.reference_chosen_logp, pair.reference_rejected_logp = chosen, rejected
+            else:
+                logps = batch_logprobs(reference, [e.sequence for e in chunk] + [e.mismatched for e in chunk],
+                                       pad_token, device).tolist()
+                for example, logp, mismatched in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
+                    example.reference_logp, example.reference_mismatched_logp = logp, mismatched
+    reference.train(was_training)
+
+
+def loss_hyperparameters(args, beta):
+    return {"beta": beta, "gamma": args.simpo_gamma, "odds_ratio_weight": args.orpo_lambda,
+            "desirable_weight": args.kto_desirable_weight, "undesirable_weight": args.kto_undesirable_weight}
+
+
+def paired_loss(loss_name, logps, pairs, hp):
+    """The chosen paired loss on a batch's policy log-probs and its cached reference log-probs."""
+    device = logps.chosen.device
+    reference_chosen = torch.tensor([p.reference_chosen_logp for p in pairs], device=device)
+    reference_rejected = torch.tensor([p.reference_rejected_logp for p in pairs], device=device)
+    if loss_name == "dpo":
+        return dpo_loss(logps.chosen, logps.rejected, reference_chosen, reference_rejected, hp["beta"])
+    if loss_name == "ipo":
+        return ipo_loss(logps.chosen, logps.rejected, reference_chosen, reference_rejected, hp["beta"])
+    chosen_avg = logps.chosen / logps.chosen_count.clamp(min=1)
+    rejected_avg = logps.rejected / logps.rejected_count.clamp(min=1)
+    if loss_name == "simpo":
+        return simpo_loss(chosen_avg, rejected_avg, hp["beta"], hp["gamma"])
+    if loss_name == "orpo":
+        return orpo_loss(chosen_avg, rejected_avg, hp["odds_ratio_weight"])
+    raise ValueError(f"not a paired loss: {loss_name!r}")
+
+
+def kto_batch_loss(policy, examples, hp, pad_token, device):
+    """KTO on a batch of unpaired examples: the policy's log-probs with gradient; the mismatched
+    pairs' only for z_ref (detached anyway, so computed without a graph)."""
+    policy_logps = batch_logprobs(policy, [e.sequence for e in examples], pad_token, device)
+    with torch.no_grad():
+        policy_mismatched = batch_logprobs(policy, [e.mismatched for e in examples], pad_token, device)
+    reference_mismatched = torch.tensor([e.reference_mismatched_logp for e in examples], device=device)
+    reference_point = kto_reference_point(policy_mismatched, reference_mismatched)
+    return kto_loss(policy_logps, torch.tensor([e.reference_logp for e in examples], device=device),
+                    torch.tensor([e.desirable for e in examples], device=device), reference_point,
+                    hp["beta"], hp["desirable_weight"], hp["undesirable_weight"])
+
+
+def batch_loss(policy, chunk, loss_name, hp, pad_token, device):
+    if loss_name == "kto":
+        return kto_batch_loss(policy, chunk, hp, pad_token, device)
+    return paired_loss(loss_name, pair_logprobs(policy, chunk, pad_token, device), chunk, hp)
+
+
+# =============================================================================
+# 4. Training
+# =============================================================================
+
+def metric_names(loss_name):
+    """How the three metrics after the loss are called in metrics.jsonl, per loss."""
+    if loss_name == "kto":
+        return "desirable_reward", "undesirable_reward", "reference_point"
+    return "chosen_reward", "rejected_reward", "reward_accuracy"
+
+
+def as_float(value):
+    """A JSON-safe float (None for NaN, e.g. a KTO batch without undesirable examples)."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def train_step(policy, optimizer, chunk, loss_name, hp, lr, grad_clip, pad_token, device, autocast):
+    """One AdamW update; returns the loss and its metrics as a dict of floats."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        loss, first, second, third = batch_loss(policy, chunk, loss_name, hp, pad_token, device)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    names = metric_names(loss_name)
+    record = {"loss": loss.item(), names[0]: as_float(first), names[1]: as_float(second), names[2]: as_float(third),
+              "grad_norm": grad_norm}
+    if loss_name != "kto":
+        record["reward_margin"] = record["chosen_reward"] - record["rejected_reward"]
+    return record
+
+
+@torch.no_grad()
+def evaluate_pairs(policy, pairs, loss_name, hp, pad_token, batch_size, device, autocast=contextlib.nullcontext()):
+    """Held-out preference metrics. For every loss, the log-ratio h = log π_θ/π_ref(y_w) −
+    log π_θ/π_ref(y_l) (DPO's implicit reward margin ÷ β, in nats — comparable across methods):
+    its accuracy P(h > 0) and mean. For paired losses also the loss and its own reward metrics."""
+    was_training = policy.training
+    policy.eval()
+    with autocast:
+        parts = [pair_logprobs(policy, chunk, pad_token, device) for chunk in batches(pairs, batch_size)]
+    policy.train(was_training)
+    logps = PairLogps(*(torch.cat(column) for column in zip(*parts)))
+    reference_chosen = torch.tensor([p.reference_chosen_logp for p in pairs], device=logps.chosen.device)
+    reference_rejected = torch.tensor([p.reference_rejected_logp for p in pairs], device=logps.chosen.device)
+    log_ratio_margin = (logps.chosen - reference_chosen) - (logps.rejected - reference_rejected)
+    result = {"val_logratio_accuracy": (log_ratio_margin > 0).float().mean().item(),
+              "val_logratio_margin": log_ratio_margin.mean().item(),
+              "val_chosen_logratio": (logps.chosen - reference_chosen).mean().item(),
+              "val_rejected_logratio": (logps.rejected - reference_rejected).mean().item()}
+    if loss_name != "kto":
+        loss, chosen_reward, rejected_reward, accuracy = paired_loss(loss_name, logps, pairs, hp)
+        result.update({"val_loss": loss.item(), "val_chosen_reward": chosen_reward.item(),
+                       "val_rejected_reward": rejected_reward.item(), "val_reward_accuracy": accuracy.item(),
+                       "val_reward_margin": (chosen_reward - rejected_reward).item()})
+    return result
+
+
+def make_checkpoint(policy, step, tokenizer_ref, args, loss_name, beta, extra):
+    """train_gpt's checkpoint layout ("model", "config", "step", "tokenizer") plus DPO entries, so
+    any later script loads the policy with train_gpt.model_from_checkpoint."""
+    return {"model": {k: v.detach().cpu() for k, v in policy.state_dict().items()}, "config": asdict(policy.config),
+            "step": step, "tokenizer": tokenizer_ref, "stage": loss_name,
+            "dpo": {"sft": args.sft, "loss": loss_name, "beta": beta, **extra},
+            "args": {k: v for k, v in vars(args).items()}}
+
+
+def training_schedule(n_examples, args):
+    steps_per_epoch = math.ceil(n_examples / args.batch_size)
+    total = min(steps_per_epoch * args.epochs, args.max_steps or math.inf)
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "warmup_steps": round(args.warmup_ratio * total),
+            "eval_every": max(1, math.ceil(steps_per_epoch / args.evals_per_epoch))}
+
+
+def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics):
+    """The training loop: epochs of shuffled batches, LR from warmup + cosine (train_gpt.get_lr),
+    held-out preference metrics every schedule["eval_every"] steps and at the end."""
+    hp = loss_hyperparameters(args, beta)
+    schedule = training_schedule(len(train_examples), args)
+    optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=run["device"].type)
+    pad, device, autocast = run["pad"], run["device"], run["autocast"]
+
+    def validate(step, epoch):
+        if not val_pairs:
+            return {}
+        result = evaluate_pairs(policy, val_pairs, loss_name, hp, pad, args.batch_size, device, autocast)
+        log_line(metrics, {"step": step, "epoch": epoch, **result})
+        return result
+
+    print(f"{loss_name.upper()} β={beta:g}: {len(train_examples)} training examples, {schedule['total_steps']} steps "
+          f"({schedule['steps_per_epoch']}/epoch), warmup {schedule['warmup_steps']}, lr {args.lr:g}")
+    last = validate(0, 0)
+    step = 0
+    policy.train()
+    for epoch in range(1, args.epochs + 1):
+        order = list(range(len(train_examples)))
+        random.Random(args.seed + epoch).shuffle(order)
+        for chunk in batches([train_examples[i] for i in order], args.batch_size):
+            if step == schedule["total_steps"]:
+                break
+            t0 = time.time()
+            lr = get_lr(step + 1, schedule["warmup_steps"], schedule["total_steps"], args.lr, args.min_lr)
+            record = train_step(policy, optimizer, chunk, loss_name, hp, lr, args.grad_clip, pad, device, autocast)
+            step += 1
+            log_line(metrics, {"step": step, "epoch": epoch, "lr": lr, **record, "seconds": time.time() - t0})
+            if step % args.log_every == 0:
+                print(f"step {step}/{schedule['total_steps']}: loss {record['loss']:.4f}, "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in record.items() if k not in ("loss",) and v is not None))
+            if step % schedule["eval_every"] == 0 or step == schedule["total_steps"]:
+                last = validate(step, epoch)
+                if last:
+                    print(f"step {step}: held-out log-ratio accuracy {last['val_logratio_accuracy']:.3f}, "
+                          f"margin {last['val_logratio_margin']:.3f} nats"
+                          + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""))
+    return step, last
+
+
+# =============================================================================
+# 5. Evaluation: KL to π_ref and the gold score against the SFT model (seed 4.6)
+# =============================================================================
+
+@torch.no_grad()
+def sampled_kl_and_gold(policy, reference, enc, tasks, args, device, autocast=contextlib.nullcontext(),
+                        compute_kl=True):
+    """Sample one response per held-out prompt from π_θ at temperature 1 and return, per prompt,
+
+        kl   = log π_θ(y|x) − log π_ref(y|x),  y ∼ π_θ(·|x)     (summed over y's tokens)
+        gold = judge(task, y)
+
+    The mean of kl is an unbiased Monte-Carlo estimate of KL(π_θ ‖ π_ref) per response — only for
+    samples from π_θ itself at temperature 1 with no top-k/top-p (otherwise it is another
+    distribution's KL). These are the frontier's coordinates (DPO paper, figure 2)."""
+    tokens = chat_tokens(enc)
+    prompts = [render_prompt([{"role": "user", "content": t.prompt}], enc) for t in tasks]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast:
+        responses = generate_responses(policy, prompts, args.max_new_tokens, tokens.end, tokens.pad,
+                                       args.eval_batch_size, temperature=1.0, generator=generator, device=device)
+    gold = [judge(t, decode_response(enc, r)) for t, r in zip(tasks, responses)]
+    if not compute_kl:
+        return [0.0] * len(tasks), gold
+    sequences = [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)]
+    kl = []
+    for chunk in batches(sequences, args.eval_batch_size):
+        with autocast:
+            policy_logps = batch_logprobs(policy.eval(), chunk, tokens.pad, device)
+            reference_logps = batch_logprobs(reference.eval(), chunk, tokens.pad, device)
+        kl += (policy_logps - reference_logps).tolist()
+    return kl, gold
+
+
+@torch.no_grad()
+def greedy_gold(model, enc, tasks, args, device, autocast=contextlib.nullcontext()):
+    """Greedy answers to the held-out prompts, judged: (gold scores, stopped-with-<|end|> flags, replies)."""
+    tokens = chat_tokens(enc)
+    prompts = [render_prompt([{"role": "user", "content": t.prompt}], enc) for t in tasks]
+    with autocast:
+        responses = generate_responses(model, prompts, args.max_new_tokens, tokens.end, tokens.pad,
+                                       args.eval_batch_size, device=device)
+    replies = [decode_response(enc, r) for r in responses]
+    return [judge(t, reply) for t, reply in zip(tasks, replies)], [bool(r) and r[-1] == tokens.end for r in responses], replies
+
+
+def win_rate(policy_scores, sft_scores):
+    """P(gold(policy) > gold(SFT)) on the same prompts, ties counted half."""
+    wins = sum(p > s for p, s in zip(policy_scores, sft_scores))
+    ties = sum(p == s for p, s in zip(policy_scores, sft_scores))
+    return (wins + 0.5 * ties) / max(1, len(policy_scores)), wins, ties
+
+
+def mean(values):
+    return sum(values) / max(1, len(values))
+
+
+def sft_baseline(reference, enc, tasks, args, run):
+    """The SFT model's greedy and sampled gold scores (computed once, shared by a β sweep)."""
+    scores, stopped, _ = greedy_gold(reference, enc, tasks, args, run["device"], run["autocast"])
+    _, sampled = sampled_kl_and_gold(reference, reference, enc, tasks, args, run["device"], run["autocast"],
+                                     compute_kl=False)
+    return {"scores": scores, "mean_score": mean(scores), "exact_match": mean([s == 1.0 for s in scores]),
+            "stopped": mean(stopped), "sampled_gold_score": mean(sampled)}
+
+
+def evaluate_policy(policy, reference, enc, tasks, baseline, args, run):
+    """eval.json's generation numbers: KL on the policy's own samples, sampled and greedy gold
+    scores, and the greedy win rate against the SFT model on the same held-out prompts."""
+    kl, sampled = sampled_kl_and_gold(policy, reference, enc, tasks, args, run["device"], run["autocast"])
+    scores, stopped, replies = greedy_gold(policy, enc, tasks, args, run["device"], run["autocast"])
+    rate, wins, ties = win_rate(scores, baseline["scores"])
+    return {"kl": mean(kl), "sampled_gold_score": mean(sampled),
+            "gold_score": mean(scores), "exact_match": mean([s == 1.0 for s in scores]), "stopped": mean(stopped),
+            "win_rate_vs_sft": rate, "wins": wins, "ties": ties, "losses": len(tasks) - wins - ties,
+            "examples": [{"prompt": t.prompt, "answer": t.answer, "reply": r, "score": round(s, 3),
+                          "sft_score": round(b, 3)}
+                         for t, r, s, b in list(zip(tasks, replies, scores, baseline["scores"]))[:8]]}
+
+
+# =============================================================================
+# 6. The frontier: gold score against KL, DPO beside PPO (seed 4.4; DPO paper, figure 2)
+# =============================================================================
+#
+# A PPO run directory holds metrics.jsonl; every line with both keys below is one point (other
+# lines are ignored), in iteration order:
+#     {"iteration": 12, "kl": 3.1, "gold_score": 0.41, ...}
+#     kl          mean over the iteration's sampled responses of Σ_t log π_θ(y_t|·) − log π_ref(y_t|·),
+#                 in nats per response (the same estimator as `sampled_kl_and_gold`)
+#     gold_score  mean data.tasks.judge score of those responses, in [0, 1]
+
+def read_ppo_points(run_dir):
+    """PPO's (KL, gold score) points from DIR/metrics.jsonl (format above); errors name FILE:LINE."""
+    path = run_dir if run_dir.endswith(".jsonl") else os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ppo-run {run_dir}: {path} not found")
+    points = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or "kl" not in record or "gold_score" not in record:
+                continue
+            if not all(isinstance(record[k], (int, float)) for k in ("kl", "gold_score")):
+                raise ConfigError(f"{path}:{line_number}: 'kl' and 'gold_score' must be numbers")
+            label = f"it {record['iteration']}" if "iteration" in record else None
+            points.append({"kl": float(record["kl"]), "gold_score": float(record["gold_score"]), "label": label})
+    if not points:
+        raise ConfigError(f"{path}: no lines with both 'kl' and 'gold_score' (the PPO metrics format)")
+    return points
+
+
+def plot_frontier(points_by_method, png):
+    """Gold score against KL(π_θ ‖ π_ref), one series per method: {"DPO": [{"kl", "gold_score",
+    "label"?}, …], "PPO": […], "SFT": […]}. The better method is up and to the left: more gold
+    score for the same drift from the SFT model. PPO's points are its iterations (a trajectory,
+    joined in order); other methods' points are sorted by KL and labelled (e.g. by β)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, points in points_by_method.items():
+        if not points:
+            continue
+        ordered = points if method.upper().startswith("PPO") else sorted(points, key=lambda p: p["kl"])
+        kls, golds = [p["kl"] for p in ordered], [p["gold_score"] for p in ordered]
+        if method.upper() == "SFT":
+            ax.plot(kls, golds, "k*", ms=14, label=method)
+            continue
+        style = "-" if method.upper().startswith("PPO") else "o--"
+        ax.plot(kls, golds, style, ms=6, lw=1.2, alpha=0.85, label=method)
+        if not method.upper().startswith("PPO"):
+            for p in ordered:
+                if p.get("label"):
+                    ax.annotate(p["label"], (p["kl"], p["gold_score"]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=8)
+    ax.set(xlabel="KL(π_θ ‖ π_ref) per response (nats, policy samples)", ylabel="gold score (sampled, T=1)",
+           title="Reward–KL frontier on held-out prompts")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_training(metrics_path, png, loss_name):
+    """Training loss and, on held-out pairs, the log-ratio accuracy and the chosen/rejected log-ratios."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_logratio_accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
+    if loss_name == "dpo":
+        axes[0].axhline(math.log(2), color="gray", ls=":", label="ln 2 (π_θ = π_ref)")
+        axes[0].legend()
+    axes[0].set(title=f"{loss_name.upper()} training loss", xlabel="step")
+    axes[1].plot([r["step"] for r in val], [r["val_logratio_accuracy"] for r in val], "o-")
+    axes[1].set(title="held-out accuracy: P(h > 0)", xlabel="step", ylim=(0, 1))
+    axes[2].plot([r["step"] for r in val], [r["val_chosen_logratio"] for r in val], "o-", label="chosen y_w")
+    axes[2].plot([r["step"] for r in val], [r["val_rejected_logratio"] for r in val], "o-", label="rejected y_l")
+    axes[2].axhline(0, color="gray", ls=":")
+    axes[2].set(title="held-out log π_θ/π_ref (nats)", xlabel="step")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# =============================================================================
+# 7. Putting it together, and the command line
+# =============================================================================
+
+def default_reward_dir(sft_path):
+    """runs/<name>/sft/model.pt → runs/<name>/reward (where reward.py writes its preference files)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(sft_path))), "reward")
+
+
+def preference_files(args, reference, enc, run):
+    """(train file, val file or None): --data/--val-data if given; else the reward run's
+    preferences_{train,val}.jsonl, so DPO and the reward model (hence PPO) learn from the same
+    comparisons; else a set built now into --out (`build_default_preferences`)."""
+    if args.data:
+        return args.data, args.val_data
+    for directory in (args.reward_run or default_reward_dir(args.sft), args.out):
+        train_path = os.path.join(directory, "preferences_train.jsonl")
+        val_path = os.path.join(directory, "preferences_val.jsonl")
+        if os.path.isfile(train_path):
+            return train_path, (val_path if os.path.isfile(val_path) else None)
+    return build_default_preferences(reference, enc, args, run)
+
+
+def build_default_preferences(reference, enc, args, run):
+    """The reward stage's comparison data, built the same way (reward.build_preference_data, seed
+    3.2): --num-prompts train-split tasks, a --val-fraction of them held out, k samples each from
+    π_SFT ranked by the gold judge with --label-noise. Written to --out/preferences_*.jsonl."""
+    print(f"no preference files found: sampling {args.num_prompts} prompts × {args.k} responses from the SFT model, "
+          f"ranked by the gold judge (label noise {args.label_noise})")
+    try:
+        tasks = generate_tasks(args.num_prompts, "train", seed=args.seed, families=args.families, levels=args.levels)
+    except ValueError as e:
+        raise ConfigError(f"--num-prompts/--families/--levels: {e}") from None
+    n_val = min(len(tasks) - 1, max(1, round(args.val_fraction * len(tasks))))
+    paths = []
+    for offset, (name, split_tasks) in enumerate((("train", tasks[n_val:]), ("val", tasks[:n_val]))):
+        pairs, _ = build_preference_data(reference, enc, split_tasks, k=args.k, label_noise=args.label_noise,
+                                         max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+                                         seed=args.seed + offset, device=run["device"], autocast=run["autocast"],
+                                         max_tokens=reference.config.block_size)
+        paths.append(os.path.join(args.out, f"preferences_{name}.jsonl"))
+        write_preferences(paths[-1], pairs)
+        print(f"{name}: {len(split_tasks)} prompts → {len(pairs)} pairs → {paths[-1]}")
+    return tuple(paths)
+
+
+def load_training_data(args, reference, enc, run):
+    """Tokenised training examples (pairs, or KTO's unpaired examples) and held-out pairs."""
+    block_size = reference.config.block_size
+    train_path, val_path = preference_files(args, reference, enc, run)
+    unpaired = is_unpaired_file(train_path)
+    if unpaired and args.loss != "kto":
+        raise ConfigError(f"{train_path}: unpaired {{prompt, completion, label}} records; --loss {args.loss} needs "
+                          f"pairs {{prompt, chosen, rejected}} (use --loss kto)")
+    records = load_unpaired(train_path) if unpaired else load_preferences(train_path)
+    if val_path:
+        if is_unpaired_file(val_path):
+            raise ConfigError(f"{val_path}: held-out data must be preference pairs {{prompt, chosen, rejected}}")
+        val_records = load_preferences(val_path)
+    elif unpaired:
+        val_records = []
+    else:
+        records, val_records = split_by_prompt(records, args.val_fraction, args.seed)
+    if args.loss == "kto":
+        examples, dropped = tokenize_unpaired(records if unpaired else pairs_to_unpaired(records), enc, block_size,
+                                              train_path, args.seed)
+    else:
+        examples, dropped = tokenize_pairs(records, enc, block_size, train_path)
+    val_pairs, val_dropped = tokenize_pairs(val_records, enc, block_size, val_path or train_path)
+    if not examples:
+        raise ConfigError(f"{train_path}: no record fits the context of {block_size} tokens")
+    print(f"data: {train_path}: {len(examples)} training {'examples' if args.loss == 'kto' else 'pairs'}, "
+          f"{len(val_pairs)} held-out pairs" + (f" ({dropped + val_dropped} too long, dropped)" if dropped + val_dropped else ""))
+    return examples, val_pairs, {"train_file": train_path, "val_file": val_path, "dropped_too_long": dropped + val_dropped}
+
+
+def prepare(args):
+    """Everything a run (or a β sweep) shares: models, data, cached π_ref log-probs, SFT baseline."""
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    reference, enc = load_chat_model(args.sft, None, device)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    tokenizer_ref = torch.load(args.sft, map_location="cpu", weights_only=True).get("tokenizer")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    run = {"device": device, "autocast": autocast, "pad": chat_tokens(enc).pad, "enc": enc,
+           "reference": reference, "tokenizer_ref": tokenizer_ref}
+    examples, val_pairs, data_info = load_training_data(args, reference, enc, run)
+    t0 = time.time()
+    cache_reference_logprobs(reference, examples, run["pad"], args.batch_size, device, autocast)
+    # Held-out pairs in evaluate_pairs' batches: the same shapes give bit-identical log-probs, so
+    # at step 0 (π_θ = π_ref) every h is exactly 0 — accuracy 0, loss ln 2 — not float noise.
+    cache_reference_logprobs(reference, val_pairs, run["pad"], args.batch_size, device, autocast)
+    print(f"π_ref log-probs cached for {len(examples) + len(val_pairs)} examples in {time.time() - t0:.1f}s")
+    run.update(examples=examples, val_pairs=val_pairs, data_info=data_info, tasks=heldout_tasks(args))
+    run["baseline"] = sft_baseline(reference, enc, run["tasks"], args, run) if run["tasks"] else None
+    if run["baseline"]:
+        print(f"SFT model on {len(run['tasks'])} held-out prompts: greedy gold {run['baseline']['mean_score']:.3f}, "
+              f"sampled gold {run['baseline']['sampled_gold_score']:.3f}")
+    return run
+
+
+def new_policy(args, run):
+    """A fresh trainable copy of the SFT model (dropout 0: with dropout, π_θ ≠ π_ref at step 0)."""
+    policy, _ = load_chat_model(args.sft, None, run["device"])
+    return policy.train()
+
+
+def train_one(args, run, beta, out_dir):
+    """Train one policy with --loss at this β into out_dir; evaluate; return eval.json's dict."""
+    started = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    policy = new_policy(args, run)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    with open(metrics_path, "w") as metrics:
+        steps, last_val = fit(policy, run["examples"], run["val_pairs"], args.loss, beta, args, run, metrics)
+        train_seconds = time.time() - started
+        extra = {"train_examples": len(run["examples"]), "val_pairs": len(run["val_pairs"]), **run["data_info"]}
+        model_path = os.path.join(out_dir, "model.pt")
+        atomic_save(make_checkpoint(policy, steps, run["tokenizer_ref"], args, args.loss, beta, extra), model_path)
+        summary = {"loss": args.loss, "beta": beta, "steps": steps, "lr": args.lr, "epochs": args.epochs,
+                   **extra, "preferences": last_val, "train_seconds": round(train_seconds, 1)}
+        if run["tasks"]:
+            generation = evaluate_policy(policy, run["reference"], run["enc"], run["tasks"], run["baseline"], args, run)
+            baseline = {k: v for k, v in run["baseline"].items() if k != "scores"}
+            summary.update({"heldout_prompts": len(run["tasks"]), "policy": generation, "sft": baseline})
+            log_line(metrics, {"event": "eval", "step": steps, **{k: v for k, v in generation.items() if k != "examples"}})
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    summary["device"] = str(run["device"])
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_training(metrics_path, os.path.join(out_dir, "dpo.png"), args.loss)
+    print_summary(summary, out_dir)
+    return summary
+
+
+def print_summary(summary, out_dir):
+    prefs = summary.get("preferences") or {}
+    if prefs:
+        print(f"held-out pairs: log-ratio accuracy {prefs['val_logratio_accuracy']:.3f}, margin "
+              f"{prefs['val_logratio_margin']:.3f} nats" + (f", reward accuracy {prefs['val_reward_accuracy']:.3f}, "
+                                                           f"margin {prefs['val_reward_margin']:.3f}"
+                                                           if "val_reward_accuracy" in prefs else ""))
+    if "policy" in summary:
+        p, s = summary["policy"], summary["sft"]
+        print(f"held-out prompts: KL(π_θ‖π_ref) {p['kl']:.3f} nats; gold score {p['gold_score']:.3f} (SFT "
+              f"{s['mean_score']:.3f}); sampled gold {p['sampled_gold_score']:.3f} (SFT {s['sampled_gold_score']:.3f}); "
+              f"win rate vs SFT {p['win_rate_vs_sft']:.1%}")
+    print(f"saved {os.path.join(out_dir, 'model.pt')}, metrics.jsonl, eval.json, dpo.png ({summary['wall_seconds']:.0f}s)")
+
+
+def beta_sweep(args, run):
+    """Train one policy per β in --beta-sweep (out/beta_<β>/), and plot the frontier with the SFT
+    point and, with --ppo-run, PPO's iterations. Writes out/frontier.json and out/frontier.png."""
+    if not run["tasks"]:
+        raise ConfigError("--beta-sweep needs held-out prompts for KL and gold score (--eval-tasks > 0)")
+    points = []
+    for beta in args.beta_sweep:
+        summary = train_one(args, run, beta, os.path.join(args.out, f"beta_{beta:g}"))
+        points.append({"kl": summary["policy"]["kl"], "gold_score": summary["policy"]["sampled_gold_score"],
+                       "label": f"β={beta:g}", "beta": beta, "greedy_gold_score": summary["policy"]["gold_score"],
+                       "win_rate_vs_sft": summary["policy"]["win_rate_vs_sft"]})
+    by_method = {args.loss.upper(): points,
+                 "SFT": [{"kl": 0.0, "gold_score": run["baseline"]["sampled_gold_score"], "label": "SFT"}]}
+    if args.ppo_run:
+        by_method["PPO"] = read_ppo_points(args.ppo_run)
+    with open(os.path.join(args.out, "frontier.json"), "w") as f:
+        json.dump(by_method, f, indent=2)
+    plot_frontier(by_method, os.path.join(args.out, "frontier.png"))
+    for p in points:
+        print(f"{p['label']}: KL {p['kl']:.3f}, sampled gold {p['gold_score']:.3f}, greedy gold "
+              f"{p['greedy_gold_score']:.3f}, win rate {p['win_rate_vs_sft']:.1%}")
+    print(f"wrote {os.path.join(args.out, 'frontier.png')} and frontier.json")
+    return by_method
+
+
+def float_list(text):
+    return comma_list(float)(text)
+
+
+def validate_args(args):
+    """One clear error per out-of-range flag, before any work starts."""
+    if args.beta is None:
+        args.beta = BETA[args.loss]
+    for name in ["epochs", "batch_size", "lr", "grad_clip", "evals_per_epoch", "eval_batch_size", "max_new_tokens",
+                 "log_every", "num_prompts", "k"]:
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    for name in ["eval_tasks", "weight_decay", "max_steps", "orpo_lambda", "kto_desirable_weight",
+                 "kto_undesirable_weight"]:
+        if (getattr(args, name) or 0) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
+    if args.loss != "orpo" and args.beta <= 0:
+        raise ConfigError(f"--beta must be > 0 for --loss {args.loss} (got {args.beta})")
+    if args.beta_sweep is not None and (not args.beta_sweep or min(args.beta_sweep) <= 0):
+        raise ConfigError(f"--beta-sweep must list positive β values, e.g. 0.05,0.1,0.3,1.0 (got {args.beta_sweep})")
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in (0, 1) (got {args.val_fraction})")
+    if not 0 <= args.label_noise < 0.5:
+        raise ConfigError(f"--label-noise must be in [0, 0.5) (got {args.label_noise})")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ConfigError(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+        raise ConfigError(f"--min-lr must be in [0, --lr] (got {args.min_lr})")
+    if args.val_data and not args.data:
+        raise ConfigError("--val-data needs --data (the default preference set comes with its own split)")
+    if args.ppo_run and args.beta_sweep is None:
+        raise ConfigError("--ppo-run is read by --beta-sweep (the frontier plot); give both")
+    for flag, path in (("--sft", args.sft), ("--data", args.data), ("--val-data", args.val_data)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path}: file not found")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" after a help string, except where X is None (the help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    io = p.add_argument_group("models and data")
+    io.add_argument("--sft", default=SFT, help="SFT checkpoint: the starting policy π_θ and the frozen reference π_ref")
+    io.add_argument("--out", default=OUT, help="run directory: model.pt, metrics.jsonl, eval.json, dpo.png (and the sweep's frontier.png)")
+    io.add_argument("--data", default=None, help="preference JSONL {prompt, chosen, rejected} or, for KTO, {prompt, "
+                                                "completion, label} (default: the reward run's preferences_train.jsonl, else one built into --out)")
+    io.add_argument("--val-data", default=None, help="held-out preference pairs (default: a split of --data by prompt)")
+    io.add_argument("--reward-run", default=None, help="reward run directory with preferences_{train,val}.jsonl "
+                                                      "(default: <run>/reward next to the SFT directory)")
+    io.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of --data's prompts held out")
+    io.add_argument("--num-prompts", type=int, default=NUM_PROMPTS, help="train-split task prompts when the preference set must be built (as reward.py)")
+    io.add_argument("--k", type=int, default=K, help="SFT responses sampled and ranked per prompt for that set")
+    io.add_argument("--label-noise", type=float, default=LABEL_NOISE, help="probability that the simulated labeler flips a pair in that set")
+    io.add_argument("--families", type=comma_list(str), default=None, help="task families for built data and evaluation, e.g. arith,sort")
+    io.add_argument("--levels", type=comma_list(int), default=None, help="task levels for built data and evaluation, e.g. 1,2")
+
+    loss = p.add_argument_group("the objective")
+    loss.add_argument("--loss", choices=LOSSES, default="dpo", help="the objective: DPO (seed 4.3) or a variant (4.5)")
+    loss.add_argument("--beta", type=float, default=None, help=f"β (default per loss: {BETA}); IPO's τ; unused by ORPO")
+    loss.add_argument("--simpo-gamma", type=float, default=SIMPO_GAMMA, help="SimPO target reward margin γ")
+    loss.add_argument("--orpo-lambda", type=float, default=ORPO_LAMBDA, help="ORPO weight λ of the odds-ratio term")
+    loss.add_argument("--kto-desirable-weight", type=float, default=KTO_DESIRABLE_WEIGHT, help="KTO λ_D")
+    loss.add_argument("--kto-undesirable-weight", type=float, default=KTO_UNDESIRABLE_WEIGHT, help="KTO λ_U")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training pairs")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
+    train.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs (KTO: examples) per optimizer step")
+    train.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    train.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine (default lr/10)")
+    train.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO, help="share of the steps spent in linear warmup")
+    train.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay on matrices")
+    train.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm")
+    train.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH, help="held-out preference evaluations per epoch")
+    train.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
+    train.add_argument("--seed", type=int, default=SEED, help="seed for data order, KTO mismatches and sampling")
+
+    evaluation = p.add_argument_group("evaluation and the frontier")
+    evaluation.add_argument("--eval-tasks", type=int, default=EVAL_TASKS, help="held-out prompts for KL, gold score, win rate (0: skip)")
+    evaluation.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated in parallel")
+    evaluation.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest generated reply in tokens")
+    evaluation.add_argument("--beta-sweep", type=float_list, default=None, metavar="B1,B2,…",
+                            help="train one policy per β (out/beta_<β>/) and plot gold score against KL (frontier.png)")
+    evaluation.add_argument("--ppo-run", default=None, metavar="DIR",
+                            help="PPO run directory whose metrics.jsonl has per-iteration 'kl' and 'gold_score': its points join the frontier")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        validate_args(args)
+        run = prepare(args)
+        if args.beta_sweep is not None:
+            return beta_sweep(args, run)
+        return train_one(args, run, args.beta, args.out)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
