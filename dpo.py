@@ -60,7 +60,7 @@ from data.tasks import generate_tasks, judge
 from reward import (K, LABEL_NOISE, NUM_PROMPTS, build_preference_data, load_preferences, prompt_messages,
                     response_text, split_by_prompt, write_preferences)
 from sft import (chat_tokens, collate_examples, comma_list, decode_response, generate_responses,
-                 heldout_tasks, load_chat_model, render_chat, render_prompt, sequence_logprobs)
+                 heldout_tasks, jsonl_records, load_chat_model, render_chat, render_prompt, sequence_logprobs)
 from train_gpt import ConfigError, atomic_save, get_lr, log_line, pick_device
 
 # Defaults (all overridable on the command line; see build_parser).
@@ -293,28 +293,15 @@ def tokenize_pairs(records, enc, block_size, source):
 def load_unpaired(path):
     """KTO records {"prompt": messages, "completion": text, "label": bool} from a JSONL file;
     errors name FILE:LINE."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: data file not found")
     records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict) or not {"prompt", "completion", "label"} <= set(record):
-                    raise ConfigError(f"{where}: an unpaired (KTO) record needs 'prompt', 'completion' and 'label'")
-                if not isinstance(record["label"], bool):
-                    raise ConfigError(f"{where}: 'label' must be true or false, got {record['label']!r}")
-                records.append({"prompt": prompt_messages(record["prompt"], where),
-                                "completion": response_text(record["completion"], where, "completion"),
-                                "label": record["label"]})
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for where, record in jsonl_records(path):
+        if not isinstance(record, dict) or not {"prompt", "completion", "label"} <= set(record):
+            raise ConfigError(f"{where}: an unpaired (KTO) record needs 'prompt', 'completion' and 'label'")
+        if not isinstance(record["label"], bool):
+            raise ConfigError(f"{where}: 'label' must be true or false, got {record['label']!r}")
+        records.append({"prompt": prompt_messages(record["prompt"], where),
+                        "completion": response_text(record["completion"], where, "completion"),
+                        "label": record["label"]})
     if not records:
         raise ConfigError(f"{path}: no records in the file")
     return records

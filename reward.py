@@ -56,7 +56,7 @@ from data.errors import DataError
 from data.tasks import generate_tasks, judge, write_jsonl
 from data.tokenizer import load_tokenizer
 from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, decode_response, generate_responses,
-                 render_chat, render_prompt)
+                 jsonl_records, render_chat, render_prompt)
 from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, log_line,
                        pick_device)
 
@@ -323,26 +323,13 @@ def load_preferences(path, enc=None, max_tokens=None):
     Ranking records are expanded into their C(k, 2) pairs, adjacent in the list. With `enc` and
     `max_tokens`, a pair longer than max_tokens tokens is an error too. Errors name FILE:LINE.
     """
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: preference file not found")
     pairs = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                new_pairs = pairs_from_record(record, where)
-                if enc is not None and max_tokens is not None:
-                    for pair in new_pairs:
-                        check_pair_length(pair, enc, max_tokens, where)
-                pairs += new_pairs
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for where, record in jsonl_records(path, "preference"):
+        new_pairs = pairs_from_record(record, where)
+        if enc is not None and max_tokens is not None:
+            for pair in new_pairs:
+                check_pair_length(pair, enc, max_tokens, where)
+        pairs += new_pairs
     if not pairs:
         raise ConfigError(f"{path}: no preference pairs in the file")
     return pairs

@@ -382,23 +382,32 @@ def check_messages(messages, where):
         raise ConfigError(f"{where}: the conversation must end with an assistant turn (nothing to learn otherwise)")
 
 
-def load_conversations(path):
-    """Every conversation of a JSONL file, validated; errors name FILE:LINE."""
+def jsonl_records(path, what="data"):
+    """(where, record) for each non-empty line of a JSONL file, `where` = "FILE:LINE" for errors.
+
+    A missing file, a line that is not JSON and bytes that are not UTF-8 each become one clear
+    ConfigError. reward.py and dpo.py read their files through this too.
+    """
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: data file not found")
-    conversations = []
+        raise ConfigError(f"{path}: {what} file not found")
     try:
         with open(path, encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                where = f"{path}:{line_number}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-                conversations.append(messages_from_record(record, f"{path}:{line_number}"))
+                    raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                yield where, record
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def load_conversations(path):
+    """Every conversation of a JSONL file, validated; errors name FILE:LINE."""
+    conversations = [messages_from_record(record, where) for where, record in jsonl_records(path)]
     if not conversations:
         raise ConfigError(f"{path}: no conversations in the file")
     return conversations
