@@ -65,6 +65,7 @@ a length bias can then be caught "hacking" it.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import ast
 import hashlib
@@ -199,26 +200,29 @@ def _number_closeness(head: str, gold: str) -> float:
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-class Family:
+class Family(abc.ABC):
     """Base class: `sample` → instance dict, `render`/`parse` ↔ prompt, `solve` → gold answer."""
 
     name = ""
     kind = "string"  # "number" | "list" | "string": how `content` compares head and gold
 
+    @abc.abstractmethod
     def sample(self, rng: random.Random, level: int) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def key(self, inst: dict) -> str:
         """Canonical problem key, independent of wording; hashed to pick the split."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def templates(self) -> list[tuple[str, re.Pattern]]:
         """(format string, full-match regex) pairs: the wordings of this family's prompts.
 
         Every wording starts with fixed words and ends with fixed words or punctuation, so a
         prompt is never a substring of a different prompt ("Sort 3 1 4 in ..." cannot hide inside
         "Sort 3 1 4 5 in ..."): decontamination by substring search is then exact."""
-        raise NotImplementedError
+        ...
 
     def fields(self, inst: dict) -> dict:
         return inst
@@ -226,11 +230,13 @@ class Family:
     def from_fields(self, fields: dict) -> dict:
         return fields
 
+    @abc.abstractmethod
     def solve(self, inst: dict) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def level_of(self, inst: dict) -> int:
-        raise NotImplementedError
+        ...
 
     def render(self, inst: dict, rng: random.Random) -> str:
         fmt, _ = rng.choice(self.templates())
