@@ -61,7 +61,7 @@ from reward import (K, LABEL_NOISE, NUM_PROMPTS, build_preference_data, load_pre
                     response_text, split_by_prompt, write_preferences)
 from sft import (chat_tokens, collate_examples, comma_list, decode_response, generate_responses,
                  heldout_tasks, jsonl_records, load_chat_model, render_chat, render_prompt, sequence_logprobs)
-from train_gpt import ConfigError, atomic_save, get_lr, log_line, pick_device
+from train_gpt import ConfigError, atomic_save, get_lr, log_line, pick_device, read_metrics
 
 # Defaults (all overridable on the command line; see build_parser).
 SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: the starting policy π_θ and the frozen π_ref
@@ -728,8 +728,7 @@ def plot_training(metrics_path, png, loss_name):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(metrics_path)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_logratio_accuracy" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -70,7 +70,7 @@ from data.tokenizer import load_tokenizer
 from reward import load_reward_model, load_sft, reward_model_from_gpt, score, task_messages
 from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_response, evaluate_tasks, heldout_tasks,
                  left_pad, render_prompt, token_logprobs)
-from train_gpt import ConfigError, atomic_save, load_checkpoint, log_line, pick_device
+from train_gpt import ConfigError, atomic_save, load_checkpoint, log_line, pick_device, read_metrics
 
 # =============================================================================
 # 1. Hyperparameters (all overridable on the command line; see build_parser)
@@ -882,11 +882,6 @@ def train_length_biased_reward_model(args):
     print(f"training a length-biased reward model (B = {args.length_bias} per token) → {out}")
     reward.train_reward(rm_args)
     return os.path.join(out, "model.pt")
-
-
-def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def beta_sweep(args):

@@ -56,9 +56,9 @@ from data.errors import DataError
 from data.tasks import generate_tasks, judge, write_jsonl
 from data.tokenizer import load_tokenizer
 from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, decode_response, generate_responses,
-                 jsonl_records, render_chat, render_prompt)
+                 jsonl_records, plot_train_val_loss, render_chat, render_prompt)
 from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, log_line,
-                       pick_device)
+                       pick_device, read_metrics)
 
 # Defaults (all overridable on the command line; see build_parser).
 SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: source of the samples and of r_φ's initial weights
@@ -804,15 +804,8 @@ def plot_training(metrics_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
-    best = min(val, key=lambda r: r["val_loss"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
-    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    axes[0].plot(best["step"], best["val_loss"], "*", ms=15, color="gold", mec="black", label="kept checkpoint")
+    _, val = plot_train_val_loss(axes[0], read_metrics(metrics_path))
     axes[0].axhline(math.log(2), color="gray", ls="--", label="ln 2 (r_φ ignores the response)")
     axes[0].set(title="Bradley–Terry loss −log σ(r_w − r_l)", xlabel="step")
     axes[0].legend()

@@ -51,7 +51,7 @@ from data.errors import DataError
 from data.tasks import generate_tasks, judge, sft_conversations
 from data.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer
 from train_gpt import (GPT, ConfigError, KVCache, atomic_save, get_lr, gpt2_from_hf_state_dict, log_line,
-                       model_from_checkpoint, perplexity, pick_device, sample_next_token)
+                       model_from_checkpoint, perplexity, pick_device, read_metrics, sample_next_token)
 
 # Defaults (all overridable on the command line; see build_parser).
 INIT = "runs/default/pretrain/model.pt"
@@ -703,6 +703,18 @@ def load_sft_weights(path, device):
     return torch.load(path, map_location=device, weights_only=True)["model"]
 
 
+def plot_train_val_loss(ax, records):
+    """Train loss per step and validation loss per evaluation on one axis, the kept (best)
+    checkpoint starred. Returns the (train, val) records. reward.py draws its curves with it too."""
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"])
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.plot(best["step"], best["val_loss"], "*", ms=15, color="gold", mec="black", label="kept checkpoint")
+    return train, val
+
+
 def plot_sft(metrics_path, png_path):
     """Train loss per step and validation loss per evaluation; a widening gap is overfitting.
 
@@ -713,15 +725,8 @@ def plot_sft(metrics_path, png_path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
-    best = min(val, key=lambda r: r["val_loss"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
-    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    axes[0].plot(best["step"], best["val_loss"], "*", ms=15, color="gold", mec="black", label="kept checkpoint")
+    train, _ = plot_train_val_loss(axes[0], read_metrics(metrics_path))
     for a, b in zip(train, train[1:]):
         if b["epoch"] != a["epoch"]:
             axes[0].axvline(a["step"], color="gray", ls=":", lw=1)

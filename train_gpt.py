@@ -814,6 +814,12 @@ def log_line(metrics_file, record):
     metrics_file.flush()
 
 
+def read_metrics(path):
+    """The records of a metrics.jsonl written with log_line (every stage's plots read them back)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def truncate_metrics(path, after_step):
     """On resume, forget metrics logged after the checkpoint we resume from."""
     if not os.path.exists(path):
@@ -1142,8 +1148,7 @@ def plot_metrics(metrics_path, png_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(metrics_path)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     rollbacks = [r["step"] for r in records if r.get("event") == "rollback"]
