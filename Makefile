@@ -2,9 +2,53 @@
 # Both create .venv and install requirements.txt once; a second run installs nothing.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-RUN ?= default
 VENV := .venv
 PY := $(VENV)/bin/python
+# The tests' smoke run sets INSTALL= and PY= to run the pipeline with their own Python.
+INSTALL ?= $(VENV)/.installed
+
+# PRESET picks every stage's flags below: cpu (the default without a GPU: the whole pipeline in
+# under 20 minutes on 2 cores), gpu (one GPU: a larger model and corpus), tiny (a smoke test in
+# a minute or two). RUN names the run directory, $(RUNS)/$(RUN)/; stages whose outputs there
+# match their configuration are skipped, an interrupted stage resumes.
+PRESET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+RUN ?= default
+RUNS ?= runs
+OUT := $(RUNS)/$(RUN)
+ifeq ($(filter $(PRESET),cpu gpu tiny),)
+$(error PRESET=$(PRESET): must be cpu, gpu or tiny)
+endif
+
+# Each stage's flags per preset. Override or add any flag with STAGE_ARGS, e.g.
+#   make run SFT_ARGS="--epochs 5 --lr 2e-3" PPO_ARGS="--beta 0.1"
+# (the last occurrence of a flag wins).
+cpu_DATA     := --task-worksheets 4000
+cpu_PRETRAIN := --n-layer 4 --n-head 4 --n-embd 128 --block-size 256 --max-steps 1000
+cpu_SFT      := --epochs 3 --eval-tasks 300
+cpu_REWARD   := --num-prompts 4000
+cpu_PPO      := --iterations 40 --eval-tasks 300
+cpu_DPO      := --eval-tasks 300
+cpu_EVAL     := --eval-tasks 300
+
+gpu_DATA     := --task-worksheets 20000 --max-bytes 30000000
+gpu_PRETRAIN := --n-layer 8 --n-head 8 --n-embd 512 --block-size 512 --micro-batch-size 32 --global-batch-size 64 \
+                --max-steps 5000 --lr 1e-3 --warmup-steps 200 --eval-every 250 --checkpoint-every 250
+gpu_SFT      := --epochs 3 --num-conversations 50000 --lr 3e-4 --eval-tasks 1000
+gpu_REWARD   := --num-prompts 20000 --lr 1e-4
+gpu_PPO      := --iterations 200 --rollouts 256 --minibatch-size 64 --eval-tasks 1000
+gpu_DPO      := --num-prompts 20000 --eval-tasks 1000
+gpu_EVAL     := --eval-tasks 1000
+
+tiny_DATA     := --max-bytes 300000 --vocab-size 512 --task-worksheets 200 --task-weight 0.2
+tiny_PRETRAIN := --n-layer 2 --n-head 2 --n-embd 32 --block-size 128 --max-steps 40 --warmup-steps 4 \
+                 --eval-every 20 --checkpoint-every 20 --eval-windows 8 --log-every 20
+tiny_SFT      := --num-conversations 300 --epochs 1 --evals-per-epoch 2 --eval-tasks 24 --log-every 20
+tiny_REWARD   := --num-prompts 60 --eval-prompts 12
+tiny_PPO      := --iterations 2 --rollouts 16 --minibatch-size 8 --eval-tasks 24
+tiny_DPO      := --max-steps 6 --eval-tasks 24
+tiny_EVAL     := --eval-tasks 24
+
+.PHONY: run test bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,22 +56,35 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-.PHONY: run test bench clean
+# The main job: data → tokenizer → pretraining → SFT → reward model → PPO → DPO → evaluation,
+# then $(OUT)/report.md with every stage's numbers and plots.
+run: $(INSTALL)
+	$(PY) -m data.prepare --out $(OUT)/data $($(PRESET)_DATA) $(DATA_ARGS)
+	$(PY) train_gpt.py train --data $(OUT)/data --out $(OUT)/pretrain $($(PRESET)_PRETRAIN) $(PRETRAIN_ARGS)
+	$(PY) sft.py --init $(OUT)/pretrain/model.pt --out $(OUT)/sft $($(PRESET)_SFT) $(SFT_ARGS)
+	$(PY) reward.py --sft $(OUT)/sft/model.pt --out $(OUT)/reward $($(PRESET)_REWARD) $(REWARD_ARGS)
+	$(PY) ppo.py --sft $(OUT)/sft/model.pt --reward-model $(OUT)/reward/model.pt --out $(OUT)/ppo \
+		$($(PRESET)_PPO) $(PPO_ARGS)
+	$(PY) dpo.py --sft $(OUT)/sft/model.pt --reward-run $(OUT)/reward --out $(OUT)/dpo $($(PRESET)_DPO) $(DPO_ARGS)
+	$(PY) sft.py --eval base=$(OUT)/pretrain/model.pt sft=$(OUT)/sft/model.pt ppo=$(OUT)/ppo/model.pt \
+		dpo=$(OUT)/dpo/model.pt --reference sft --eval-out $(OUT)/eval $($(PRESET)_EVAL) $(EVAL_ARGS)
+	$(PY) -m data.report --run $(OUT) --preset $(PRESET)
 
-# The main job: prepare the default data, pretrain the default small model, sample from it,
-# fine-tune it on the built-in tasks (judged base vs SFT), train the reward model on judge-ranked samples.
-run: $(VENV)/.installed
-	$(PY) -m data.prepare --out runs/$(RUN)/data
-	$(PY) train_gpt.py train --data runs/$(RUN)/data --out runs/$(RUN)/pretrain
-	$(PY) train_gpt.py sample runs/$(RUN)/pretrain/model.pt --prompt "def " --num-samples 2 --max-new-tokens 80
-	$(PY) sft.py --init runs/$(RUN)/pretrain/model.pt --out runs/$(RUN)/sft
-	$(PY) reward.py --sft runs/$(RUN)/sft/model.pt --out runs/$(RUN)/reward
-
-test: $(VENV)/.installed
+test: $(INSTALL)
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed
+bench: $(INSTALL)
 	$(PY) bench/train_throughput.py
 
 clean:
-	rm -rf runs/$(RUN)
+	rm -rf $(OUT)
+
+# Classroom assignments (README, "For teachers"): a student copy of the project with the marked function
+# bodies removed, and the grader's score table.  make student DEST=../hw1 [ASSIGN=get_lr,perplexity]
+.PHONY: student grade
+student: $(INSTALL)
+	$(if $(DEST),,$(error DEST is required: make student DEST=../hw1 [ASSIGN=get_lr,perplexity]))
+	$(PY) -m tests.classroom student --out $(DEST) $(if $(ASSIGN),--only $(ASSIGN))
+
+grade: $(INSTALL)
+	$(PY) -m tests.classroom grade $(if $(ROOT),--root $(ROOT))

@@ -50,18 +50,20 @@ import random
 import sys
 import time
 from collections import namedtuple
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from data.errors import DataError
-from data.tasks import generate_tasks, judge
+from data.tasks import generate_tasks
 from reward import (K, LABEL_NOISE, NUM_PROMPTS, build_preference_data, load_preferences, prompt_messages,
                     response_text, split_by_prompt, write_preferences)
-from sft import (chat_tokens, collate_examples, comma_list, decode_response, generate_responses,
-                 heldout_tasks, jsonl_records, load_chat_model, render_chat, render_prompt, sequence_logprobs)
-from train_gpt import ConfigError, atomic_save, get_lr, log_line, pick_device, read_metrics
+from sft import (chat_tokens, collate_examples, comma_list, evaluate_tasks, heldout_tasks, jsonl_records,
+                 load_chat_model, render_chat, render_prompt, sampled_evaluation, sequence_logprobs)
+from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_decision, stage_fingerprint
+from train_gpt import (ConfigError, atomic_save, get_lr, load_resume_point, log_line, pick_device, random_state,
+                       read_metrics, save_resume_point, set_random_state, truncate_metrics)
 
 # Defaults (all overridable on the command line; see build_parser).
 SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: the starting policy π_θ and the frozen π_ref
@@ -83,12 +85,16 @@ EVALS_PER_EPOCH = 4                 # held-out preference evaluations per epoch
 EVAL_TASKS = 200                    # held-out task prompts for KL, gold score and win rate
 MAX_NEW_TOKENS = 32                 # longest generated reply
 SEED = 1337                         # data order, KTO mismatched pairs, sampling
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+# Not --eval-batch-size: it cuts sampling into batches (the evaluation's, a built preference set's), changing the draws.
+RUNTIME_FLAGS = {"device", "log_every", "checkpoint_every", "force"}
 
 
 # =============================================================================
 # 1. The losses (seed 4.3, 4.5)
 # =============================================================================
 
+# classroom: begin dpo_loss
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta=0.1):
     """DPO (Rafailov et al. 2023; seed 4.3, the listing; blog, "Direct Preference Optimization").
@@ -110,8 +116,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     rejected_rewards = beta * rejected_log_ratios.detach()
     reward_accuracies = (chosen_rewards > rejected_rewards).float()
     return loss, chosen_rewards.mean(), rejected_rewards.mean(), reward_accuracies.mean()
+# classroom: end dpo_loss
 
 
+# classroom: begin ipo_loss
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta=0.1):
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
@@ -131,8 +139,10 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     chosen_rewards = beta * chosen_log_ratios.detach()
     rejected_rewards = beta * rejected_log_ratios.detach()
     return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+# classroom: end ipo_loss
 
 
+# classroom: begin simpo_loss
 def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gamma=1.0):
     """SimPO (Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
     Reward"; seed 4.5).
@@ -151,6 +161,7 @@ def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gam
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+# classroom: end simpo_loss
 
 
 def log_odds(avg_logps):
@@ -163,6 +174,7 @@ def log_odds(avg_logps):
     return avg_logps - torch.log(-torch.expm1(avg_logps))
 
 
+# classroom: begin orpo_loss
 def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, odds_ratio_weight=0.1):
     """ORPO (Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model"; seed 4.5).
@@ -182,6 +194,7 @@ def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, odds_ratio_wei
     loss = (-policy_chosen_avg_logps + odds_ratio_weight * odds_ratio_term).mean()
     chosen_rewards, rejected_rewards = chosen_log_odds.detach(), rejected_log_odds.detach()
     return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+# classroom: end orpo_loss
 
 
 def kto_reference_point(policy_mismatched_logps, reference_mismatched_logps):
@@ -195,6 +208,7 @@ def kto_reference_point(policy_mismatched_logps, reference_mismatched_logps):
     return (policy_mismatched_logps - reference_mismatched_logps).mean().clamp(min=0).detach()
 
 
+# classroom: begin kto_loss
 def kto_loss(policy_logps, reference_logps, is_desirable, reference_point, beta=0.1,
              desirable_weight=1.0, undesirable_weight=1.0):
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"; seed 4.5).
@@ -217,6 +231,7 @@ def kto_loss(policy_logps, reference_logps, is_desirable, reference_point, beta=
     implicit_rewards = beta * rewards.detach()
     return (losses.mean(), implicit_rewards[is_desirable].mean(), implicit_rewards[~is_desirable].mean(),
             reference_point)
+# classroom: end kto_loss
 
 
 # =============================================================================
@@ -409,6 +424,12 @@ def cache_reference_logprobs(reference, examples, pad_token, batch_size, device,
     reference.train(was_training)
 
 
+def reference_logprobs_of(examples):
+    """The π_ref log-probs cache_reference_logprobs stored on each example, as plain dicts: a resume
+    point keeps them, so that a resumed run does not pass over the data again."""
+    return [{f.name: getattr(e, f.name) for f in fields(e) if f.name.startswith("reference_")} for e in examples]
+
+
 def loss_hyperparameters(args, beta):
     return {"beta": beta, "gamma": args.simpo_gamma, "odds_ratio_weight": args.orpo_lambda,
             "desirable_weight": args.kto_desirable_weight, "undesirable_weight": args.kto_undesirable_weight}
@@ -529,11 +550,16 @@ def training_schedule(n_examples, args):
             "eval_every": max(1, math.ceil(steps_per_epoch / args.evals_per_epoch))}
 
 
-def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics):
+def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics, resume=None, save_point=None):
     """The training loop: epochs of shuffled batches, LR from warmup + cosine (train_gpt.get_lr),
-    held-out preference metrics every schedule["eval_every"] steps and at the end."""
+    held-out preference metrics every schedule["eval_every"] steps and at the end.
+
+    Every --checkpoint-every steps (default: at each evaluation) `save_point(step, state)` stores the
+    weights, AdamW's moments, the random state and the last evaluation; given such a `resume` point
+    the loop restores them and skips the steps already done (each epoch's order is seeded)."""
     hp = loss_hyperparameters(args, beta)
     schedule = training_schedule(len(train_examples), args)
+    checkpoint_every = args.checkpoint_every or schedule["eval_every"]
     optimizer = policy.configure_optimizer(args.lr, args.weight_decay, device_type=run["device"].type)
     pad, device, autocast = run["pad"], run["device"], run["autocast"]
 
@@ -546,7 +572,13 @@ def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics):
 
     print(f"{loss_name.upper()} β={beta:g}: {len(train_examples)} training examples, {schedule['total_steps']} steps "
           f"({schedule['steps_per_epoch']}/epoch), warmup {schedule['warmup_steps']}, lr {args.lr:g}")
-    last = validate(0, 0)
+    if resume is None:
+        last = validate(0, 0)
+    else:
+        policy.load_state_dict(resume["policy"])
+        optimizer.load_state_dict(resume["optimizer"])
+        last = resume["last_evaluation"]
+        set_random_state(resume["random"])
     step = 0
     policy.train()
     for epoch in range(1, args.epochs + 1):
@@ -555,6 +587,9 @@ def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics):
         for chunk in batches([train_examples[i] for i in order], args.batch_size):
             if step == schedule["total_steps"]:
                 break
+            if resume is not None and step < resume["step"]:  # done before the interruption
+                step += 1
+                continue
             t0 = time.time()
             lr = get_lr(step + 1, schedule["warmup_steps"], schedule["total_steps"], args.lr, args.min_lr)
             record = train_step(policy, optimizer, chunk, loss_name, hp, lr, args.grad_clip, pad, device, autocast)
@@ -569,54 +604,15 @@ def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics):
                     print(f"step {step}: held-out log-ratio accuracy {last['val_logratio_accuracy']:.3f}, "
                           f"margin {last['val_logratio_margin']:.3f} nats"
                           + (f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""))
+            if save_point is not None and step % checkpoint_every == 0 and step < schedule["total_steps"]:
+                save_point(step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "random": random_state(), "last_evaluation": last})
     return step, last
 
 
 # =============================================================================
 # 5. Evaluation: KL to π_ref and the gold score against the SFT model (seed 4.6)
 # =============================================================================
-
-@torch.no_grad()
-def sampled_kl_and_gold(policy, reference, enc, tasks, args, device, autocast=contextlib.nullcontext(),
-                        compute_kl=True):
-    """Sample one response per held-out prompt from π_θ at temperature 1 and return, per prompt,
-
-        kl   = log π_θ(y|x) − log π_ref(y|x),  y ∼ π_θ(·|x)     (summed over y's tokens)
-        gold = judge(task, y)
-
-    The mean of kl is an unbiased Monte-Carlo estimate of KL(π_θ ‖ π_ref) per response — only for
-    samples from π_θ itself at temperature 1 with no top-k/top-p (otherwise it is another
-    distribution's KL). These are the frontier's coordinates (DPO paper, figure 2)."""
-    tokens = chat_tokens(enc)
-    prompts = [render_prompt([{"role": "user", "content": t.prompt}], enc) for t in tasks]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    with autocast:
-        responses = generate_responses(policy, prompts, args.max_new_tokens, tokens.end, tokens.pad,
-                                       args.eval_batch_size, temperature=1.0, generator=generator, device=device)
-    gold = [judge(t, decode_response(enc, r)) for t, r in zip(tasks, responses)]
-    if not compute_kl:
-        return [0.0] * len(tasks), gold
-    sequences = [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)]
-    kl = []
-    for chunk in batches(sequences, args.eval_batch_size):
-        with autocast:
-            policy_logps = batch_logprobs(policy.eval(), chunk, tokens.pad, device)
-            reference_logps = batch_logprobs(reference.eval(), chunk, tokens.pad, device)
-        kl += (policy_logps - reference_logps).tolist()
-    return kl, gold
-
-
-@torch.no_grad()
-def greedy_gold(model, enc, tasks, args, device, autocast=contextlib.nullcontext()):
-    """Greedy answers to the held-out prompts, judged: (gold scores, stopped-with-<|end|> flags, replies)."""
-    tokens = chat_tokens(enc)
-    prompts = [render_prompt([{"role": "user", "content": t.prompt}], enc) for t in tasks]
-    with autocast:
-        responses = generate_responses(model, prompts, args.max_new_tokens, tokens.end, tokens.pad,
-                                       args.eval_batch_size, device=device)
-    replies = [decode_response(enc, r) for r in responses]
-    return [judge(t, reply) for t, reply in zip(tasks, replies)], [bool(r) and r[-1] == tokens.end for r in responses], replies
-
 
 def win_rate(policy_scores, sft_scores):
     """P(gold(policy) > gold(SFT)) on the same prompts, ties counted half."""
@@ -631,21 +627,26 @@ def mean(values):
 
 def sft_baseline(reference, enc, tasks, args, run):
     """The SFT model's greedy and sampled gold scores (computed once, shared by a β sweep)."""
-    scores, stopped, _ = greedy_gold(reference, enc, tasks, args, run["device"], run["autocast"])
-    _, sampled = sampled_kl_and_gold(reference, reference, enc, tasks, args, run["device"], run["autocast"],
-                                     compute_kl=False)
-    return {"scores": scores, "mean_score": mean(scores), "exact_match": mean([s == 1.0 for s in scores]),
-            "stopped": mean(stopped), "sampled_gold_score": mean(sampled)}
+    greedy = evaluate_tasks(reference, enc, tasks, args.max_new_tokens, args.eval_batch_size, run["device"],
+                            run["autocast"], keep_scores=True)
+    sampled = sampled_evaluation(reference, reference, enc, tasks, args.max_new_tokens, args.eval_batch_size,
+                                 run["device"], run["autocast"])
+    return {"scores": greedy["scores"], "mean_score": greedy["mean_score"], "exact_match": greedy["exact_match"],
+            "stopped": greedy["stopped"], "sampled_gold_score": mean(sampled["gold"])}
 
 
 def evaluate_policy(policy, reference, enc, tasks, baseline, args, run):
-    """eval.json's generation numbers: KL on the policy's own samples, sampled and greedy gold
+    """eval.json's generation numbers: KL(π_θ ‖ π_ref) on the policy's own samples at temperature 1
+    (sft.sampled_evaluation: Σ_t log π_θ − log π_ref, the frontier's x), sampled and greedy gold
     scores, and the greedy win rate against the SFT model on the same held-out prompts."""
-    kl, sampled = sampled_kl_and_gold(policy, reference, enc, tasks, args, run["device"], run["autocast"])
-    scores, stopped, replies = greedy_gold(policy, enc, tasks, args, run["device"], run["autocast"])
+    sampled = sampled_evaluation(policy, reference, enc, tasks, args.max_new_tokens, args.eval_batch_size,
+                                 run["device"], run["autocast"])
+    greedy = evaluate_tasks(policy, enc, tasks, args.max_new_tokens, args.eval_batch_size, run["device"],
+                            run["autocast"], keep_scores=True)
+    scores, replies = greedy["scores"], greedy["replies"]
     rate, wins, ties = win_rate(scores, baseline["scores"])
-    return {"kl": mean(kl), "sampled_gold_score": mean(sampled),
-            "gold_score": mean(scores), "exact_match": mean([s == 1.0 for s in scores]), "stopped": mean(stopped),
+    return {"kl": mean(sampled["kl"]), "sampled_gold_score": mean(sampled["gold"]),
+            "gold_score": greedy["mean_score"], "exact_match": greedy["exact_match"], "stopped": greedy["stopped"],
             "win_rate_vs_sft": rate, "wins": wins, "ties": ties, "losses": len(tasks) - wins - ties,
             "examples": [{"prompt": t.prompt, "answer": t.answer, "reply": r, "score": round(s, 3),
                           "sft_score": round(b, 3)}
@@ -660,7 +661,7 @@ def evaluate_policy(policy, reference, enc, tasks, baseline, args, run):
 # lines are ignored), in iteration order:
 #     {"iteration": 12, "kl": 3.1, "gold_score": 0.41, ...}
 #     kl          mean over the iteration's sampled responses of Σ_t log π_θ(y_t|·) − log π_ref(y_t|·),
-#                 in nats per response (the same estimator as `sampled_kl_and_gold`)
+#                 in nats per response (the same estimator as `sft.sampled_evaluation`)
 #     gold_score  mean data.tasks.judge score of those responses, in [0, 1]
 
 def read_ppo_points(run_dir):
@@ -758,18 +759,26 @@ def default_reward_dir(sft_path):
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(sft_path))), "reward")
 
 
+def find_preference_files(args):
+    """The files preference_files reads, if they exist: (train file, val file or None, built_here),
+    else None. built_here: a set that an earlier run built into --out, not another stage's files."""
+    if args.data:
+        return args.data, args.val_data, False
+    reward_dir = args.reward_run or default_reward_dir(args.sft)
+    for directory in (reward_dir, args.out):
+        train_path = os.path.join(directory, "preferences_train.jsonl")
+        val_path = os.path.join(directory, "preferences_val.jsonl")
+        if os.path.isfile(train_path):
+            return train_path, (val_path if os.path.isfile(val_path) else None), directory != reward_dir
+    return None
+
+
 def preference_files(args, reference, enc, run):
     """(train file, val file or None): --data/--val-data if given; else the reward run's
     preferences_{train,val}.jsonl, so DPO and the reward model (hence PPO) learn from the same
     comparisons; else a set built now into --out (`build_default_preferences`)."""
-    if args.data:
-        return args.data, args.val_data
-    for directory in (args.reward_run or default_reward_dir(args.sft), args.out):
-        train_path = os.path.join(directory, "preferences_train.jsonl")
-        val_path = os.path.join(directory, "preferences_val.jsonl")
-        if os.path.isfile(train_path):
-            return train_path, (val_path if os.path.isfile(val_path) else None)
-    return build_default_preferences(reference, enc, args, run)
+    found = find_preference_files(args)
+    return found[:2] if found else build_default_preferences(reference, enc, args, run)
 
 
 def build_default_preferences(reference, enc, args, run):
@@ -825,8 +834,10 @@ def load_training_data(args, reference, enc, run):
     return examples, val_pairs, {"train_file": train_path, "val_file": val_path, "dropped_too_long": dropped + val_dropped}
 
 
-def prepare(args):
-    """Everything a run (or a β sweep) shares: models, data, cached π_ref log-probs, SFT baseline."""
+def prepare(args, fingerprint=None):
+    """Everything a run (or a β sweep) shares: models, data, cached π_ref log-probs, SFT baseline.
+    With a stage `fingerprint` (train_stage) the stage begins once the model and data have loaded,
+    and a resumed run (run["resume"]: its resume point) takes the log-probs and baseline from there."""
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     reference, enc = load_chat_model(args.sft, None, device)
@@ -837,14 +848,26 @@ def prepare(args):
     run = {"device": device, "autocast": autocast, "pad": chat_tokens(enc).pad, "enc": enc,
            "reference": reference, "tokenizer_ref": tokenizer_ref}
     examples, val_pairs, data_info = load_training_data(args, reference, enc, run)
-    t0 = time.time()
-    cache_reference_logprobs(reference, examples, run["pad"], args.batch_size, device, autocast)
-    # Held-out pairs in evaluate_pairs' batches: the same shapes give bit-identical log-probs, so
-    # at step 0 (π_θ = π_ref) every h is exactly 0 — accuracy 0, loss ln 2 — not float noise.
-    cache_reference_logprobs(reference, val_pairs, run["pad"], args.batch_size, device, autocast)
-    print(f"π_ref log-probs cached for {len(examples) + len(val_pairs)} examples in {time.time() - t0:.1f}s")
+    resume = None
+    if fingerprint is not None and begin_stage(args.out, args.loss, fingerprint, args.force) == "resume":
+        resume = load_resume_point(args.out, fingerprint)
+    run["resume"] = resume
+    if resume is not None:
+        print(f"resuming {args.out} after step {resume['step']}")
+        for example, cached in zip(examples + val_pairs, resume["prelude"]["reference_logprobs"]):
+            vars(example).update(cached)
+    else:
+        t0 = time.time()
+        cache_reference_logprobs(reference, examples, run["pad"], args.batch_size, device, autocast)
+        # Held-out pairs in evaluate_pairs' batches: the same shapes give bit-identical log-probs, so
+        # at step 0 (π_θ = π_ref) every h is exactly 0 — accuracy 0, loss ln 2 — not float noise.
+        cache_reference_logprobs(reference, val_pairs, run["pad"], args.batch_size, device, autocast)
+        print(f"π_ref log-probs cached for {len(examples) + len(val_pairs)} examples in {time.time() - t0:.1f}s")
     run.update(examples=examples, val_pairs=val_pairs, data_info=data_info, tasks=heldout_tasks(args))
-    run["baseline"] = sft_baseline(reference, enc, run["tasks"], args, run) if run["tasks"] else None
+    if resume is not None:
+        run["baseline"] = resume["prelude"]["baseline"]
+    else:
+        run["baseline"] = sft_baseline(reference, enc, run["tasks"], args, run) if run["tasks"] else None
     if run["baseline"]:
         print(f"SFT model on {len(run['tasks'])} held-out prompts: greedy gold {run['baseline']['mean_score']:.3f}, "
               f"sampled gold {run['baseline']['sampled_gold_score']:.3f}")
@@ -857,15 +880,27 @@ def new_policy(args, run):
     return policy.train()
 
 
-def train_one(args, run, beta, out_dir):
-    """Train one policy with --loss at this β into out_dir; evaluate; return eval.json's dict."""
+def train_one(args, run, beta, out_dir, fingerprint=None, resume=None):
+    """Train one policy with --loss at this β into out_dir; evaluate; return eval.json's dict.
+    With a stage `fingerprint` (not in a sweep) it writes resume points, continues from `resume`,
+    and marks the stage finished at the end (train_stage)."""
     started = time.time()
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     policy = new_policy(args, run)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    with open(metrics_path, "w") as metrics:
-        steps, last_val = fit(policy, run["examples"], run["val_pairs"], args.loss, beta, args, run, metrics)
+    save_point = None
+    if fingerprint is not None:
+        prelude = {"reference_logprobs": reference_logprobs_of(run["examples"] + run["val_pairs"]),
+                   "baseline": run["baseline"]}
+
+        def save_point(step, state):
+            save_resume_point(out_dir, fingerprint, step, {**state, "prelude": prelude})
+    if resume is not None:  # the lines logged after the resume point are logged again
+        truncate_metrics(metrics_path, resume["step"], final_events=("eval",))
+    with open(metrics_path, "w" if resume is None else "a") as metrics:
+        steps, last_val = fit(policy, run["examples"], run["val_pairs"], args.loss, beta, args, run, metrics,
+                              resume, save_point)
         train_seconds = time.time() - started
         extra = {"train_examples": len(run["examples"]), "val_pairs": len(run["val_pairs"]), **run["data_info"]}
         model_path = os.path.join(out_dir, "model.pt")
@@ -882,8 +917,32 @@ def train_one(args, run, beta, out_dir):
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot_training(metrics_path, os.path.join(out_dir, "dpo.png"), args.loss)
+    if fingerprint is not None:
+        policy_numbers, sft_numbers = summary.get("policy") or {}, summary.get("sft") or {}
+        finish_stage(out_dir, args.loss, fingerprint, started,
+                     {"sft_gold": sft_numbers.get("mean_score"), "policy_gold": policy_numbers.get("gold_score"),
+                      "kl": policy_numbers.get("kl"), "win_rate_vs_sft": policy_numbers.get("win_rate_vs_sft"),
+                      "val_logratio_accuracy": (last_val or {}).get("val_logratio_accuracy"), "steps": steps})
     print_summary(summary, out_dir)
     return summary
+
+
+def train_stage(args):
+    """One run (no sweep) as a stage (train_gpt.begin_stage): skipped when --out holds a finished run
+    of this configuration and these inputs, resumed from its resume point when it holds an
+    interrupted one. Its inputs are --sft and the preference files made by another stage."""
+    found = find_preference_files(args)
+    built_here = found is not None and found[2]
+    fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, [args.sft, *(found[:2] if found and not built_here else ())])
+    if finished_stage(args.out, args.loss, fingerprint, args.force):
+        with open(os.path.join(args.out, "eval.json")) as f:
+            return json.load(f)
+    if built_here and stage_decision(read_stage(args.out), fingerprint, args.force) == "fresh":
+        for path in found[:2]:  # a set built from another --sft or other flags: build it again
+            if path:
+                os.remove(path)
+    run = prepare(args, fingerprint)
+    return train_one(args, run, args.beta, args.out, fingerprint, run["resume"])
 
 
 def print_summary(summary, out_dir):
@@ -939,7 +998,7 @@ def validate_args(args):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
     for name in ["eval_tasks", "weight_decay", "max_steps", "orpo_lambda", "kto_desirable_weight",
-                 "kto_undesirable_weight"]:
+                 "kto_undesirable_weight", "checkpoint_every"]:
         if (getattr(args, name) or 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
     if args.loss != "orpo" and args.beta <= 0:
@@ -1006,6 +1065,11 @@ def build_parser():
     train.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm")
     train.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH, help="held-out preference evaluations per epoch")
     train.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    train.add_argument("--checkpoint-every", type=int, default=None,
+                       help="steps between resume points (default: at every evaluation); a rerun after an "
+                            "interruption continues from the last one")
+    train.add_argument("--force", action="store_true",
+                       help="train again even if --out holds a finished run of this configuration")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
     train.add_argument("--seed", type=int, default=SEED, help="seed for data order, KTO mismatches and sampling")
 
@@ -1024,10 +1088,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         validate_args(args)
-        run = prepare(args)
-        if args.beta_sweep is not None:
-            return beta_sweep(args, run)
-        return train_one(args, run, args.beta, args.out)
+        if args.beta_sweep is not None:  # several runs, each redone: a sweep is not cached as one stage
+            return beta_sweep(args, prepare(args))
+        return train_stage(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

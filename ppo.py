@@ -70,7 +70,9 @@ from data.tokenizer import load_tokenizer
 from reward import load_reward_model, load_sft, reward_model_from_gpt, score, task_messages
 from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_response, evaluate_tasks, heldout_tasks,
                  left_pad, render_prompt, token_logprobs)
-from train_gpt import ConfigError, atomic_save, load_checkpoint, log_line, pick_device, read_metrics
+from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from train_gpt import (ConfigError, atomic_save, load_checkpoint, load_resume_point, log_line, pick_device,
+                       random_state, read_metrics, save_resume_point, set_random_state, truncate_metrics)
 
 # =============================================================================
 # 1. Hyperparameters (all overridable on the command line; see build_parser)
@@ -105,6 +107,10 @@ LENGTH_BIAS = 0.05                           # --beta-sweep: labeler bias B per 
 RM_PROMPTS = 2000                            # --beta-sweep: prompts compared to train that reward model
 THREADS = 1                                  # CPU threads: a tiny model gains nothing from more, loses under load
 SEED = 1337                                  # seed for prompts, sampling and minibatch order
+CHECKPOINT_EVERY = 5                         # iterations between resume points (an interruption loses at most these)
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+# Not --eval-batch-size: here it also cuts the sampled evaluation into batches, which changes its random draws.
+RUNTIME_FLAGS = {"device", "threads", "log_every", "checkpoint_every", "force"}
 
 
 # =============================================================================
@@ -431,6 +437,7 @@ class FixedKLController:
 # 5. Advantages (seed 3.4): GAE for PPO, the group baseline for GRPO
 # =============================================================================
 
+# classroom: begin gae
 def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
     """Generalised Advantage Estimation (Schulman et al. 2016; seed 3.4), all rows at once.
 
@@ -451,6 +458,7 @@ def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
         next_value, next_advantage = values[:, t], advantages[:, t]
     return advantages, (advantages + values) * mask
+# classroom: end gae
 
 
 def whiten(x, mask, eps=1e-8):
@@ -489,6 +497,7 @@ def explained_variance(values, returns, mask):
 # 6. Losses (seed 3.4; blog, "Proximal Policy Optimization")
 # =============================================================================
 
+# classroom: begin ppo_policy_loss
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=CLIP_EPS):
     """The clipped surrogate objective, as a loss to minimise (seed 3.4):
 
@@ -511,8 +520,10 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=CLIP_EPS)
                  "clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
                  "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item()}
     return loss, stats
+# classroom: end ppo_policy_loss
 
 
+# classroom: begin value_loss
 def value_loss(values, old_values, returns, mask, clip=VALUE_CLIP):
     """The critic's regression loss (blog: L_value = E[(V(s_t) − V̂_t)²]), clipped like the policy:
 
@@ -529,6 +540,7 @@ def value_loss(values, old_values, returns, mask, clip=VALUE_CLIP):
     with torch.no_grad():
         clip_fraction = masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask).item()
     return loss, {"value_clip_fraction": clip_fraction}
+# classroom: end value_loss
 
 
 # =============================================================================
@@ -748,17 +760,32 @@ def format_record(r, iterations):
 
 
 def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path, device,
-                   autocast=contextlib.nullcontext()):
+                   autocast=contextlib.nullcontext(), resume=None, save_point=None):
     """The training loop: --iterations × (rollout, experience, update), one metrics.jsonl line and
-    (every --log-every) one progress line each; β updated by the KL controller. Returns (records, β)."""
+    (every --log-every) one progress line each; β updated by the KL controller. Returns (records, β).
+
+    Every --checkpoint-every iterations `save_point(iteration, state)` stores the policy, the critic,
+    AdamW's moments, β and the random states (the global one shuffles the minibatches, `generator`
+    samples the rollouts). Given such a `resume` point the loop continues after its iteration:
+    iteration i always uses the same prompts, so the run goes on as if never interrupted."""
     special = chat_tokens(enc)
     optimizer = make_optimizer(policy, critic, args)
     controller = (AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
                   else FixedKLController(args.beta))
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    records = []
-    with open(metrics_path, "w") as metrics:
-        for iteration in range(1, args.iterations + 1):
+    done = 0
+    if resume is not None:
+        policy.load_state_dict(resume["policy"])
+        if critic is not None:
+            critic.load_state_dict(resume["critic"])
+        optimizer.load_state_dict(resume["optimizer"])
+        controller.beta = resume["beta"]
+        set_random_state(resume["random"], generator)
+        done = resume["step"]
+        truncate_metrics(metrics_path, done, key="iteration")  # the later lines are logged again
+    records = read_metrics(metrics_path) if done else []
+    with open(metrics_path, "a" if done else "w") as metrics:
+        for iteration in range(done + 1, args.iterations + 1):
             batch = slice((iteration - 1) * args.rollouts, iteration * args.rollouts)
             beta = controller.beta
 
@@ -774,6 +801,11 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
             if iteration % args.log_every == 0 or iteration in (1, args.iterations):
                 print(format_record(record, args.iterations))
             controller.update(record["kl"], rollout.batch_size)
+            if save_point is not None and iteration % args.checkpoint_every == 0 and iteration < args.iterations:
+                save_point(iteration, {"policy": policy.state_dict(),
+                                       "critic": critic.state_dict() if critic is not None else None,
+                                       "optimizer": optimizer.state_dict(), "beta": controller.beta,
+                                       "random": random_state(generator)})
     return records, controller.beta
 
 
@@ -809,9 +841,16 @@ def setup(args):
 def train(args, sft_evaluation=None):
     """Load the models, run the iterations, evaluate SFT vs the trained policy on held-out tasks,
     save model.pt, metrics.jsonl, eval.json and ppo.png. Returns the summary written to eval.json;
-    `sft_evaluation` (a previous run's "sft" entry) skips re-judging the same SFT model in a sweep."""
+    `sft_evaluation` (a previous run's "sft" entry) skips re-judging the same SFT model in a sweep.
+    A stage (train_gpt.begin_stage): skipped when --out holds a finished run of this configuration
+    and these inputs, resumed from its last resume point when it holds an interrupted one."""
     validate_args(args)
     started = time.time()
+    inputs = [args.sft, args.reward_model if args.reward_source == "rm" else None]
+    fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, inputs)
+    if finished_stage(args.out, "ppo", fingerprint, args.force):
+        with open(os.path.join(args.out, "eval.json")) as f:
+            return json.load(f)
     device, autocast = setup(args)
     os.makedirs(args.out, exist_ok=True)
     policy, reference, reward_model, critic, enc, tokenizer_ref = load_models(args, device)
@@ -820,8 +859,14 @@ def train(args, sft_evaluation=None):
     tasks, prompts = training_prompts(args, enc)
     check_context(prompts, args, {f"--sft {args.sft}": policy, f"--reward-model {args.reward_model}": reward_model})
     heldout = heldout_tasks(args)
+    # The inputs loaded: the stage begins (a fresh start, or the continuation of an interrupted one).
+    decision = begin_stage(args.out, "ppo", fingerprint, args.force)
+    resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
     evaluation = {}
-    if heldout:
+    if resume is not None:  # the SFT model's evaluation travels in the resume point: not redone
+        evaluation = resume["evaluation"]
+        print(f"resuming {args.out} after iteration {resume['step']}")
+    elif heldout:
         evaluation["sft"] = sft_evaluation or evaluate_heldout("SFT model", reference, reference, enc, heldout, args,
                                                                device, autocast)
     print(f"{args.algo.upper()}: {args.iterations} iterations × {args.rollouts} responses"
@@ -831,8 +876,12 @@ def train(args, sft_evaluation=None):
           + f", reward: {'the gold judge' if reward_model is None else 'r_φ ' + args.reward_model}")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     reward = make_reward_function(reward_model, enc, args, autocast)
+
+    def save_point(iteration, state):
+        save_resume_point(args.out, fingerprint, iteration, {**state, "evaluation": evaluation})
+
     records, final_beta = run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path,
-                                         device, autocast)
+                                         device, autocast, resume, save_point)
     if heldout:
         evaluation["ppo"] = evaluate_heldout(f"{args.algo.upper()} policy", policy, reference, enc, heldout, args,
                                              device, autocast)
@@ -854,6 +903,10 @@ def train(args, sft_evaluation=None):
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot_training(metrics_path, os.path.join(args.out, "ppo.png"))
+    finish_stage(args.out, "ppo", fingerprint, started,
+                 {"heldout": {name: {k: result.get(k) for k in ("mean_score", "sampled_gold_score", "kl")}
+                              for name, result in evaluation.items()},
+                  "last_rollouts": {k: last[k] for k in ("rm_score", "gold_score", "kl")}, "final_beta": final_beta})
     print(f"rollouts, first iteration → mean of the last {window}: rm score {first['rm_score']:+.3f} → "
           f"{last['rm_score']:+.3f}, gold {first['gold_score']:.3f} → {last['gold_score']:.3f}, KL {first['kl']:.3f} → "
           f"{last['kl']:.3f}, length {first['response_length']:.1f} → {last['response_length']:.1f}")
@@ -1020,7 +1073,8 @@ def plot_reward_hacking(runs, png_path):
 def validate_args(args):
     """One clear error per out-of-range flag, before any work starts."""
     for name in ("iterations", "rollouts", "max_new_tokens", "ppo_epochs", "minibatch_size", "lr", "clip_eps",
-                 "value_clip", "temperature", "eval_batch_size", "log_every", "kl_horizon", "grad_clip", "rm_prompts"):
+                 "value_clip", "temperature", "eval_batch_size", "log_every", "kl_horizon", "grad_clip", "rm_prompts",
+                 "checkpoint_every"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
     for name in ("beta", "missing_end_penalty", "entropy_coef", "eval_tasks", "threads"):
@@ -1106,6 +1160,10 @@ def build_parser():
     run.add_argument("--eval-tasks", type=int, default=EVAL_TASKS, help="held-out tasks judged for SFT and PPO (0: skip)")
     run.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated (and responses scored) at once")
     run.add_argument("--log-every", type=int, default=1, help="iterations between progress lines")
+    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
+                     help="iterations between resume points; a rerun after an interruption continues from the last one")
+    run.add_argument("--force", action="store_true",
+                     help="train again even if --out holds a finished run of this configuration")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
     run.add_argument("--threads", type=int, default=THREADS, help="CPU threads for torch (0: torch's default)")
     run.add_argument("--seed", type=int, default=SEED, help="seed for prompts, sampling and minibatch order")

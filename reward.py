@@ -57,8 +57,10 @@ from data.tasks import generate_tasks, judge, write_jsonl
 from data.tokenizer import load_tokenizer
 from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, decode_response, generate_responses,
                  jsonl_records, plot_train_val_loss, render_chat, render_prompt)
-from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, log_line,
-                       pick_device, read_metrics)
+from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, load_resume_point,
+                       log_line, pick_device, random_state, read_metrics, save_resume_point, set_random_state,
+                       truncate_metrics)
 
 # Defaults (all overridable on the command line; see build_parser).
 SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: source of the samples and of r_φ's initial weights
@@ -83,6 +85,8 @@ WEIGHTING = "prompt"                # each prompt's pairs share weight 1 (Instru
 LOG_EVERY = 10                      # steps between progress lines
 CALIBRATION_BINS = 10               # bins of predicted P(y_w ≻ y_l) in the calibration plot
 SEED = 1337                         # seed for prompts, sampling, label noise, shuffling and the head's init
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+RUNTIME_FLAGS = {"device", "log_every", "checkpoint_every", "force"}
 
 
 # =============================================================================
@@ -474,6 +478,7 @@ def preference_probability(r_chosen, r_rejected):
     return torch.sigmoid(r_chosen - r_rejected)
 
 
+# classroom: begin bradley_terry_loss
 def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, weights=None):
     """L_RM = −mean_i log σ(r_φ(x, y_w) − r_φ(x, y_l) − m)   (seed 3.3; blog).
 
@@ -487,6 +492,7 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, weights=None):
     if weights is None:
         return losses.mean()
     return (weights * losses).sum() / weights.sum()
+# classroom: end bradley_terry_loss
 
 
 def pairwise_accuracy(r_chosen, r_rejected):
@@ -650,13 +656,19 @@ def reward_checkpoint(model, step, val, tokenizer_ref, args, extra):
             "reward": {"sft": args.sft, **extra}, "args": {k: v for k, v in vars(args).items() if k != "func"}}
 
 
-def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, device, autocast):
+def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, device, autocast, resume=None,
+        save_point=None):
     """The loop: AdamW steps over each epoch's batches with warmup + cosine LR (train_gpt.get_lr),
     validation every schedule["eval_every"] steps, the best model by validation loss saved by
     `save(step, val)`. The Bradley–Terry log-loss picks the checkpoint rather than the accuracy:
     it is the likelihood we train, it moves smoothly, and it also rewards calibrated margins,
-    while accuracy on a few hundred noisy pairs moves in coarse steps. Returns (steps, best)."""
+    while accuracy on a few hundred noisy pairs moves in coarse steps. Returns (steps, best).
+
+    Every --checkpoint-every steps (default: at each validation) `save_point(step, state)` stores
+    weights, AdamW moments, random state and the best evaluation so far; given such a `resume`
+    point the loop restores them and skips the steps already done (the batches are fixed up front)."""
     best = {"loss": math.inf, "step": None}
+    checkpoint_every = args.checkpoint_every or schedule["eval_every"]
 
     def validate(step, epoch):
         val = evaluate_pairs(model, val_batches, device, autocast)
@@ -670,13 +682,22 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
             best.update(loss=val["loss"], step=step, accuracy=val["accuracy"], clean_accuracy=val["clean_accuracy"])
             save(step, val)
 
-    validate(0, 0)  # an untrained head is a candidate too: model.pt always exists
+    if resume is None:
+        validate(0, 0)  # an untrained head is a candidate too: model.pt always exists
+    else:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        best.update(resume["best"])
+        set_random_state(resume["random"])
     step, total = 0, schedule["total_steps"]
     model.train()
     for epoch, batches in enumerate(epochs, 1):
         for batch in batches:
             if step == total:
                 return step, best
+            if resume is not None and step < resume["step"]:  # done before the interruption
+                step += 1
+                continue
             t0 = time.time()
             lr = get_lr(step + 1, schedule["warmup_steps"], total, args.lr, args.min_lr)
             loss, accuracy, grad_norm = train_step(model, optimizer, batch.to(device), lr, args.grad_clip, autocast)
@@ -688,6 +709,9 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
                       f"lr {lr:.2e}, grad norm {grad_norm:.3f}")
             if step % schedule["eval_every"] == 0 or step == total:
                 validate(step, epoch)
+            if save_point is not None and step % checkpoint_every == 0 and step < total:
+                save_point(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "random": random_state(), "best": dict(best)})
     return step, best
 
 
@@ -872,7 +896,7 @@ def validate_args(args):
                  "max_new_tokens", "gen_batch_size", "log_every"]:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in ["eval_prompts", "weight_decay", "max_steps"]:
+    for name in ["eval_prompts", "weight_decay", "max_steps", "checkpoint_every"]:
         if (getattr(args, name) or 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
     if args.num_prompts < 2:
@@ -960,9 +984,15 @@ def load_models(args, device):
 
 
 def train_reward(args):
-    """Collect (or load) comparisons, fit r_φ, keep the best checkpoint, centre it, evaluate."""
+    """Collect (or load) comparisons, fit r_φ, keep the best checkpoint, centre it, evaluate.
+    A stage (train_gpt.begin_stage): skipped when --out holds a finished run of this configuration
+    and these inputs, resumed from its last resume point when it holds an interrupted one."""
     validate_args(args)
     started = time.time()
+    fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, [args.sft, args.data, args.val_data])
+    if finished_stage(args.out, "reward", fingerprint, args.force):
+        with open(os.path.join(args.out, "eval.json")) as f:
+            return json.load(f)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -971,10 +1001,22 @@ def train_reward(args):
     block_size = model.config.block_size
     pad = chat_tokens(enc).pad
 
-    if args.data:
-        (train_pairs, train_samples), (val_pairs, _) = file_preference_data(args, enc, block_size)
+    file_data = file_preference_data(args, enc, block_size) if args.data else None
+    # The inputs loaded: the stage begins (a fresh start, or the continuation of an interrupted one).
+    decision = begin_stage(args.out, "reward", fingerprint, args.force)
+    resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
+    if resume is not None:
+        print(f"resuming {args.out} after step {resume['step']}")
+
+    # Sampling the comparisons and the held-out samples is the slow part before training: a resume
+    # point carries what was sampled (files given with --data are simply read again).
+    if file_data is not None:
+        data = file_data
+    elif resume is not None:
+        data = resume["sampled"]["data"]
     else:
-        (train_pairs, train_samples), (val_pairs, _) = default_preference_data(policy, enc, args, device, autocast)
+        data = default_preference_data(policy, enc, args, device, autocast)
+    (train_pairs, train_samples), (val_pairs, _) = data
     train_examples, dropped = tokenize_preferences(train_pairs, enc, block_size)
     val_examples, val_dropped = tokenize_preferences(val_pairs, enc, block_size)
     if dropped or val_dropped:
@@ -982,7 +1024,10 @@ def train_reward(args):
     if not train_examples or not val_examples:
         raise ConfigError(f"no comparisons to {'train on' if not train_examples else 'validate on'}: every sample pair "
                           f"tied (try more --num-prompts, a larger --k or a higher --temperature)")
-    heldout = heldout_samples(policy, enc, args, device, autocast)
+    if resume is not None:
+        heldout = resume["sampled"]["heldout"]
+    else:
+        heldout = heldout_samples(policy, enc, args, device, autocast)
     generation_seconds = time.time() - started
 
     epochs = [preference_batches(train_examples, args.batch_size, pad, args.weighting, seed=args.seed + e)
@@ -1004,8 +1049,15 @@ def train_reward(args):
     def save(step, val):
         atomic_save(reward_checkpoint(model, step, val, tokenizer_ref, args, extra), model_path)
 
-    with open(metrics_path, "w") as metrics:
-        steps, best = fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, device, autocast)
+    def save_point(step, state):
+        sampled = {"data": None if args.data else data, "heldout": heldout}
+        save_resume_point(args.out, fingerprint, step, {**state, "sampled": sampled})
+
+    if resume is not None:  # the lines logged after the resume point are logged again
+        truncate_metrics(metrics_path, resume["step"], final_events=("reward_shift",))
+    with open(metrics_path, "w" if resume is None else "a") as metrics:
+        steps, best = fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, device, autocast,
+                          resume, save_point)
         checkpoint = load_checkpoint(model_path, map_location=device)
         model.load_state_dict(checkpoint["model"])
         prompts = [render_prompt(s["prompt"], enc) for s in train_samples]
@@ -1033,6 +1085,9 @@ def train_reward(args):
     plot_training(metrics_path, os.path.join(args.out, "reward_training.png"))
     plot_calibration(numbers["calibration"], os.path.join(args.out, "calibration.png"))
     plot_rewards(arrays, os.path.join(args.out, "reward_histogram.png"))
+    finish_stage(args.out, "reward", fingerprint, started,
+                 {k: summary[k] for k in ("val_accuracy", "val_clean_accuracy", "label_agreement", "pearson_gold",
+                                          "reward_shift", "best_step", "steps")})
     print_summary(summary)
     print(f"saved {model_path}, eval.json, reward_training.png, calibration.png, reward_histogram.png in {wall:.0f}s")
     return summary
@@ -1092,6 +1147,11 @@ def build_parser():
     train.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm")
     train.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH, help="validation evaluations per epoch")
     train.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between progress lines")
+    train.add_argument("--checkpoint-every", type=int, default=None,
+                       help="steps between resume points (default: at every validation); a rerun after an "
+                            "interruption continues from the last one")
+    train.add_argument("--force", action="store_true",
+                       help="train again even if --out holds a finished run of this configuration")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
     train.add_argument("--seed", type=int, default=SEED,
                        help="seed for prompts, sampling, label noise, shuffling, head init")

@@ -50,8 +50,10 @@ import torch.nn.functional as F
 from data.errors import DataError
 from data.tasks import generate_tasks, judge, sft_conversations
 from data.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer
-from train_gpt import (GPT, ConfigError, KVCache, atomic_save, get_lr, gpt2_from_hf_state_dict, log_line,
-                       model_from_checkpoint, perplexity, pick_device, read_metrics, sample_next_token)
+from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from train_gpt import (GPT, ConfigError, KVCache, atomic_save, get_lr, gpt2_from_hf_state_dict, load_resume_point,
+                       log_line, model_from_checkpoint, perplexity, pick_device, random_state, read_metrics,
+                       sample_next_token, save_resume_point, set_random_state, truncate_metrics)
 
 # Defaults (all overridable on the command line; see build_parser).
 INIT = "runs/default/pretrain/model.pt"
@@ -71,6 +73,10 @@ MAX_NEW_TOKENS = 32
 NEW_ROW_NOISE = 0.1            # new embedding rows: mean + N(0, (0.1·σ_column)²)
 SEED = 1337
 HELDOUT_SEED = 0               # the held-out evaluation set is the same whatever --seed is
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+RUNTIME_FLAGS = {"device", "log_every", "eval_batch_size", "force", "chat", "temperature", "top_k", "system",
+                 "checkpoint_every"}
+EXAMPLES_SIDE_BY_SIDE = 8      # --eval with several models: held-out prompts shown with every model's reply
 
 IGNORE_INDEX = -100            # target value that F.cross_entropy (and GPT.forward) skips
 
@@ -170,6 +176,7 @@ def grow_vocabulary(model, vocab_size, generator=None):
 # 2. The masked loss and sequence log-probabilities (seed 2.3; blog, "Supervised Fine Tuning")
 # =============================================================================
 
+# classroom: begin shift_targets
 def shift_targets(ids, mask):
     """Inputs x_0..x_{T-2} and targets x_1..x_{T-1}: the logits at position t predict token t+1.
 
@@ -178,6 +185,7 @@ def shift_targets(ids, mask):
     """
     targets = torch.where(mask[:, 1:].bool(), ids[:, 1:], IGNORE_INDEX)
     return ids[:, :-1], targets
+# classroom: end shift_targets
 
 
 def token_logprobs(logits, targets):
@@ -578,11 +586,18 @@ class EarlyStopping:
         return self.evals_without_gain >= self.patience
 
 
-def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, device, autocast):
+def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, device, autocast, resume=None,
+        save_point=None):
     """The SFT loop: steps over the packed batches of each epoch, LR from warmup + cosine
     (train_gpt.get_lr), validation every schedule["eval_every"] steps, the best model saved by
-    `save(step, epoch, val_loss)`. Returns (steps done, why it stopped, best evaluation)."""
+    `save(step, epoch, val_loss)`. Returns (steps done, why it stopped, best evaluation).
+
+    Every --checkpoint-every steps (default: at each validation) `save_point(step, state)` stores
+    what the loop needs to go on: weights, AdamW moments, random state, early-stopping record.
+    Given such a `resume` point, the loop restores it and skips the steps already done: the
+    batches of every epoch are fixed up front, so the run continues as if never interrupted."""
     stopper = EarlyStopping(args.patience)
+    checkpoint_every = args.checkpoint_every or schedule["eval_every"]
 
     def validate(step, epoch):
         val_loss = evaluate_val_loss(model, val_batches, device, autocast)
@@ -593,13 +608,22 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
         if improved:
             save(step, epoch, val_loss)
 
-    validate(0, 0)  # the starting point is a candidate too: model.pt always exists
+    if resume is None:
+        validate(0, 0)  # the starting point is a candidate too: model.pt always exists
+    else:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        stopper.best, stopper.evals_without_gain = resume["early_stopping"]
+        set_random_state(resume["random"])  # dropout continues with the same masks
     step, total = 0, schedule["total_steps"]
     model.train()
     for epoch, batches in enumerate(epochs, 1):
         for batch in batches:
             if step == total:
                 return step, f"--max-steps {args.max_steps} reached", stopper.best
+            if resume is not None and step < resume["step"]:  # done before the interruption
+                step += 1
+                continue
             t0 = time.time()
             lr = get_lr(step + 1, schedule["warmup_steps"], total, args.lr, args.min_lr)
             loss, grad_norm = train_step(model, optimizer, batch, lr, args.grad_clip, device, autocast)
@@ -612,13 +636,25 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
                 validate(step, epoch)
                 if stopper.should_stop:
                     return step, f"early stop: no better validation loss in {args.patience} evaluations", stopper.best
+            if save_point is not None and step % checkpoint_every == 0 and step < total:
+                save_point(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "random": random_state(),
+                                  "early_stopping": [stopper.best, stopper.evals_without_gain]})
     return step, f"{len(epochs)} epochs done", stopper.best
 
 
 def train_sft(args):
-    """Fine-tune, keep the best checkpoint by validation loss, judge base vs SFT on held-out tasks."""
+    """Fine-tune, keep the best checkpoint by validation loss, judge base vs SFT on held-out tasks.
+    A stage (train_gpt.begin_stage): skipped when --out holds a finished run of this configuration
+    and these inputs, resumed from its last resume point when it holds an interrupted one."""
     validate_args(args)
     started = time.time()
+    tokenizer_dir = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) else None
+    inputs = [args.init_gpt2 or args.init or INIT, args.data, tokenizer_dir]
+    fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, inputs)
+    if finished_stage(args.out, "sft", fingerprint, args.force):
+        with open(os.path.join(args.out, "eval.json")) as f:
+            return json.load(f)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -629,6 +665,9 @@ def train_sft(args):
         raise ConfigError(f"--seq-len {block_size} exceeds the model's context (block_size={model.config.block_size})")
     train_examples, val_examples, dropped = load_sft_data(args, enc, block_size)
     heldout = heldout_tasks(args)
+    # The inputs loaded: the stage begins (a fresh start, or the continuation of an interrupted one).
+    decision = begin_stage(args.out, "sft", fingerprint, args.force)
+    resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
 
     # Every epoch reshuffles and repacks; the batches are built up front so that the LR schedule
     # knows the total number of steps.
@@ -642,7 +681,10 @@ def train_sft(args):
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     evaluation = {}
-    if heldout:
+    if resume is not None:  # the base model's evaluation travels in the resume point: not redone
+        evaluation = resume["evaluation"]
+        print(f"resuming {args.out} after step {resume['step']}")
+    elif heldout:
         evaluation["base"] = evaluate_tasks(model, enc, heldout, args.max_new_tokens, args.eval_batch_size,
                                             device, autocast)
         print_task_scores("base model", evaluation["base"])
@@ -655,9 +697,14 @@ def train_sft(args):
     def save(step, epoch, val_loss):
         atomic_save(make_sft_checkpoint(model, step, epoch, val_loss, tokenizer_ref, args, extra), model_path)
 
-    with open(metrics_path, "w") as metrics:
+    def save_point(step, state):
+        save_resume_point(args.out, fingerprint, step, {**state, "evaluation": evaluation})
+
+    if resume is not None:  # the lines logged after the resume point are logged again
+        truncate_metrics(metrics_path, resume["step"], final_events=("stop", "eval_tasks"))
+    with open(metrics_path, "w" if resume is None else "a") as metrics:
         steps, stop_reason, best = fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args,
-                                       device, autocast)
+                                       device, autocast, resume, save_point)
         log_line(metrics, {"event": "stop", "step": steps, "reason": stop_reason, "best_step": best["step"],
                            "best_val_loss": best["val_loss"]})
         print(f"{stop_reason}; best val loss {best['val_loss']:.4f} at step {best['step']}")
@@ -676,6 +723,10 @@ def train_sft(args):
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot_sft(metrics_path, os.path.join(args.out, "sft.png"))
+    finish_stage(args.out, "sft", fingerprint, started,
+                 {"base_gold": evaluation["base"]["mean_score"] if heldout else None,
+                  "sft_gold": evaluation["sft"]["mean_score"] if heldout else None,
+                  "best_val_loss": best["val_loss"], "best_step": best["step"], "steps": steps})
     print(f"saved {model_path} (best val loss {best['val_loss']:.4f}), eval.json, sft.png in {wall:.0f}s")
     return summary
 
@@ -792,12 +843,13 @@ def decode_response(enc, response_ids):
 
 
 def evaluate_tasks(model, enc, tasks, max_new_tokens=MAX_NEW_TOKENS, batch_size=64, device="cpu",
-                   autocast=contextlib.nullcontext(), score=judge):
+                   autocast=contextlib.nullcontext(), score=judge, keep_scores=False):
     """Greedy answers to `tasks` (data.tasks.Task), scored by the gold judge.
 
     Returns {"n", "mean_score", "exact_match", "stopped", "by_family", "examples"}: mean gold
     score in [0, 1], the share of exact answers (score 1), the share of replies that ended with
-    <|end|> (a model that never learned to stop shows it here), per-family numbers, and examples.
+    <|end|> (a model that never learned to stop shows it here), per-family numbers, and examples;
+    keep_scores adds every task's "scores" and "replies".
     """
     tokens = chat_tokens(enc)
     prompts = [render_prompt([{"role": "user", "content": t.prompt}], enc) for t in tasks]
@@ -816,7 +868,8 @@ def evaluate_tasks(model, enc, tasks, max_new_tokens=MAX_NEW_TOKENS, batch_size=
             "stopped": sum(bool(r) and r[-1] == tokens.end for r in responses) / max(1, len(tasks)),
             "by_family": {f: summary([i for i, t in enumerate(tasks) if t.family == f]) for f in families},
             "examples": [{"prompt": t.prompt, "answer": t.answer, "reply": reply, "score": round(s, 3)}
-                         for t, reply, s in list(zip(tasks, replies, scores))[:8]]}
+                         for t, reply, s in list(zip(tasks, replies, scores))[:8]],
+            **({"scores": scores, "replies": replies} if keep_scores else {})}
 
 
 def heldout_tasks(args):
@@ -835,15 +888,148 @@ def show_examples(examples):
         print(f"  {e['prompt']!r} → {e['reply']!r} (gold {e['answer']!r}, score {e['score']})")
 
 
+def response_logprob_sums(model, prompts, responses, pad_token, batch_size, device,
+                          autocast=contextlib.nullcontext()):
+    """log π(y | x) = Σ_t log π(y_t | x, y_<t) for each (prompt, response) pair: a list of floats."""
+    sequences = [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)]
+    sums = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = collate_examples(sequences[start:start + batch_size], pad_token)
+        with autocast:
+            sums += sequence_logprobs(model, ids.to(device), mask.to(device)).tolist()
+    return sums
+
+
+@torch.no_grad()
+def sampled_evaluation(policy, reference, enc, tasks, max_new_tokens, batch_size, device,
+                       autocast=contextlib.nullcontext(), seed=HELDOUT_SEED):
+    """Held-out tasks answered by sampling π_θ at temperature 1 — the distribution that RLHF's
+    objective E_y∼π_θ[r(x, y)] − β·KL(π_θ ‖ π_ref) is about. Per prompt, with y ∼ π_θ(·|x):
+
+        gold   = judge(task, y)
+        kl     = log π_θ(y|x) − log π_ref(y|x)      (its mean estimates KL(π_θ ‖ π_ref) per response)
+        length = |y|, <|end|> not counted
+
+    The sampling seed is fixed, so every model is judged on the same prompts and random numbers."""
+    tokens = chat_tokens(enc)
+    prompts = [render_prompt([{"role": "user", "content": t.prompt}], enc) for t in tasks]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with autocast:
+        responses = generate_responses(policy, prompts, max_new_tokens, tokens.end, tokens.pad, batch_size,
+                                       temperature=1.0, generator=generator, device=device)
+    policy_logps = response_logprob_sums(policy.eval(), prompts, responses, tokens.pad, batch_size, device, autocast)
+    reference_logps = response_logprob_sums(reference.eval(), prompts, responses, tokens.pad, batch_size, device,
+                                            autocast)
+    return {"gold": [judge(t, decode_response(enc, r)) for t, r in zip(tasks, responses)],
+            "kl": [p - q for p, q in zip(policy_logps, reference_logps)],
+            "length": [len(r) - (bool(r) and r[-1] == tokens.end) for r in responses]}
+
+
+def mean_and_stderr(values):
+    """(mean, standard error of the mean) = (x̄, s/√n), s the sample standard deviation."""
+    n = len(values)
+    mean = sum(values) / n
+    variance = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    return mean, math.sqrt(variance / n)
+
+
+def paired_difference(scores, reference_scores):
+    """Δ = mean_i(a_i − b_i) over the same prompts, and its standard error std(a − b)/√n: pairing
+    removes the prompt-to-prompt spread, so much smaller differences are detectable."""
+    mean, stderr = mean_and_stderr([a - b for a, b in zip(scores, reference_scores)])
+    return {"mean": mean, "stderr": stderr}
+
+
+def evaluate_models(models, reference_name, enc, tasks, args, device, autocast=contextlib.nullcontext()):
+    """The pipeline's final table: every model on the same held-out tasks — greedy answers judged
+    (evaluate_tasks), samples at temperature 1 judged, their KL to the reference π_ref (the SFT
+    model) and length — plus paired differences to the reference and replies side by side."""
+    greedy, sampled = {}, {}
+    for name, model in models.items():
+        greedy[name] = evaluate_tasks(model, enc, tasks, args.max_new_tokens, args.eval_batch_size, device, autocast,
+                                      keep_scores=True)
+        sampled[name] = sampled_evaluation(model, models[reference_name], enc, tasks, args.max_new_tokens,
+                                           args.eval_batch_size, device, autocast)
+    results = {}
+    for name in models:
+        results[name] = {"greedy_gold": greedy[name]["mean_score"], "exact_match": greedy[name]["exact_match"],
+                         "stopped": greedy[name]["stopped"], "by_family": greedy[name]["by_family"],
+                         "sampled_gold": mean_and_stderr(sampled[name]["gold"])[0],
+                         "kl_to_reference": mean_and_stderr(sampled[name]["kl"])[0],
+                         "response_length": mean_and_stderr(sampled[name]["length"])[0],
+                         "greedy_vs_reference": paired_difference(greedy[name]["scores"],
+                                                                  greedy[reference_name]["scores"]),
+                         "sampled_vs_reference": paired_difference(sampled[name]["gold"],
+                                                                   sampled[reference_name]["gold"])}
+        r = results[name]
+        print(f"{name}: greedy gold {r['greedy_gold']:.3f} (exact {r['exact_match']:.1%}, "
+              f"{r['greedy_vs_reference']['mean']:+.3f} ± {r['greedy_vs_reference']['stderr']:.3f} vs "
+              f"{reference_name}), sampled gold {r['sampled_gold']:.3f}, KL to {reference_name} "
+              f"{r['kl_to_reference']:.2f} nats, length {r['response_length']:.1f} tokens")
+    examples = [{"prompt": t.prompt, "answer": t.answer, "replies": {name: greedy[name]["replies"][i] for name in models}}
+                for i, t in enumerate(tasks[:EXAMPLES_SIDE_BY_SIDE])]
+    return {"tasks": len(tasks), "reference": reference_name, "max_new_tokens": args.max_new_tokens,
+            "models": results, "examples": examples}
+
+
+def named_checkpoints(values):
+    """--eval's [NAME=]CKPT arguments → {name: path}; an unnamed one is named by its directory."""
+    named = {}
+    for value in values:
+        name, _, path = value.rpartition("=")
+        name = name or os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if name in named:
+            raise ConfigError(f"--eval: two checkpoints named {name!r}; name them NAME=PATH")
+        named[name] = path
+    return named
+
+
 def eval_command(args):
-    """`--eval CKPT`: judge one checkpoint on the held-out tasks and print the numbers as JSON."""
+    """`--eval [NAME=]CKPT …`: judge checkpoints on the held-out tasks.
+
+    One checkpoint: print its greedy scores. Several: the pipeline's comparison (evaluate_models)
+    against --reference; with --eval-out DIR it is a stage: DIR/eval.json, skipped when a finished
+    evaluation of the same checkpoints and flags is there."""
+    checkpoints = named_checkpoints(args.eval)
     device = pick_device(args.device)
-    model, enc = load_chat_model(args.eval, args.tokenizer, device)
-    tasks = heldout_tasks(args)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    result = evaluate_tasks(model, enc, tasks, args.max_new_tokens, args.eval_batch_size, device, autocast)
-    show_examples(result["examples"])
-    print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    tasks = heldout_tasks(args)
+    if not tasks:
+        raise ConfigError("--eval needs --eval-tasks > 0")
+    if len(checkpoints) == 1:
+        model, enc = load_chat_model(next(iter(checkpoints.values())), args.tokenizer, device)
+        result = evaluate_tasks(model, enc, tasks, args.max_new_tokens, args.eval_batch_size, device, autocast)
+        show_examples(result["examples"])
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+        return result
+    reference = args.reference or ("sft" if "sft" in checkpoints else next(iter(checkpoints)))
+    if reference not in checkpoints:
+        raise ConfigError(f"--reference {reference}: not one of the --eval names ({', '.join(checkpoints)})")
+    if args.eval_out:
+        fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, list(checkpoints.values()))
+        if finished_stage(args.eval_out, "eval", fingerprint, args.force):
+            with open(os.path.join(args.eval_out, "eval.json")) as f:
+                return json.load(f)
+    started = time.time()
+    models, encodings = {}, {}
+    for name, path in checkpoints.items():
+        models[name], encodings[name] = load_chat_model(path, args.tokenizer, device, add_chat_tokens=True)
+    for name, enc in encodings.items():  # one token space, or the KL and the replies would not compare
+        if enc.n_vocab != encodings[reference].n_vocab or models[name].config.vocab_size != models[reference].config.vocab_size:
+            raise ConfigError(f"{checkpoints[name]}: another tokenizer or vocabulary than {checkpoints[reference]}")
+    enc = encodings[reference]
+    if args.eval_out:
+        begin_stage(args.eval_out, "eval", fingerprint, args.force)
+    result = evaluate_models(models, reference, enc, tasks, args, device, autocast)
+    if args.eval_out:
+        result["checkpoints"] = checkpoints
+        result["wall_seconds"] = round(time.time() - started, 1)
+        with open(os.path.join(args.eval_out, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        finish_stage(args.eval_out, "eval", fingerprint, started,
+                     {name: {k: r[k] for k in ("greedy_gold", "sampled_gold", "kl_to_reference")}
+                      for name, r in result["models"].items()})
+        print(f"saved {os.path.join(args.eval_out, 'eval.json')} in {result['wall_seconds']:.0f}s")
     return result
 
 
@@ -851,14 +1037,19 @@ def eval_command(args):
 # 7. Chat in the terminal
 # =============================================================================
 
-def load_chat_model(path, tokenizer, device):
-    """A fine-tuned checkpoint in eval mode and its tokenizer (which must have the chat tokens)."""
+def load_chat_model(path, tokenizer, device, add_chat_tokens=False):
+    """A fine-tuned checkpoint in eval mode and its tokenizer (which must have the chat tokens).
+    add_chat_tokens: a pretrained checkpoint is also accepted and given the chat tokens exactly as
+    SFT adds them (same rows, same seed), so the base model answers the prompts SFT models see."""
     attention = "flash" if device.type == "cuda" else "sdpa"
     try:
         model, checkpoint = model_from_checkpoint(path, device, attention=attention, dropout=0.0)
     except RuntimeError as e:
         raise ConfigError(f"{path}: weights do not match the checkpoint's config ({str(e).splitlines()[0]})") from None
     enc = load_tokenizer(tokenizer or checkpoint.get("tokenizer") or "")
+    if add_chat_tokens:
+        enc, _ = with_chat_tokens(enc)
+        grow_vocabulary(model, enc.n_vocab, torch.Generator().manual_seed(SEED))
     chat_tokens(enc)
     return model.eval(), enc
 
@@ -954,7 +1145,7 @@ def validate_args(args):
                  "eval_batch_size", "max_new_tokens", "log_every", "gpt2_n_head"]:
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in ["eval_tasks", "weight_decay", "max_steps", "seq_len"]:
+    for name in ["eval_tasks", "weight_decay", "max_steps", "seq_len", "checkpoint_every"]:
         if (getattr(args, name) or 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
     if not 0 < args.val_fraction < 1:
@@ -978,7 +1169,11 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_argument_group("modes (default: fine-tune)")
     mode.add_argument("--chat", metavar="CKPT", default=None, help="chat with a fine-tuned checkpoint in the terminal")
-    mode.add_argument("--eval", metavar="CKPT", default=None, help="judge a checkpoint on held-out tasks and exit")
+    mode.add_argument("--eval", metavar="[NAME=]CKPT", nargs="+", default=None,
+                      help="judge checkpoints on held-out tasks and exit; several: the pipeline's comparison table")
+    mode.add_argument("--reference", default=None, help="--eval: the NAME of π_ref for KL and paired differences (default sft)")
+    mode.add_argument("--eval-out", default=None, metavar="DIR", help="--eval: write DIR/eval.json (a cached stage)")
+    mode.add_argument("--force", action="store_true", help="redo the stage even if its outputs match this configuration")
 
     init = p.add_argument_group("starting point")
     init.add_argument("--init", default=None, help=f"our pretrained checkpoint (default {INIT})")
@@ -1019,6 +1214,9 @@ def build_parser():
     train.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH,
                        help="validation-loss evaluations per epoch")
     train.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    train.add_argument("--checkpoint-every", type=int, default=None,
+                       help="steps between resume points (default: at every validation); a rerun after an "
+                            "interruption continues from the last one")
     train.add_argument("--attention", choices=["naive", "sdpa", "flash"], default=None,
                        help="attention implementation (default: flash on CUDA, sdpa on CPU)")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")

@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.shards import ShardError, read_shard
+from data.stages import (RESUME_FILE, finish_stage, read_stage, stage_decision, stage_fingerprint,
+                         write_stage)
 from kernels.flash_attention import naive_attention
 
 
@@ -71,9 +73,11 @@ def approx_params(n_layer, n_embd):
     return 12 * n_layer * n_embd**2
 
 
+# classroom: begin training_flops
 def training_flops(n_params, n_tokens):
     """C ≈ 6·N·D  (seed 1.5): 2 FLOPs per multiply-add, ×3 for forward + backward (≈ 2× forward)."""
     return 6 * n_params * n_tokens
+# classroom: end training_flops
 
 
 def flops_per_token(n_params, n_layer, seq_len, n_embd):
@@ -112,6 +116,7 @@ def chinchilla_optimal(compute):
     return n_opt, 20 * n_opt
 
 
+# classroom: begin get_lr
 def get_lr(step, warmup_steps, total_steps, max_lr, min_lr=None):
     """Linear warmup from 0, then cosine decay to min_lr (seed 1.8, "Learning rate schedule").
 
@@ -127,11 +132,14 @@ def get_lr(step, warmup_steps, total_steps, max_lr, min_lr=None):
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+# classroom: end get_lr
 
 
+# classroom: begin perplexity
 def perplexity(mean_nll):
     """Perplexity = exp( (1/T) Σ_t −log P(x_t | x_<t) ) = exp(mean NLL in nats)  (seed 1.4)."""
     return math.exp(mean_nll)
+# classroom: end perplexity
 
 
 def bits_per_byte(mean_nll, n_tokens, n_bytes):
@@ -648,6 +656,53 @@ def greedy_soup(state_dicts, evaluate):
     return uniform_soup([state_dicts[j] for j in kept]), kept
 
 
+# -----------------------------------------------------------------------------
+# Stages: resume an interrupted one
+#
+# data/stages.py keeps each stage's stage.json (the fingerprint of its flags and inputs; finished
+# or not): a finished stage of the same configuration is skipped. A stage killed half-way (Ctrl-C,
+# a crash) left its latest resume point, resume.pt, below: running it again continues from there.
+# -----------------------------------------------------------------------------
+
+def save_resume_point(out_dir, fingerprint, step, state):
+    """Everything an interrupted stage needs to continue after `step` (model and optimizer state
+    dicts, RNG states, counters), written atomically to <out>/resume.pt."""
+    atomic_save({"fingerprint": fingerprint, "step": step, **state}, os.path.join(out_dir, RESUME_FILE))
+
+
+def load_resume_point(out_dir, fingerprint):
+    """The resume point saved by save_resume_point for this fingerprint, or None."""
+    path = os.path.join(out_dir, RESUME_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — a corrupt resume point costs the interval, not the run
+        print(f"warning: {path}: unreadable resume point ({type(e).__name__}); starting the stage over")
+        return None
+    return saved if saved.get("fingerprint") == fingerprint else None
+
+
+def random_state(generator=None):
+    """The random-number states a resumed stage continues from: torch's CPU generator (dropout,
+    shuffles), the CUDA ones if CUDA is in use, and the stage's own sampling generator if it has one."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_random_state(state, generator=None):
+    """Undo random_state: put every generator back where the resume point left it."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None:
+        generator.set_state(state["generator"])
+
+
 # =============================================================================
 # 7. Stability: loss spikes and NaN (seed 1.8)
 # =============================================================================
@@ -820,12 +875,15 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def truncate_metrics(path, after_step):
-    """On resume, forget metrics logged after the checkpoint we resume from."""
+def truncate_metrics(path, after_step, key="step", final_events=()):
+    """On resume, forget metrics logged after the checkpoint we resume from (records whose `key`,
+    the step or iteration, is larger), and the records of `final_events` that a stage logs once
+    after its loop (the resumed run logs them again)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if json.loads(line).get("step", 0) <= after_step]
+        records = [(line, json.loads(line)) for line in f if line.strip()]
+    kept = [line for line, r in records if r.get(key, 0) <= after_step and r.get("event") not in final_events]
     with open(path, "w") as f:
         f.writelines(kept)
 
@@ -957,6 +1015,12 @@ def pick_device(name):
     return torch.device(name)
 
 
+# Flags that change only speed, memory, logging or bookkeeping, not the trained model: left out of
+# the stage fingerprint, so changing them neither re-trains nor blocks a resume.
+TRAIN_RUNTIME_FLAGS = {"command", "device", "parallel", "micro_batch_size", "compile", "log_every", "eval_every",
+                       "checkpoint_every", "keep_checkpoints", "resume", "force", "peak_flops"}
+
+
 def train(args):
     validate_train_args(args)
     ctx = setup_distributed(args)
@@ -970,6 +1034,7 @@ def train(args):
 
 
 def run_training(args, ctx):
+    stage_started = time.time()
     say = print if ctx.master else (lambda *a, **k: None)
     device, strategy = ctx.device, args.parallel
     meta = read_meta(args.data)
@@ -1009,8 +1074,17 @@ def run_training(args, ctx):
 
     # Decide once, before any rank writes: a rank that looked after rank 0 had saved would
     # see a different directory and take another branch — and the collectives would deadlock.
-    resuming = args.resume and bool(checkpoint_paths(args.out))
+    # Without --resume, an unfinished run of the same configuration (stage.json) is resumed too.
+    fingerprint = stage_fingerprint(args, TRAIN_RUNTIME_FLAGS, [args.data, args.init_from])
+    decision = stage_decision(read_stage(args.out), fingerprint, args.force)
+    resuming = (args.resume or decision == "resume") and bool(checkpoint_paths(args.out))
     barrier(ctx)
+    if decision == "skip":
+        say(f"[pretrain] {args.out} holds a finished run of this configuration: skipped (--force redoes it)")
+        return read_stage(args.out)["summary"]["val_loss"]
+    if ctx.master and decision == "fresh":
+        write_stage(args.out, {"stage": "pretrain", "fingerprint": fingerprint, "complete": False,
+                               "started": time.time()})
     start_step = 0
     if resuming:
         saved = restore(checkpoint_paths(args.out)[-1])
@@ -1138,6 +1212,9 @@ def run_training(args, ctx):
         atomic_save({"model": weights, **extra, "val_loss": last_val}, os.path.join(args.out, "model.pt"))
         metrics.close()
         plot_metrics(metrics_path, os.path.join(args.out, "pretrain.png"))
+        finish_stage(args.out, "pretrain", fingerprint, stage_started,
+                     {"val_loss": last_val, "unigram_loss": unigram, "steps": step, "params": n_params,
+                      "val_bpb": bits_per_byte(last_val, 1, val_bytes_per_token)})
         say(f"saved {os.path.join(args.out, 'model.pt')} (val loss {last_val:.4f})")
     return last_val
 
@@ -1275,7 +1352,9 @@ def build_parser():
     t.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
     t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     t.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (an unfinished "
+                   "run of the same configuration is resumed even without it)")
+    t.add_argument("--force", action="store_true", help="train again even if --out holds a finished run of this configuration")
     t.add_argument("--spike-window", type=int, default=50, help="losses in the rolling spike-detection window")
     t.add_argument("--spike-sigmas", type=float, default=3.0, help="a spike is a loss above mean + this many σ")
     t.add_argument("--max-rollbacks", type=int, default=5, help="give up after this many rollbacks")

@@ -36,7 +36,9 @@ eval_texts=heldout_prompts)` adds a source to the mixture and evaluation texts t
 import argparse
 import dataclasses
 import glob
+import hashlib
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -45,10 +47,11 @@ import time
 
 import numpy as np
 
-from data import curate, dedup, perplexity, sources
+from data import curate, dedup, perplexity, sources, tasks
 from data.errors import DataError
 from data.shards import token_dtype, write_shard
 from data.tokenizer import DEFAULT_PATTERN, PRETRAINED, load_tokenizer, save_tokenizer, train_bpe
+from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 
 # Defaults: `python -m data.prepare --out DIR` runs in about a minute on 2 CPU cores.
 OUT = "runs/default/data"
@@ -65,6 +68,10 @@ NUM_PERM = 128
 SHINGLE_WORDS = 5
 SUBSTRING_MIN_TOKENS = 50  # Lee et al. 2022 remove repeated spans of ≥ 50 tokens
 SEED = 0
+# Flags that change only speed or printing, left out of the stage fingerprint; `rules` is no flag but
+# what check_args makes of --rule (which is in the fingerprint).
+RUNTIME_FLAGS = {"workers", "quiet", "force", "rules"}
+TASK_WEIGHT = 0.05  # --task-worksheets: their share of the mixture (a "midtraining"-style sprinkle of the tasks)
 
 
 def build_parser():
@@ -112,8 +119,13 @@ def build_parser():
                         "or plain text with one text per line; repeatable")
     p.add_argument("--decontaminate-ngram", type=int, default=curate.DECONTAMINATION_NGRAM,
                    help="words per n-gram for decontamination")
+    p.add_argument("--task-worksheets", type=int, default=0,
+                   help="add this many task worksheets (train-split questions with answers) to the mixture")
+    p.add_argument("--task-weight", type=float, default=TASK_WEIGHT, help="mixture weight of the task worksheets")
     p.add_argument("--seed", type=int, default=SEED, help="random seed (file order, sampling, split, MinHash)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    p.add_argument("--force", action="store_true",
+                   help="prepare again even if --out holds the output of this configuration")
     return p
 
 
@@ -210,6 +222,9 @@ def check_args(args):
         raise DataError(f"--max-bytes {args.max_bytes}: must be positive")
     if args.shard_tokens <= 0:
         raise DataError(f"--shard-tokens {args.shard_tokens}: must be positive")
+    if args.task_worksheets < 0 or args.task_weight <= 0:
+        raise DataError(f"--task-worksheets {args.task_worksheets} / --task-weight {args.task_weight}: "
+                        "need a count >= 0 and a positive weight")
     low, high = args.ppl_band
     if not 0 <= low < high <= 100:
         raise DataError(f"--ppl-band {low} {high}: need 0 <= LOW < HIGH <= 100")
@@ -437,8 +452,30 @@ def get_tokenizer(args, train_docs, out_dir, log, report):
 # The whole run
 # -----------------------------------------------------------------------------
 
+def prepare_fingerprint(args, flag_sources, extra_sources, eval_texts):
+    """The stage fingerprint (train_gpt.stage_fingerprint) of a data.prepare run: its flags, the
+    contents of the corpora, evaluation files and tokenizer directory it reads, the Python version
+    when the standard library is a corpus (its files change with it), and the texts and weights
+    given through the Python hook (main's extra_sources and eval_texts)."""
+    given = hashlib.sha256()
+    for source in extra_sources:
+        given.update(json.dumps([source.name, source.weight, source.kind]).encode())
+        for doc in source.load(math.inf, args.seed, []):
+            given.update(sources.utf8(doc.text) + b"\0")
+    for text in eval_texts:
+        given.update(b"eval\0" + sources.utf8(text) + b"\0")
+    uses_stdlib = any(not source.path for source in flag_sources)
+    identity = argparse.Namespace(**vars(args), python=sys.version if uses_stdlib else None,
+                                  given_in_python=given.hexdigest())
+    inputs = [source.path for source in flag_sources if source.path] + list(args.decontaminate)
+    if os.path.isdir(args.tokenizer):
+        inputs.append(args.tokenizer)
+    return stage_fingerprint(identity, RUNTIME_FLAGS, inputs)
+
+
 def prepare(args, extra_sources=(), eval_texts=()):
-    """Run every stage; returns meta (also written to args.out/meta.json)."""
+    """Run every stage; returns (meta, report), also written to args.out/meta.json and report.json.
+    Skipped, returning the files already there, when args.out holds the output of this configuration."""
     check_args(args)
     log = Log(args.quiet)
     problems, report = [], {"config": {k: v for k, v in vars(args).items() if k != "rules"}}
@@ -446,7 +483,18 @@ def prepare(args, extra_sources=(), eval_texts=()):
         source_list = [sources.parse_source_flag(spec, args.text_field) for spec in args.source]
     else:
         source_list = sources.default_sources()
+    # No resume point: the whole stage takes a minute, so an interrupted run is simply redone.
+    extra_sources, eval_texts = list(extra_sources), list(eval_texts)  # read twice: fingerprint, then the run
+    fingerprint = prepare_fingerprint(args, source_list, extra_sources, eval_texts)
+    if finished_stage(args.out, "prepare", fingerprint, args.force):
+        with open(os.path.join(args.out, "meta.json")) as f, open(os.path.join(args.out, "report.json")) as g:
+            return json.load(f), json.load(g)
     source_list += list(extra_sources)
+    if args.task_worksheets:
+        # Worksheets of the train split's task problems (data/tasks.py), so the base model has seen
+        # the questions SFT will teach it to answer; test-split problems never appear in them.
+        worksheets = tasks.pretraining_texts(args.task_worksheets, seed=args.seed)
+        source_list.append(sources.text_list_source("tasks", worksheets, args.task_weight))
     eval_texts = list(eval_texts)
     for path in args.decontaminate:
         eval_texts.extend(read_eval_texts(path, problems))
@@ -459,6 +507,7 @@ def prepare(args, extra_sources=(), eval_texts=()):
     report["split"] = {"train_documents": len(train_docs), "val_documents": len(val_docs)}
 
     out = args.out
+    begin_stage(out, "prepare", fingerprint, args.force)  # from here on the files in out change
     os.makedirs(out, exist_ok=True)
     for stale in glob.glob(os.path.join(out, "train_*.bin")) + glob.glob(os.path.join(out, "val_*.bin")):
         os.remove(stale)  # shards of an earlier, larger run would otherwise linger
@@ -487,6 +536,8 @@ def prepare(args, extra_sources=(), eval_texts=()):
 
     plot_report(report, os.path.join(out, "report.png"))
     _write_json(os.path.join(out, "meta.json"), meta)
+    finish_stage(out, "prepare", fingerprint, log.start,
+                 {k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens", "val_bytes")})
     return meta, report
 
 

@@ -1,6 +1,7 @@
-"""The data report's picture: report.png, drawn from report.json's numbers (matplotlib, Agg).
+"""Reports: the data report's picture (report.png) and the whole run's report.md.
 
-Six panels, read left to right like the pipeline:
+1. The data report, drawn from data.prepare's report.json (matplotlib, Agg). Six panels, read
+   left to right like the pipeline:
     1. the funnel — megabytes left after each stage, split by source, with document counts;
     2. the quality rules — how many documents each rule removed (first failing rule);
     3. MinHash similarity — estimated Jaccard of random pairs and of LSH candidate pairs, the
@@ -8,7 +9,21 @@ Six panels, read left to right like the pipeline:
     4. perplexity — log10 perplexity per source with the percentile cut lines;
     5. the mixture — target share vs achieved token share of each source;
     6. the tokenizer — bytes per token on each source and on the validation text.
+
+2. The run report, `python -m data.report --run runs/NAME`: the last step of `make run`. It only
+   reads what the stages wrote (stage.json, eval.json, metrics.jsonl, their PNGs) — no model is
+   loaded — and writes runs/NAME/report.md with a table per stage, the final comparison of the
+   base, SFT, PPO and DPO models, the gold-score-vs-KL frontier and replies side by side. It lives
+   here, beside the judge (data/tasks.py), because like the rest of data/ it sits below every
+   training script in the import chain.
 """
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
 
 import numpy as np
 
@@ -127,3 +142,219 @@ def _tokenizer(ax, report):
         ax.text(i, per_source[n], f"{per_source[n]:.2f}", ha="center", va="bottom")
     ax.set_ylabel("UTF-8 bytes per token")
     ax.set_title(f"Tokenizer {tok.get('name', '')}: {tok.get('n_vocab', '?')} tokens")
+
+
+# -----------------------------------------------------------------------------
+# 2. The run report
+# -----------------------------------------------------------------------------
+
+STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
+MODELS = ("base", "sft", "ppo", "dpo")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _plus_minus(difference):
+    return f"{difference['mean']:+.3f} ± {difference['stderr']:.3f}"
+
+
+def final_table(evaluation):
+    """Markdown rows: every model's held-out gold (greedy and sampled), KL to SFT, length."""
+    reference = evaluation["reference"]
+    rows = [f"| model | greedy gold | Δ vs {reference} | exact | sampled gold (T=1) | Δ vs {reference} | "
+            f"KL to {reference} (nats) | length (tokens) |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in evaluation["models"].items():
+        rows.append(f"| {name} | {r['greedy_gold']:.3f} | {_plus_minus(r['greedy_vs_reference'])} | "
+                    f"{r['exact_match']:.1%} | {r['sampled_gold']:.3f} | {_plus_minus(r['sampled_vs_reference'])} | "
+                    f"{r['kl_to_reference']:.2f} | {r['response_length']:.1f} |")
+    return rows
+
+
+def family_table(evaluation):
+    """Greedy gold per task family and model."""
+    models = evaluation["models"]
+    families = sorted(next(iter(models.values()))["by_family"])
+    rows = ["| family | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for family in families:
+        rows.append(f"| {family} | " + " | ".join(f"{m['by_family'][family]['mean_score']:.3f}" for m in models.values())
+                    + " |")
+    return rows
+
+
+def examples_table(evaluation):
+    """Held-out prompts with every model's greedy reply, side by side."""
+    names = list(evaluation["models"])
+    cell = lambda text: (text.replace("|", "\\|").replace("\n", "⏎") or "∅")[:60]
+    rows = ["| prompt | answer | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for e in evaluation["examples"]:
+        rows.append(f"| {cell(e['prompt'])} | {cell(e['answer'])} | "
+                    + " | ".join(cell(e["replies"][n]) for n in names) + " |")
+    return rows
+
+
+def stage_rows(run, stages):
+    """One line per stage: its headline number against its own baseline, and its wall time."""
+    rows = ["| stage | what it improves | result | baseline | seconds |", "|---|---|---|---|---|"]
+    data = read_json(os.path.join(run, "data", "report.json"))
+    if data:
+        funnel = data["funnel"]
+        rows.append(f"| data | documents kept, tokenizer | {funnel[-1]['documents']:,} of {funnel[0]['documents']:,} "
+                    f"documents, {data['meta']['train_tokens']:,} train tokens, "
+                    f"{data['tokenizer']['bytes_per_token_val']:.2f} bytes/token | 1 byte/token (raw bytes) | "
+                    f"{_seconds(stages, 'data')} |")
+    pretrain = (stages.get("pretrain") or {}).get("summary")
+    if pretrain:
+        rows.append(f"| pretrain | validation loss | {pretrain['val_loss']:.3f} nats/token ({pretrain['val_bpb']:.3f} "
+                    f"bits/byte) | unigram {pretrain['unigram_loss']:.3f} | {_seconds(stages, 'pretrain')} |")
+    evaluation = read_json(os.path.join(run, "eval", "eval.json"))
+    models = evaluation["models"] if evaluation else {}
+    if "sft" in models and "base" in models:
+        rows.append(f"| SFT | held-out gold (greedy) | {models['sft']['greedy_gold']:.3f} | base "
+                    f"{models['base']['greedy_gold']:.3f} | {_seconds(stages, 'sft')} |")
+    reward = read_json(os.path.join(run, "reward", "eval.json"))
+    if reward:
+        rows.append(f"| reward model | pairwise accuracy on held-out comparisons | {reward['val_accuracy']:.3f} "
+                    f"(labels with noise), {reward['val_clean_accuracy']:.3f} (noise-free) | chance 0.5 | "
+                    f"{_seconds(stages, 'reward')} |")
+    for name in ("ppo", "dpo"):
+        if name in models and "sft" in models:
+            r = models[name]
+            rows.append(f"| {name.upper()} | held-out gold (sampled, T=1) | {r['sampled_gold']:.3f} "
+                        f"({_plus_minus(r['sampled_vs_reference'])}), greedy {r['greedy_gold']:.3f} "
+                        f"({_plus_minus(r['greedy_vs_reference'])}), KL {r['kl_to_reference']:.2f} | SFT "
+                        f"{models['sft']['sampled_gold']:.3f}, greedy {models['sft']['greedy_gold']:.3f} | "
+                        f"{_seconds(stages, name)} |")
+    if evaluation:
+        rows.append(f"| evaluation | — | {evaluation['tasks']} held-out prompts × {len(models)} models | — | "
+                    f"{_seconds(stages, 'eval')} |")
+    return rows
+
+
+def _seconds(stages, name):
+    seconds = (stages.get(name) or {}).get("seconds")
+    return "—" if seconds is None else f"{seconds:.0f}"
+
+
+def plot_frontier(run, evaluation, path):
+    """Gold score against KL(π ‖ π_SFT): the held-out evaluation's points for every model and,
+    as a line, PPO's rollouts iteration by iteration (train prompts). Higher and further left is
+    better; where the RM-optimised policy gains KL without gaining gold, r_φ is being hacked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    trajectory = [r for r in read_jsonl(os.path.join(run, "ppo", "metrics.jsonl")) if "kl" in r and "gold_score" in r]
+    if trajectory:
+        ax.plot([r["kl"] for r in trajectory], [r["gold_score"] for r in trajectory], "-", color="tab:orange",
+                alpha=0.5, label="PPO rollouts, by iteration (train prompts)")
+    for name, r in evaluation["models"].items():
+        if name == "base":
+            continue  # far to the right: the base model was never near π_SFT
+        ax.errorbar(r["kl_to_reference"], r["sampled_gold"], yerr=r["sampled_vs_reference"]["stderr"], fmt="o",
+                    capsize=3, label=f"{name} (held-out)")
+    ax.set(xlabel="KL(π ‖ π_SFT) per response (nats)", ylabel="gold score of samples (T=1)",
+           title="Gold score vs KL to the SFT model")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_final(evaluation, path):
+    """Bars: greedy and sampled held-out gold per model, with paired standard errors."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(evaluation["models"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for offset, key, label in ((-0.2, "greedy", "greedy"), (0.2, "sampled", "sampled (T=1)")):
+        values = [evaluation["models"][n][f"{key}_gold"] for n in names]
+        errors = [evaluation["models"][n][f"{key}_vs_reference"]["stderr"] for n in names]
+        ax.bar(x + offset, values, 0.4, yerr=errors, capsize=3, label=label)
+    ax.set_xticks(x, names)
+    ax.set(ylabel="mean gold score", title=f"Held-out gold score ({evaluation['tasks']} prompts)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def machine_line():
+    import torch
+    device = (f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+              else f"CPU only, {os.cpu_count()} cores")
+    return f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, {device}"
+
+
+def write_run_report(run, preset=None):
+    """runs/NAME/report.md (and frontier.png, final.png beside it) from the stages' outputs."""
+    stages = {name: read_json(os.path.join(run, name, "stage.json")) for name in STAGES}
+    missing = [name for name, s in stages.items() if not (s or {}).get("complete")]
+    evaluation = read_json(os.path.join(run, "eval", "eval.json"))
+    total = sum((s or {}).get("seconds") or 0 for s in stages.values())
+    lines = [f"# Run report: {run}", "",
+             f"Preset `{preset or '?'}`; written {time.strftime('%Y-%m-%d %H:%M')}; {machine_line()}.",
+             f"Stage wall time, summed: {total / 60:.1f} min" + (f" (unfinished: {', '.join(missing)})" if missing else "")
+             + ".", ""]
+    if evaluation:
+        plot_final(evaluation, os.path.join(run, "final.png"))
+        plot_frontier(run, evaluation, os.path.join(run, "frontier.png"))
+        lines += ["## Final comparison on held-out prompts", "",
+                  f"{evaluation['tasks']} test-split task prompts, never trained on. Gold = data/tasks.judge (1 = exact "
+                  "answer). Greedy: temperature 0. Sampled: one reply at temperature 1 per prompt, the distribution RLHF "
+                  "optimises. Δ: paired difference to the reference on the same prompts ± its standard error. KL: "
+                  "mean of log π(y|x) − log π_SFT(y|x) over the model's own samples.", "",
+                  *final_table(evaluation), "", "![final](final.png)", ""]
+    lines += ["## Each stage and its number", "", *stage_rows(run, stages), ""]
+    sections = [("Data", "data/report.png", "Funnel, quality rules, MinHash, perplexity, mixture, tokenizer."),
+                ("Pretraining", "pretrain/pretrain.png", "Train/val loss against the unigram baseline, learning rate, "
+                 "gradient norm; rollbacks in red."),
+                ("SFT", "sft/sft.png", "Masked-loss training and validation curves."),
+                ("Reward model", "reward/reward_training.png", "Bradley–Terry loss and pairwise accuracy."),
+                ("Reward-model calibration", "reward/calibration.png", "Predicted P(y_w ≻ y_l) against observed."),
+                ("PPO", "ppo/ppo.png", "Reward-model score, gold score, KL and length over the iterations."),
+                ("DPO", "dpo/dpo.png", "Loss, implicit reward margins and preference accuracy.")]
+    for title, image, caption in sections:
+        if os.path.exists(os.path.join(run, image)):
+            lines += [f"## {title}", "", caption, "", f"![{title}]({image})", ""]
+    if evaluation:
+        lines += ["## Gold score vs KL to SFT", "", "![frontier](frontier.png)", "",
+                  "## Held-out gold per task family (greedy)", "", *family_table(evaluation), "",
+                  "## Replies side by side (greedy)", "", *examples_table(evaluation), ""]
+    path = os.path.join(run, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="write runs/NAME/report.md from the stages' outputs")
+    p.add_argument("--run", required=True, help="the run directory (runs/NAME)")
+    p.add_argument("--preset", default=None, help="the preset the run used, for the header")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.run):
+        print(f"error: --run {args.run}: no such run directory", file=sys.stderr)
+        sys.exit(2)
+    path = write_run_report(args.run, args.preset)
+    print(f"[report] {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -61,6 +61,7 @@ class Source:
     kind: str
     load: Callable  # load(max_bytes, seed, problems) -> list[Document]
     description: str = ""
+    path: str = ""  # a user corpus's file or directory ("" for the built-in and in-memory sources)
 
 
 def decode(raw: bytes) -> str:
@@ -327,7 +328,7 @@ def path_source(name, path, weight=1.0, kind="prose", text_field="text") -> Sour
 
         return _take_until(documents(), max_bytes)
 
-    return Source(name, weight, kind, load, f"user corpus {path}")
+    return Source(name, weight, kind, load, f"user corpus {path}", path)
 
 
 def text_list_source(name, texts, weight, kind="curated") -> Source:

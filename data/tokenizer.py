@@ -95,6 +95,7 @@ def count_chunks(texts, pattern=DEFAULT_PATTERN) -> collections.Counter:
     return collections.Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()})
 
 
+# classroom: begin merge_pair
 def merge_pair(word, pair, new_id):
     """Replace each non-overlapping occurrence of `pair` in `word`, left to right, by `new_id`."""
     a, b = pair
@@ -107,6 +108,7 @@ def merge_pair(word, pair, new_id):
             merged.append(word[i])
             i += 1
     return merged
+# classroom: end merge_pair
 
 
 def _check_vocab_size(vocab_size):

@@ -90,6 +90,7 @@ def attention_mask(T, causal=True, doc_ids=None, device=None):
     return allowed
 
 
+# classroom: begin naive_attention
 def naive_attention(q, k, v, causal=True, doc_ids=None, sm_scale=None, return_lse=False):
     """Attention with the T×T score matrix materialised (seed 1.4, "causal masking").
 
@@ -116,6 +117,7 @@ def naive_attention(q, k, v, causal=True, doc_ids=None, sm_scale=None, return_ls
     if return_lse:
         return out, torch.logsumexp(scores, dim=-1)
     return out
+# classroom: end naive_attention
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +232,7 @@ def _query_tiles_for_key_tile(n0, T, DocStart, DocEnd, DocsSorted, batch,
 # Forward pass
 # ----------------------------------------------------------------------------------------------------------
 
+# classroom: begin forward_over_key_tiles
 @triton.jit
 def _forward_over_key_tiles(acc, m_i, l_i, q, doc_q, q_rows, cols, K_head, V_head, stride_kt, stride_vt,
                             Doc_row, start, end, T, qk_scale,
@@ -237,7 +240,17 @@ def _forward_over_key_tiles(acc, m_i, l_i, q, doc_q, q_rows, cols, K_head, V_hea
                             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                             DOT_PRECISION: tl.constexpr):
     """Stream the key/value tiles starting at start, start + BLOCK_N, … < end past the query tile q,
-    updating the online-softmax state (acc, m_i, l_i). Scores are kept in base 2: S₂ = S · log₂e."""
+    updating the online-softmax state (acc, m_i, l_i); returns the new (acc, m_i, l_i).
+
+    Scores are kept in base 2: qk_scale = sm_scale · log₂e, so S₂ = (q Kᵀ) · qk_scale = S · log₂e. Per tile
+    n0 (rows k_rows = n0 + arange(BLOCK_N), loaded with `_load_rows`; doc ids of the keys from Doc_row):
+
+        S₂ = q Kᵀ · qk_scale,  and −∞ where `_is_allowed` says no   (only when APPLY_MASK)
+        m' = max(m, rowmax S₂),   α = 2^(m − m'),   P = 2^(S₂ − m')
+        ℓ' = α ℓ + rowsum P,      acc' = α acc + P V                 (tl.dot with DOT_PRECISION)
+
+    A row that has seen only masked keys so far has m' = −∞: subtract 0 instead of m' there, so that
+    α = P = 0 rather than NaN = 2^(−∞ − (−∞))."""
     for n0 in range(start, end, BLOCK_N):
         k_rows = n0 + tl.arange(0, BLOCK_N)
         k = _load_rows(K_head, k_rows, cols, stride_kt, T, HEAD_DIM, UPCAST)      # (BLOCK_N, BLOCK_D)
@@ -264,6 +277,7 @@ def _forward_over_key_tiles(acc, m_i, l_i, q, doc_q, q_rows, cols, K_head, V_hea
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+# classroom: end forward_over_key_tiles
 
 
 @triton.jit

@@ -46,3 +46,25 @@ def write_synthetic_data(directory, vocab_size=64, n_train=40_000, n_val=4_000, 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     return write_synthetic_data(str(tmp_path_factory.mktemp("data")))
+
+
+def interrupt_on_call(monkeypatch, module, name, call):
+    """Simulate Ctrl-C: `module.name` raises KeyboardInterrupt on its `call`-th call (1-based) —
+    how the tests of stage resumption stop a run half-way. monkeypatch.undo() lifts it."""
+    original, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def without_timings(records):
+    """metrics.jsonl records without their wall-clock measurements (seconds, time_*, *_per_sec, mfu),
+    which differ between two runs that compute the same numbers."""
+    def is_timing(key):
+        return key == "seconds" or key == "mfu" or key.startswith("time_") or key.endswith("per_sec")
+    return [{k: v for k, v in r.items() if not is_timing(k)} for r in records]

@@ -189,3 +189,49 @@ def test_pretrained_tokenizer_is_copied_next_to_the_shards(corpus, tmp_path, mon
     assert meta["vocab_size"] == 301 and meta["eot_token"] == 300
     assert load_tokenizer(tmp_path).name == "gpt2"
     assert read_shard(tmp_path / "val_000000.bin")[0] == 300
+
+
+def test_a_finished_run_is_skipped_until_a_flag_or_an_input_changes(corpus, tmp_path, capsys):
+    import shutil
+
+    from train_gpt import read_stage
+
+    prose, out = tmp_path / "prose", tmp_path / "out"
+    shutil.copytree(corpus / "prose", prose)
+    argv = ["--out", str(out), "--source", f"prose={prose}", "--vocab-size", "270", "--max-bytes", "50000",
+            "--ppl-band", "0", "100", "--rule", "prose.min_words=50", "--quiet"]
+
+    def run(*extra):
+        capsys.readouterr()
+        meta = main(argv + list(extra))
+        return meta, "holds a finished run" in capsys.readouterr().out, read_stage(str(out))["fingerprint"]
+
+    first, skipped, fingerprint = run()
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    assert not skipped and run("--workers", "1") == (first, True, fingerprint)  # a runtime flag: skipped
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+    _, skipped, other = run("--vocab-size", "271")  # another flag: prepared again
+    assert not skipped and other != fingerprint
+    (prose / "doc03.txt").write_text(_paragraph(random.Random(5)))  # a corpus file changes
+    _, skipped, changed = run("--vocab-size", "271")
+    assert not skipped and changed != other
+
+
+def test_the_fingerprint_covers_python_hook_texts_and_the_stdlib_version(monkeypatch):
+    from data.prepare import build_parser, prepare_fingerprint
+    from data.sources import default_sources
+
+    args = build_parser().parse_args([])
+
+    def fingerprint(extra=(), eval_texts=(), flag_sources=()):
+        return prepare_fingerprint(args, list(flag_sources), list(extra), list(eval_texts))
+
+    same = fingerprint([text_list_source("tasks", ["1 + 1 = 2"], 0.1)], ["What is 1 + 1?"])
+    assert same == fingerprint([text_list_source("tasks", ["1 + 1 = 2"], 0.1)], ["What is 1 + 1?"])
+    assert same != fingerprint([text_list_source("tasks", ["1 + 1 = 3"], 0.1)], ["What is 1 + 1?"])
+    assert same != fingerprint([text_list_source("tasks", ["1 + 1 = 2"], 0.2)], ["What is 1 + 1?"])
+    assert same != fingerprint([text_list_source("tasks", ["1 + 1 = 2"], 0.1)], ["What is 2 + 2?"])
+    stdlib, without_stdlib = fingerprint(flag_sources=default_sources()), fingerprint()
+    monkeypatch.setattr(sys, "version", sys.version + " (another build)")
+    assert fingerprint(flag_sources=default_sources()) != stdlib  # the standard library is a corpus
+    assert fingerprint() == without_stdlib  # it is not: the Python version does not matter

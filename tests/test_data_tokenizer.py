@@ -148,3 +148,15 @@ def test_pretokenize_covers_every_character():
         assert "".join(pretokenize(text)) == text
     assert pretokenize("Hello world's 12345!!\n\n  x") == ["Hello", " world", "'s", " ", "123", "45", "!!\n\n", " ",
                                                              " x"]
+
+
+def test_merge_pair_matches_str_replace():
+    """str.replace is left to right and non-overlapping too: spell the ids as characters and compare."""
+    rng = random.Random(0)
+    for _ in range(300):
+        word = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        pair = (rng.randrange(3), rng.randrange(3))
+        original = list(word)
+        expected = "".join(map(chr, word)).replace(chr(pair[0]) + chr(pair[1]), chr(9))
+        assert merge_pair(word, pair, 9) == [ord(c) for c in expected]
+        assert word == original  # the input word is left alone

@@ -6,6 +6,7 @@ CPU only, a byte-level tokenizer built here (256 byte tokens + the chat special 
 GPTs, so no run directory is needed.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -373,8 +374,12 @@ def test_kl_of_the_reference_to_itself_is_zero_and_win_rate_counts_ties_half():
     model = tiny_model().eval()
     args = dpo.build_parser().parse_args(["--max-new-tokens", "6", "--eval-batch-size", "4"])
     tasks = generate_tasks(6, "test", seed=0, families=["arith"], levels=[1])
-    kl, gold = dpo.sampled_kl_and_gold(model, model, ENC, tasks, args, torch.device("cpu"))
-    assert len(kl) == len(gold) == 6 and max(abs(x) for x in kl) < 1e-4 and all(0 <= g <= 1 for g in gold)
+    baseline = dpo.sft_baseline(model, ENC, tasks, args, {"device": torch.device("cpu"),
+                                                           "autocast": contextlib.nullcontext()})
+    result = dpo.evaluate_policy(model, model, ENC, tasks, baseline, args, {"device": torch.device("cpu"),
+                                                                          "autocast": contextlib.nullcontext()})
+    assert abs(result["kl"]) < 1e-4 and 0 <= result["sampled_gold_score"] <= 1
+    assert result["gold_score"] == baseline["mean_score"] and result["win_rate_vs_sft"] == 0.5
     assert dpo.win_rate([1.0, 0.5, 0.0, 0.2], [0.5, 0.5, 1.0, 0.1]) == (2.5 / 4, 2, 1)
 
 
@@ -485,3 +490,90 @@ def test_cli_beta_sweep_writes_the_frontier_with_ppo_points(tmp_path):
     assert by_method["SFT"][0]["kl"] == 0.0
     for name in ("frontier.png", "frontier.json", "beta_0.1/model.pt", "beta_1/eval.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+def test_ipo_loss_and_rewards_by_hand():
+    """IPO on its own (the IPO test above also compares it with DPO): loss, implicit rewards, accuracy."""
+    beta = 0.25
+    loss, chosen_rewards, rejected_rewards, accuracy = dpo.ipo_loss(
+        *tensors(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED), beta=beta)
+    chosen = [pw - rw for pw, rw in zip(POLICY_CHOSEN, REFERENCE_CHOSEN)]        # 1, −1.5, 0.75
+    rejected = [pl - rl for pl, rl in zip(POLICY_REJECTED, REFERENCE_REJECTED)]  # −1, 1.5, −0.5
+    assert loss.item() == pytest.approx(sum((w - l - 1 / (2 * beta)) ** 2 for w, l in zip(chosen, rejected)) / 3)
+    assert chosen_rewards.item() == pytest.approx(beta * sum(chosen) / 3)
+    assert rejected_rewards.item() == pytest.approx(beta * sum(rejected) / 3)
+    assert accuracy.item() == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------- the stage: skip, resume
+
+def test_a_finished_run_is_skipped_until_a_flag_or_an_input_changes(tmp_path, capsys):
+    from train_gpt import read_stage
+    checkpoint = tiny_sft_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "prefs.jsonl", synthetic_records(24, seed=7))
+    out = tmp_path / "dpo"
+
+    def run(*extra):
+        capsys.readouterr()
+        summary = dpo.main(["--sft", checkpoint, "--data", data, "--out", str(out), "--max-steps", "2",
+                            "--eval-tasks", "0", "--device", "cpu", *extra])
+        return summary, "holds a finished run" in capsys.readouterr().out, read_stage(str(out))["fingerprint"]
+
+    first, skipped, fingerprint = run()
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert not skipped and run("--log-every", "1") == (first, True, fingerprint)  # a runtime flag: skipped
+    assert (out / "model.pt").stat().st_mtime_ns == stamp
+    _, skipped, other = run("--lr", "1e-4")  # another flag: trained again
+    assert not skipped and other != fingerprint
+    write_jsonl(tmp_path / "prefs.jsonl", synthetic_records(24, seed=8))  # new comparisons
+    _, skipped, changed = run("--lr", "1e-4")
+    assert not skipped and changed != other
+    atomic_save({**torch.load(checkpoint, weights_only=True), "step": 1}, checkpoint)  # a new SFT model.pt
+    assert not run("--lr", "1e-4")[1]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_an_interrupted_run_resumes_to_the_same_policy_without_recomputing_the_reference(loss, tmp_path,
+                                                                                         monkeypatch, capsys):
+    from conftest import interrupt_on_call, without_timings
+    checkpoint = tiny_sft_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "prefs.jsonl", synthetic_records(48, seed=7))
+    flags = ["--sft", checkpoint, "--data", data, "--loss", loss, "--epochs", "2", "--batch-size", "8",
+             "--lr", "2e-3", "--eval-tasks", "2", "--max-new-tokens", "4", "--device", "cpu"]
+    expected = dpo.main([*flags, "--out", str(tmp_path / "straight")])
+    assert expected["steps"] >= 8
+    interrupt_on_call(monkeypatch, dpo, "train_step", 8)  # Ctrl-C during step 8
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main([*flags, "--out", str(tmp_path / "interrupted")])
+    monkeypatch.undo()
+    for name in ("cache_reference_logprobs", "sft_baseline"):  # both come with the resume point
+        monkeypatch.setattr(dpo, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran again after the resume"))
+    capsys.readouterr()
+    summary = dpo.main([*flags, "--out", str(tmp_path / "interrupted")])
+    assert "resuming" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("straight", "interrupted"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    records = [dpo.read_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("straight", "interrupted")]
+    assert without_timings(records[0]) == without_timings(records[1])
+    assert [r["step"] for r in records[1] if "loss" in r] == list(range(1, expected["steps"] + 1))
+    ignore = ("wall_seconds", "train_seconds")
+    assert {k: v for k, v in summary.items() if k not in ignore} == {k: v for k, v in expected.items() if k not in ignore}
+
+
+def test_a_preference_set_built_into_out_is_output_not_input(tmp_path, monkeypatch):
+    """Without preference files, dpo.py samples a set into --out: a second run must still be
+    skipped (the set is the stage's own product), and a changed flag must build a new set."""
+    import reward
+    from train_gpt import read_stage
+    monkeypatch.setattr(reward, "judge", lambda task, text: sum(map(ord, text)) % 7 / 6)  # distinct scores
+    checkpoint = tiny_sft_checkpoint(tmp_path)
+    out = tmp_path / "dpo"
+    flags = ["--sft", checkpoint, "--out", str(out), "--num-prompts", "12", "--val-fraction", "0.25", "--k", "4",
+             "--max-new-tokens", "4", "--max-steps", "1", "--eval-tasks", "0", "--device", "cpu"]
+    dpo.main(flags)
+    built, fingerprint = (out / "preferences_train.jsonl").read_text(), read_stage(str(out))["fingerprint"]
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    dpo.main(flags)
+    assert read_stage(str(out))["fingerprint"] == fingerprint and (out / "model.pt").stat().st_mtime_ns == stamp
+    dpo.main([*flags, "--label-noise", "0.4"])  # another labeler: the set is built again
+    assert (out / "preferences_train.jsonl").read_text() != built

@@ -5,6 +5,8 @@ is slow: shapes and tiles are kept small. Every output the kernels write starts 
 element that no program wrote cannot pass as a plausible zero.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -187,3 +189,63 @@ def test_attention_dispatch_on_cpu_uses_reference():
     if q.is_cuda:
         pytest.skip("CPU dispatch only")
     torch.testing.assert_close(fa.attention(q, k, v), fa.naive_attention(q, k, v))
+
+
+# --- classroom graders (tests/classroom.py): each function against loops over queries ---------------------
+# The tests above use naive_attention as the reference for the kernels. A student copy may strip either one,
+# so these two graders compare each of them with `attention_by_loops` instead, never with each other.
+
+def attention_by_loops(q, k, v, causal, doc_ids=None, sm_scale=None):
+    """O and L = logsumexp of the scores from the definitions, one query at a time in fp64: list the keys
+    query i may see (j ≤ i when causal, same document), score them, softmax by hand."""
+    q, k, v = (x.detach().double().cpu() for x in (q, k, v))
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    scale = 1 / math.sqrt(D) if sm_scale is None else sm_scale
+    o, lse = torch.zeros(B, H, T, D, dtype=torch.float64), torch.zeros(B, H, T, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kv = h // group                               # grouped-query attention: the shared K/V head
+            for i in range(T):
+                keys = [j for j in range(T) if (not causal or j <= i)
+                        and (doc_ids is None or int(doc_ids[b, i]) == int(doc_ids[b, j]))]
+                scores = k[b, kv, keys] @ q[b, h, i] * scale
+                weights = torch.exp(scores - scores.max())
+                o[b, h, i] = weights @ v[b, kv, keys] / weights.sum()
+                lse[b, h, i] = scores.max() + torch.log(weights.sum())
+    return o, lse
+
+
+ATTENTION_CASES = {  # name: (B, H, H_kv, T, D, causal, doc lengths per row or None, sm_scale)
+    "causal": (2, 2, 2, 19, 16, True, None, None),
+    "non-causal-scaled": (1, 2, 2, 19, 24, False, None, 0.3),
+    "documents": (2, 2, 2, 21, 16, True, ([5, 1, 15], [21]), None),
+    "grouped-query": (1, 4, 2, 17, 16, True, None, None),
+}
+
+
+def attention_case(name):
+    B, H, H_kv, T, D, causal, doc_lengths, sm_scale = ATTENTION_CASES[name]
+    q, k, v, _ = random_inputs(B, H, T, D, H_kv, seed=3)
+    doc_ids = packed_doc_ids(*doc_lengths) if doc_lengths else None
+    return q, k, v, causal, doc_ids, sm_scale
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_naive_attention_matches_loops(case):
+    q, k, v, causal, doc_ids, sm_scale = attention_case(case)
+    o, lse = fa.naive_attention(q.double(), k.double(), v.double(), causal, doc_ids, sm_scale, return_lse=True)
+    expected_o, expected_lse = attention_by_loops(q, k, v, causal, doc_ids, sm_scale)
+    torch.testing.assert_close(o.cpu(), expected_o, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse.cpu(), expected_lse, atol=1e-10, rtol=1e-10)
+    assert fa.naive_attention(q, k, v, causal, doc_ids, sm_scale).dtype == q.dtype
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_flash_forward_matches_loops(case):
+    """The forward kernel (its tile loop is `_forward_over_key_tiles`) with 16-row tiles: several query and key
+    tiles, a ragged end, and the masked / unmasked stretches of key tiles."""
+    q, k, v, causal, doc_ids, sm_scale = attention_case(case)
+    o, lse = fa.flash_attention_forward(q, k, v, causal, doc_ids, sm_scale, block_m=16, block_n=16)
+    expected_o, expected_lse = attention_by_loops(q, k, v, causal, doc_ids, sm_scale)
+    assert_matches((o, lse), (expected_o.to(o.device), expected_lse.to(o.device)), torch.float32, ("o", "lse"))

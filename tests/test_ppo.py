@@ -435,3 +435,51 @@ def test_incompatible_reward_model_is_refused(tmp_path, capsys):
     sft_path, rm_path = save_tiny_checkpoints(tmp_path / "b", rm_tokenizer=other)
     error = run_expecting_error(capsys, ["--sft", sft_path, "--reward-model", rm_path])
     assert rm_path in error and "tokenizer" in error
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage: skip a finished run, resume an interrupted one
+# ----------------------------------------------------------------------------------------------
+
+def test_a_finished_run_is_skipped_until_a_flag_or_the_reward_model_changes(tmp_path, capsys):
+    from train_gpt import read_stage
+    sft_path, rm_path = save_tiny_checkpoints(tmp_path)
+    out = tmp_path / "ppo"
+
+    def run(*extra):
+        capsys.readouterr()
+        summary = ppo.main(["--sft", sft_path, "--reward-model", rm_path, "--out", str(out), *SMALL_RUN[2:],
+                            "--iterations", "1", "--eval-tasks", "0", *extra])
+        return summary, "holds a finished run" in capsys.readouterr().out, read_stage(str(out))["fingerprint"]
+
+    first, skipped, fingerprint = run()
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert not skipped and run("--log-every", "5", "--threads", "1") == (first, True, fingerprint)
+    assert (out / "model.pt").stat().st_mtime_ns == stamp
+    _, skipped, other = run("--beta", "0.1")  # another flag: trained again
+    assert not skipped and other != fingerprint
+    rm = torch.load(rm_path, weights_only=True)  # a new reward model.pt at the same path
+    torch.save({**rm, "model": {k: v + 0.01 if v.is_floating_point() else v for k, v in rm["model"].items()}}, rm_path)
+    _, skipped, changed = run("--beta", "0.1")
+    assert not skipped and changed != other
+
+
+def test_an_interrupted_run_resumes_to_the_same_policy_and_metrics(tmp_path, monkeypatch, capsys):
+    from conftest import interrupt_on_call, without_timings
+    sft_path, rm_path = save_tiny_checkpoints(tmp_path)
+    flags = ["--sft", sft_path, "--reward-model", rm_path, *SMALL_RUN[2:], "--iterations", "5",
+             "--checkpoint-every", "2", "--kl-target", "0.5", "--kl-horizon", "20"]  # β adapts: its state is saved too
+    expected = ppo.main([*flags, "--out", str(tmp_path / "straight")])
+    interrupt_on_call(monkeypatch, ppo, "train_iteration", 4)  # Ctrl-C during iteration 4
+    with pytest.raises(KeyboardInterrupt):
+        ppo.main([*flags, "--out", str(tmp_path / "interrupted")])
+    monkeypatch.undo()
+    capsys.readouterr()
+    summary = ppo.main([*flags, "--out", str(tmp_path / "interrupted")])
+    assert "resuming" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("straight", "interrupted"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    records = [ppo.read_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("straight", "interrupted")]
+    assert [r["iteration"] for r in records[1]] == [1, 2, 3, 4, 5]  # iteration 3 once: logged again, not twice
+    assert without_timings(records[0]) == without_timings(records[1])
+    assert summary["final_beta"] == expected["final_beta"] != 0.2 and summary["ppo"] == expected["ppo"]

@@ -418,3 +418,59 @@ def test_correlations_and_calibration_against_hand_computations():
     # Both orders of each pair: p = 0.9 won 3 of 4, p = 0.1 won 1 of 4 → |0.75 − 0.9| = 0.15 in both bins.
     assert [(round(b["p_mean"], 6), b["observed"], b["count"]) for b in table] == [(0.1, 0.25, 4), (0.9, 0.75, 4)]
     assert ece == pytest.approx(0.15)
+
+
+# ----------------------------------------------------------------------------- the stage: skip, resume
+
+def test_a_finished_run_is_skipped_until_a_flag_or_an_input_changes(tmp_path, capsys):
+    from train_gpt import read_stage
+    rng = random.Random(0)
+    train, val = str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")
+    reward.write_preferences(train, synthetic_preferences(40, rng))
+    reward.write_preferences(val, synthetic_preferences(12, rng))
+    sft_path, out = tiny_sft_checkpoint(tmp_path), tmp_path / "rm"
+
+    def run(*extra):
+        capsys.readouterr()
+        summary = reward.main(["--sft", sft_path, "--out", str(out), "--data", train, "--val-data", val,
+                               "--batch-size", "4", "--max-steps", "2", "--eval-prompts", "0", "--device", "cpu",
+                               *extra])
+        return summary, "holds a finished run" in capsys.readouterr().out, read_stage(str(out))["fingerprint"]
+
+    first, skipped, fingerprint = run()
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert not skipped and run("--log-every", "1") == (first, True, fingerprint)  # a runtime flag: skipped
+    assert (out / "model.pt").stat().st_mtime_ns == stamp
+    _, skipped, other = run("--lr", "1e-3")  # another flag: trained again
+    assert not skipped and other != fingerprint
+    assert run()[1:] == (False, fingerprint)  # and back
+    torch.save({**torch.load(sft_path, weights_only=True), "step": 1}, sft_path)  # a new SFT model.pt
+    assert not run()[1]
+    reward.write_preferences(train, synthetic_preferences(40, random.Random(1)))  # new comparisons
+    assert not run()[1]
+
+
+def test_an_interrupted_run_resumes_without_sampling_again(tmp_path, monkeypatch, capsys):
+    from conftest import interrupt_on_call, without_timings
+    sft_path = tiny_sft_checkpoint(tmp_path)
+    flags = ["--sft", sft_path, "--num-prompts", "12", "--k", "3", "--max-new-tokens", "6", "--eval-prompts", "3",
+             "--epochs", "2", "--batch-size", "2", "--device", "cpu"]
+    monkeypatch.setattr(reward, "judge", fake_judge)
+    expected = reward.main([*flags, "--out", str(tmp_path / "straight")])
+    assert expected["steps"] >= 8
+    interrupt_on_call(monkeypatch, reward, "train_step", 8)  # Ctrl-C during step 8
+    with pytest.raises(KeyboardInterrupt):
+        reward.main([*flags, "--out", str(tmp_path / "interrupted")])
+    monkeypatch.undo()
+    monkeypatch.setattr(reward, "judge", fake_judge)
+    monkeypatch.setattr(reward, "sample_responses", lambda *a, **k: pytest.fail("sampled again after the resume"))
+    capsys.readouterr()
+    summary = reward.main([*flags, "--out", str(tmp_path / "interrupted")])
+    assert "resuming" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("straight", "interrupted"))
+    assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    records = [reward.read_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("straight", "interrupted")]
+    assert without_timings(records[0]) == without_timings(records[1])
+    assert [r["step"] for r in records[1] if "loss" in r] == list(range(1, expected["steps"] + 1))
+    ignore = ("wall_seconds", "generation_seconds")
+    assert {k: v for k, v in summary.items() if k not in ignore} == {k: v for k, v in expected.items() if k not in ignore}

@@ -423,3 +423,73 @@ def test_eval_mode_judges_a_checkpoint(tmp_path, capsys):
                        "--device", "cpu"])
     assert result["n"] == 6 and set(result["by_family"]) == {"upper"}
     assert '"mean_score"' in capsys.readouterr().out
+
+
+def test_shift_targets_by_hand():
+    """Position t predicts token t+1; only response tokens (mask 1) are targets, the rest IGNORE_INDEX."""
+    ids = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+    mask = torch.tensor([[0, 0, 1, 1, 0], [1, 0, 0, 1, 1]])
+    inputs, targets = sft.shift_targets(ids, mask)
+    ignore = sft.IGNORE_INDEX
+    assert inputs.tolist() == [[10, 11, 12, 13], [20, 21, 22, 23]]
+    assert targets.tolist() == [[ignore, 12, 13, ignore], [ignore, ignore, 23, 24]]
+
+
+# ----------------------------------------------------------------------------- the stage: skip, resume
+
+def sft_run(checkpoint, out, *extra):
+    return sft.main(["--init", checkpoint, "--families", "arith", "--levels", "1", "--num-conversations", "120",
+                     "--epochs", "2", "--batch-size", "8", "--evals-per-epoch", "2", "--dropout", "0.1",
+                     "--eval-tasks", "4", "--max-new-tokens", "4", "--out", str(out), "--device", "cpu",
+                     "--log-every", "1000", *extra])
+
+
+def test_a_finished_run_is_skipped_until_a_flag_or_the_base_model_changes(tmp_path, capsys):
+    from train_gpt import read_stage
+    checkpoint, _ = tiny_run_files(tmp_path)
+    out = tmp_path / "sft"
+    first = sft_run(checkpoint, out, "--max-steps", "2")
+    stamp, fingerprint = (out / "model.pt").stat().st_mtime_ns, read_stage(str(out))["fingerprint"]
+    capsys.readouterr()
+    # Same configuration (--log-every and --eval-batch-size change no result): skipped, outputs untouched.
+    assert sft_run(checkpoint, out, "--max-steps", "2", "--log-every", "5", "--eval-batch-size", "3") == first
+    assert "holds a finished run" in capsys.readouterr().out and (out / "model.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit):  # a command that fails on its input leaves the finished run's record alone
+        sft_run(checkpoint, out, "--max-steps", "2", "--data", str(tmp_path / "missing.jsonl"))
+    assert read_stage(str(out)) == {**read_stage(str(out)), "fingerprint": fingerprint, "complete": True}
+    sft_run(checkpoint, out, "--max-steps", "1")  # another flag: trained again
+    assert read_stage(str(out))["fingerprint"] != fingerprint and read_stage(str(out))["complete"]
+    sft_run(checkpoint, out, "--max-steps", "2")
+    assert read_stage(str(out))["fingerprint"] == fingerprint
+    atomic_save({**torch.load(checkpoint, weights_only=True), "step": 1}, checkpoint)  # a new base model.pt
+    capsys.readouterr()
+    sft_run(checkpoint, out, "--max-steps", "2")
+    assert "holds a finished run" not in capsys.readouterr().out and read_stage(str(out))["fingerprint"] != fingerprint
+
+
+def test_an_interrupted_run_resumes_to_the_same_model_and_metrics(tmp_path, monkeypatch, capsys):
+    from conftest import interrupt_on_call, without_timings
+    checkpoint, _ = tiny_run_files(tmp_path)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    expected = sft_run(checkpoint, straight)
+    assert expected["steps"] >= 8
+    interrupt_on_call(monkeypatch, sft, "train_step", 8)  # Ctrl-C during step 8
+    with pytest.raises(KeyboardInterrupt):
+        sft_run(checkpoint, interrupted)
+    assert (interrupted / "resume.pt").exists()
+    monkeypatch.undo()
+    evaluated, evaluate_tasks = [], sft.evaluate_tasks
+    monkeypatch.setattr(sft, "evaluate_tasks", lambda *a, **k: evaluated.append(1) or evaluate_tasks(*a, **k))
+    capsys.readouterr()
+    summary = sft_run(checkpoint, interrupted)
+    assert "resuming" in capsys.readouterr().out and not (interrupted / "resume.pt").exists()
+    assert len(evaluated) == 1  # the fine-tuned model only: the base model's scores came with the resume point
+    a = torch.load(straight / "model.pt", weights_only=True)
+    b = torch.load(interrupted / "model.pt", weights_only=True)
+    assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    records = [sft.read_metrics(str(d / "metrics.jsonl")) for d in (straight, interrupted)]
+    assert without_timings(records[0]) == without_timings(records[1])
+    steps = [r["step"] for r in records[1] if "loss" in r]
+    assert steps == list(range(1, expected["steps"] + 1))  # every step once: none lost, none repeated
+    assert {k: v for k, v in summary.items() if k != "wall_seconds"} == \
+        {k: v for k, v in expected.items() if k != "wall_seconds"}

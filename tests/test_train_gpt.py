@@ -280,17 +280,20 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, synthetic_data):
     assert np.allclose(a, b, rtol=1e-5)
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, synthetic_data):
+def test_resume_reproduces_uninterrupted_run(tmp_path, synthetic_data, capsys):
     straight = str(tmp_path / "straight")
     interrupted = str(tmp_path / "interrupted")
     common = ["--checkpoint-every", "5", "--dropout", "0.1"]
     tg.main(train_args(synthetic_data, straight, "--max-steps", "12", *common))
     tg.main(train_args(synthetic_data, interrupted, "--max-steps", "12", *common, "--inject-nan-at", ""))
-    # simulate a crash after step 7: drop the last checkpoints and resume from step 5
+    # simulate a crash after step 7: drop the last checkpoints, and the run is unfinished
     for path in tg.checkpoint_paths(interrupted):
         if int(path[-10:-3]) > 5:
             os.remove(path)
+    tg.write_stage(interrupted, {**tg.read_stage(interrupted), "complete": False})
+    capsys.readouterr()
     tg.main(train_args(synthetic_data, interrupted, "--max-steps", "12", *common, "--resume"))
+    assert "resumed from" in capsys.readouterr().out
     a = [(r["step"], r["loss"]) for r in read_metrics(straight) if "loss" in r]
     b = [(r["step"], r["loss"]) for r in read_metrics(interrupted) if "loss" in r]
     assert a == b
@@ -395,3 +398,43 @@ def test_resume_refuses_a_different_config(tmp_path, capsys, synthetic_data):
     tg.main(train_args(synthetic_data, out, "--max-steps", "2"))
     expect_error(capsys, train_args(synthetic_data, out, "--max-steps", "4", "--resume", "--n-layer", "3"),
                  "n_layer=2 there, 3 here")
+
+
+# ----------------------------------------------------------------------------- the stage: skip, resume
+
+def test_a_finished_run_is_skipped_until_a_flag_or_the_data_changes(tmp_path, capsys):
+    data = write_synthetic_data(str(tmp_path / "data"), n_train=5000, n_val=1000)
+    out = str(tmp_path / "run")
+    model_path = os.path.join(out, "model.pt")
+    val_loss = tg.main(train_args(data, out, "--max-steps", "3"))
+    stamp, fingerprint = os.stat(model_path).st_mtime_ns, tg.read_stage(out)["fingerprint"]
+    capsys.readouterr()
+    # --log-every and --checkpoint-every change no result: the same configuration, skipped.
+    assert tg.main(train_args(data, out, "--max-steps", "3", "--log-every", "1", "--checkpoint-every", "2")) == val_loss
+    assert "holds a finished run" in capsys.readouterr().out and os.stat(model_path).st_mtime_ns == stamp
+    tg.main(train_args(data, out, "--max-steps", "3", "--lr", "1e-3"))  # another flag: trained again
+    assert tg.read_stage(out)["fingerprint"] != fingerprint and tg.read_stage(out)["complete"]
+    tg.main(train_args(data, out, "--max-steps", "3"))
+    assert tg.read_stage(out)["fingerprint"] == fingerprint
+    write_synthetic_data(data, n_train=5000, n_val=1000, seed=1)  # new shards in the same directory
+    capsys.readouterr()
+    tg.main(train_args(data, out, "--max-steps", "3"))
+    assert "holds a finished run" not in capsys.readouterr().out and tg.read_stage(out)["fingerprint"] != fingerprint
+
+
+def test_an_interrupted_run_resumes_by_itself_to_the_same_model(tmp_path, monkeypatch, capsys, synthetic_data):
+    from conftest import interrupt_on_call, without_timings
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    common = ["--max-steps", "12", "--checkpoint-every", "5", "--dropout", "0.1"]
+    tg.main(train_args(synthetic_data, straight, *common))
+    interrupt_on_call(monkeypatch, tg, "batch_number_for_step", 9)  # Ctrl-C during step 9
+    with pytest.raises(KeyboardInterrupt):
+        tg.main(train_args(synthetic_data, interrupted, *common))
+    monkeypatch.undo()
+    capsys.readouterr()
+    tg.main(train_args(synthetic_data, interrupted, *common))  # no --resume: stage.json says unfinished
+    assert "at step 5" in capsys.readouterr().out  # from the last checkpoint, not from scratch
+    a, b = (torch.load(os.path.join(d, "model.pt"), weights_only=True) for d in (straight, interrupted))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert without_timings(read_metrics(straight)) == without_timings(read_metrics(interrupted))
+    assert [r["step"] for r in read_metrics(interrupted) if "loss" in r] == list(range(1, 13))
