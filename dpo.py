@@ -85,7 +85,7 @@ EVALS_PER_EPOCH = 4                 # held-out preference evaluations per epoch
 EVAL_TASKS = 200                    # held-out task prompts for KL, gold score and win rate
 MAX_NEW_TOKENS = 32                 # longest generated reply
 SEED = 1337                         # data order, KTO mismatched pairs, sampling
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
 # Not --eval-batch-size: it cuts sampling into batches (the evaluation's, a built preference set's), changing the draws.
 RUNTIME_FLAGS = {"device", "log_every", "checkpoint_every", "force"}
 
@@ -928,7 +928,7 @@ def train_one(args, run, beta, out_dir, fingerprint=None, resume=None):
 
 
 def train_stage(args):
-    """One run (no sweep) as a stage (train_gpt.begin_stage): skipped when --out holds a finished run
+    """One run (no sweep) as a stage (data.stages.begin_stage): skipped when --out holds a finished run
     of this configuration and these inputs, resumed from its resume point when it holds an
     interrupted one. Its inputs are --sft and the preference files made by another stage."""
     found = find_preference_files(args)

@@ -108,7 +108,7 @@ RM_PROMPTS = 2000                            # --beta-sweep: prompts compared to
 THREADS = 1                                  # CPU threads: a tiny model gains nothing from more, loses under load
 SEED = 1337                                  # seed for prompts, sampling and minibatch order
 CHECKPOINT_EVERY = 5                         # iterations between resume points (an interruption loses at most these)
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
 # Not --eval-batch-size: here it also cuts the sampled evaluation into batches, which changes its random draws.
 RUNTIME_FLAGS = {"device", "threads", "log_every", "checkpoint_every", "force"}
 
@@ -842,7 +842,7 @@ def train(args, sft_evaluation=None):
     """Load the models, run the iterations, evaluate SFT vs the trained policy on held-out tasks,
     save model.pt, metrics.jsonl, eval.json and ppo.png. Returns the summary written to eval.json;
     `sft_evaluation` (a previous run's "sft" entry) skips re-judging the same SFT model in a sweep.
-    A stage (train_gpt.begin_stage): skipped when --out holds a finished run of this configuration
+    A stage (data.stages.begin_stage): skipped when --out holds a finished run of this configuration
     and these inputs, resumed from its last resume point when it holds an interrupted one."""
     validate_args(args)
     started = time.time()

@@ -85,7 +85,7 @@ WEIGHTING = "prompt"                # each prompt's pairs share weight 1 (Instru
 LOG_EVERY = 10                      # steps between progress lines
 CALIBRATION_BINS = 10               # bins of predicted P(y_w ≻ y_l) in the calibration plot
 SEED = 1337                         # seed for prompts, sampling, label noise, shuffling and the head's init
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
 RUNTIME_FLAGS = {"device", "log_every", "checkpoint_every", "force"}
 
 
@@ -985,7 +985,7 @@ def load_models(args, device):
 
 def train_reward(args):
     """Collect (or load) comparisons, fit r_φ, keep the best checkpoint, centre it, evaluate.
-    A stage (train_gpt.begin_stage): skipped when --out holds a finished run of this configuration
+    A stage (data.stages.begin_stage): skipped when --out holds a finished run of this configuration
     and these inputs, resumed from its last resume point when it holds an interrupted one."""
     validate_args(args)
     started = time.time()

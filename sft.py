@@ -73,7 +73,7 @@ MAX_NEW_TOKENS = 32
 NEW_ROW_NOISE = 0.1            # new embedding rows: mean + N(0, (0.1·σ_column)²)
 SEED = 1337
 HELDOUT_SEED = 0               # the held-out evaluation set is the same whatever --seed is
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (train_gpt.stage_fingerprint).
+# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
 RUNTIME_FLAGS = {"device", "log_every", "eval_batch_size", "force", "chat", "temperature", "top_k", "system",
                  "checkpoint_every"}
 EXAMPLES_SIDE_BY_SIDE = 8      # --eval with several models: held-out prompts shown with every model's reply
@@ -645,7 +645,7 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
 
 def train_sft(args):
     """Fine-tune, keep the best checkpoint by validation loss, judge base vs SFT on held-out tasks.
-    A stage (train_gpt.begin_stage): skipped when --out holds a finished run of this configuration
+    A stage (data.stages.begin_stage): skipped when --out holds a finished run of this configuration
     and these inputs, resumed from its last resume point when it holds an interrupted one."""
     validate_args(args)
     started = time.time()

@@ -1234,6 +1234,10 @@ def plot_metrics(metrics_path, png_path):
     axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
     if val:
         axes[0].axhline(val[-1]["unigram_loss"], color="gray", ls="--", label="unigram baseline")
+        # bits/byte is the same curve in tokenizer-independent units: a fixed factor of the val loss
+        ratio = val[-1]["val_bpb"] / val[-1]["val_loss"]
+        right = axes[0].secondary_yaxis("right", functions=(lambda x: x * ratio, lambda y: y / ratio))
+        right.set_ylabel("validation bits per byte")
     axes[0].set(title="loss (nats/token)", xlabel="step")
     axes[0].legend()
     axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])

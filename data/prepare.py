@@ -453,7 +453,7 @@ def get_tokenizer(args, train_docs, out_dir, log, report):
 # -----------------------------------------------------------------------------
 
 def prepare_fingerprint(args, flag_sources, extra_sources, eval_texts):
-    """The stage fingerprint (train_gpt.stage_fingerprint) of a data.prepare run: its flags, the
+    """The stage fingerprint (data.stages.stage_fingerprint) of a data.prepare run: its flags, the
     contents of the corpora, evaluation files and tokenizer directory it reads, the Python version
     when the standard library is a corpus (its files change with it), and the texts and weights
     given through the Python hook (main's extra_sources and eval_texts)."""
