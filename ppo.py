@@ -931,7 +931,9 @@ def train_length_biased_reward_model(args):
     out = os.path.join(args.out, "reward_length_bias")
     rm_args = reward.build_parser().parse_args(
         ["--sft", args.sft, "--out", out, "--length-bias", str(args.length_bias), "--num-prompts", str(args.rm_prompts),
-         "--eval-prompts", "100", "--device", args.device, "--seed", str(args.seed)])
+         "--eval-prompts", "100", "--device", args.device, "--seed", str(args.seed),
+         *(["--families", ",".join(args.families)] if args.families else []),
+         *(["--levels", ",".join(map(str, args.levels))] if args.levels else [])])
     print(f"training a length-biased reward model (B = {args.length_bias} per token) → {out}")
     reward.train_reward(rm_args)
     return os.path.join(out, "model.pt")

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from data.errors import DataError
 from data.tasks import generate_tasks, judge, write_jsonl
 from data.tokenizer import load_tokenizer
-from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, decode_response, generate_responses,
-                 jsonl_records, plot_train_val_loss, render_chat, render_prompt)
+from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, comma_list, decode_response,
+                 generate_responses, jsonl_records, plot_train_val_loss, render_chat, render_prompt)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, load_resume_point,
                        log_line, pick_device, random_state, read_metrics, save_resume_point, set_random_state,
@@ -916,13 +916,17 @@ def validate_args(args):
         raise ConfigError(f"--min-lr must be in [0, --lr] (got {args.min_lr})")
     if args.val_data and not args.data:
         raise ConfigError("--val-data needs --data (the default data is split by prompt)")
+    try:
+        generate_tasks(1, "train", families=args.families, levels=args.levels)
+    except ValueError as e:
+        raise ConfigError(f"--families/--levels: {e}") from None
 
 
 def default_preference_data(policy, enc, args, device, autocast):
     """The built-in comparisons: --num-prompts train-split tasks, a --val-fraction of them held out,
     k samples each, ranked by the (noisy, possibly length-biased) gold judge; written as JSONL."""
     try:
-        tasks = generate_tasks(args.num_prompts, "train", seed=args.seed)
+        tasks = generate_tasks(args.num_prompts, "train", seed=args.seed, families=args.families, levels=args.levels)
     except ValueError as e:
         raise ConfigError(f"--num-prompts {args.num_prompts}: {e}") from None
     n_val = min(len(tasks) - 1, max(1, round(args.val_fraction * len(tasks))))
@@ -962,7 +966,7 @@ def heldout_samples(policy, enc, args, device, autocast):
     if not args.eval_prompts:
         return []
     try:
-        tasks = generate_tasks(args.eval_prompts, "test", seed=HELDOUT_SEED)
+        tasks = generate_tasks(args.eval_prompts, "test", seed=HELDOUT_SEED, families=args.families, levels=args.levels)
     except ValueError as e:
         raise ConfigError(f"--eval-prompts {args.eval_prompts}: {e}") from None
     per_task = sample_responses(policy, enc, tasks, args.k, args.temperature, args.max_new_tokens,
@@ -1122,6 +1126,9 @@ def build_parser():
                       help="held-out preference JSONL; without it, a --val-fraction of --data's prompts is held out")
     data.add_argument("--num-prompts", type=int, default=NUM_PROMPTS,
                       help="train-split task prompts to compare (train + val)")
+    data.add_argument("--families", type=comma_list(str), default=None,
+                      help="task families of the built-in comparisons and the held-out samples, e.g. reverse,upper")
+    data.add_argument("--levels", type=comma_list(int), default=None, help="task levels of those tasks, e.g. 1,2")
     data.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of prompts held out for validation")
     data.add_argument("--k", type=int, default=K, help="responses sampled and ranked per prompt (C(k,2) pairs each)")
     data.add_argument("--label-noise", type=float, default=LABEL_NOISE, help="probability that the labeler flips a pair")

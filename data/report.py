@@ -149,7 +149,7 @@ def _tokenizer(ax, report):
 # -----------------------------------------------------------------------------
 
 STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
-MODELS = ("base", "sft", "ppo", "dpo")
+SMOOTHING = 5  # iterations averaged per point of PPO's trajectory in the frontier plot
 
 
 def read_json(path):
@@ -259,8 +259,12 @@ def plot_frontier(run, evaluation, path):
     fig, ax = plt.subplots(figsize=(7, 5))
     trajectory = [r for r in read_jsonl(os.path.join(run, "ppo", "metrics.jsonl")) if "kl" in r and "gold_score" in r]
     if trajectory:
-        ax.plot([r["kl"] for r in trajectory], [r["gold_score"] for r in trajectory], "-", color="tab:orange",
-                alpha=0.5, label="PPO rollouts, by iteration (train prompts)")
+        # one iteration's 64 rollouts are a noisy estimate: a running mean over SMOOTHING iterations
+        window = min(SMOOTHING, len(trajectory))
+        kl, gold = (np.convolve([r[key] for r in trajectory], np.ones(window) / window, mode="valid")
+                    for key in ("kl", "gold_score"))
+        ax.plot(kl, gold, "-", color="tab:orange", alpha=0.6,
+                label=f"PPO rollouts, running mean of {window} iterations (train prompts)")
     for name, r in evaluation["models"].items():
         if name == "base":
             continue  # far to the right: the base model was never near π_SFT
