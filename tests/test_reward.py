@@ -375,6 +375,7 @@ def test_default_data_is_sampled_ranked_and_written(tmp_path, monkeypatch):
     (["--num-prompts", "1"], "--num-prompts must be ≥ 2"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--val-data", "x.jsonl"], "--val-data needs --data"),
+    (["--families", "poetry"], "--families/--levels"),
 ])
 def test_out_of_range_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -474,3 +475,16 @@ def test_an_interrupted_run_resumes_without_sampling_again(tmp_path, monkeypatch
     assert [r["step"] for r in records[1] if "loss" in r] == list(range(1, expected["steps"] + 1))
     ignore = ("wall_seconds", "generation_seconds")
     assert {k: v for k, v in summary.items() if k not in ignore} == {k: v for k, v in expected.items() if k not in ignore}
+
+
+def test_families_restrict_the_comparison_prompts(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_build(policy, enc, tasks, *rest, **kwargs):
+        seen.extend(tasks)
+        return [], [{"gold": 0.0}]
+    monkeypatch.setattr(reward, "build_preference_data", fake_build)
+    args = reward.build_parser().parse_args(["--out", str(tmp_path), "--num-prompts", "40", "--families", "upper,reverse"])
+    policy = type("Policy", (), {"config": type("Config", (), {"block_size": 64})})()
+    reward.default_preference_data(policy, None, args, "cpu", None)
+    assert len(seen) == 40 and {task.family for task in seen} == {"upper", "reverse"}
