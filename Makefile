@@ -30,7 +30,7 @@ cpu_DATA     :=
 cpu_PRETRAIN := --n-layer 4 --n-head 4 --n-embd 128 --block-size 256 --max-steps 1000
 cpu_SFT      := --epochs 3 --lr 3e-3 --families $(FAMILIES) --eval-tasks 300
 cpu_REWARD   := --num-prompts 4000 --families $(FAMILIES)
-cpu_PPO      := --iterations 40 --beta 0.5 --families $(FAMILIES) --eval-tasks 0
+cpu_PPO      := --iterations 60 --beta 0.3 --families $(FAMILIES) --eval-tasks 0
 cpu_DPO      := --beta 0.5 --families $(FAMILIES) --eval-tasks 0
 cpu_EVAL     := --families $(FAMILIES) --eval-tasks 1000
 

@@ -1006,7 +1006,9 @@ def eval_command(args):
     if reference not in checkpoints:
         raise ConfigError(f"--reference {reference}: not one of the --eval names ({', '.join(checkpoints)})")
     if args.eval_out:
-        fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, list(checkpoints.values()))
+        # the models' names and contents count, not their paths (data.stages.stage_fingerprint)
+        identity = argparse.Namespace(**{**vars(args), "eval": list(checkpoints)})
+        fingerprint = stage_fingerprint(identity, RUNTIME_FLAGS | {"eval_out"}, list(checkpoints.values()))
         if finished_stage(args.eval_out, "eval", fingerprint, args.force):
             with open(os.path.join(args.eval_out, "eval.json")) as f:
                 return json.load(f)

@@ -45,8 +45,20 @@ def stage_fingerprint(args, runtime_flags=(), inputs=()):
     """The identity of a stage's result: sha256 over its flags (all of argparse's, except those in
     `runtime_flags` that change only speed or printing: --device, --log-every, …) and over the
     contents of its input files or directories. A missing input is left out: the stage's own
-    loader then reports it, naming the flag that gave it."""
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in runtime_flags and not callable(v)}
+    loader then reports it, naming the flag that gave it.
+
+    Where things are is not what they are: --out and the flags naming an input (whose contents
+    count instead) are left out too, so a run directory copied or moved elsewhere stays cached."""
+    locations = [os.path.normpath(str(path)) for path in inputs if path]
+
+    def names_an_input(value):  # an input itself, or the directory it was found in
+        if not isinstance(value, str) or not value:
+            return False
+        value = os.path.normpath(value)
+        return any(loc == value or loc.startswith(value + os.sep) for loc in locations)
+
+    flags = {k: v for k, v in sorted(vars(args).items())
+             if k not in runtime_flags and k != "out" and not callable(v) and not names_an_input(v)}
     digest = hashlib.sha256(json.dumps(flags, sort_keys=True, default=str).encode())
     for path in inputs:
         if path and os.path.exists(path):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,10 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
 
 
-def make_run(runs_dir, *extra):
+def make_run(runs_dir, *extra, run="smoke"):
     """`make run` with this interpreter (no venv install), one torch thread per stage process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = ["make", "--no-print-directory", "-C", ROOT, "run", "PRESET=tiny", "RUN=smoke", f"RUNS={runs_dir}",
+    command = ["make", "--no-print-directory", "-C", ROOT, "run", "PRESET=tiny", f"RUN={run}", f"RUNS={runs_dir}",
                "INSTALL=", f"PY={sys.executable}", *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -37,11 +38,11 @@ def pipeline(tmp_path_factory):
     run = os.path.join(runs, "smoke")
     mtimes = outputs_mtimes(run)
     second = make_run(runs)
-    return run, first, second, mtimes
+    return runs, run, first, second, mtimes
 
 
 def test_every_stage_finishes_and_the_report_has_finite_numbers(pipeline):
-    run, _, _, _ = pipeline
+    _, run, _, _, _ = pipeline
     for stage in STAGES:
         with open(os.path.join(run, stage, "stage.json")) as f:
             assert json.load(f)["complete"], stage
@@ -67,8 +68,17 @@ def test_every_stage_finishes_and_the_report_has_finite_numbers(pipeline):
 
 
 def test_a_second_run_skips_every_stage(pipeline):
-    run, _, second, mtimes_before = pipeline
+    _, run, _, second, mtimes_before = pipeline
     assert outputs_mtimes(run) == mtimes_before  # nothing was rewritten
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "eval"):
         assert re.search(rf"\[{stage}\] .*skipped", second), f"{stage} was not skipped:\n{second[-2000:]}"
     assert re.search(r"\[(data|prepare)\] .*skipped", second), second[-2000:]
+
+
+def test_a_moved_run_directory_stays_cached(pipeline):
+    """Fingerprints hash what the inputs contain, not where they are: a copy is a finished run too."""
+    runs, run, _, _, _ = pipeline
+    shutil.copytree(run, os.path.join(runs, "moved"))
+    output = make_run(runs, run="moved")
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "eval"):
+        assert re.search(rf"\[{stage}\] .*skipped", output), f"{stage} ran again:\n{output[-2000:]}"
