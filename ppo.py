@@ -207,7 +207,12 @@ def load_models(args, device):
         reward_model = load_compatible_reward_model(args, policy, tokenizer_ref, device)
     critic = None
     if args.algo == "ppo":
-        critic = ValueModel(reward_model if reward_model is not None else reward_model_from_gpt(policy)).train()
+        if reward_model is not None:
+            critic = ValueModel(reward_model).train()
+        else:  # no r_φ to start from: the SFT backbone with a zero head, V(s) = 0 everywhere at first
+            critic = ValueModel(reward_model_from_gpt(policy)).train()
+            nn.init.zeros_(critic.head.weight)
+            nn.init.zeros_(critic.head.bias)
     return policy.train(), reference, reward_model, critic, enc, tokenizer_ref
 
 
@@ -274,7 +279,13 @@ class Rollout:
         return self.sequences.shape[0]
 
     def select(self, rows):
-        """The rollouts at `rows` (a 1-D index tensor): a minibatch."""
+        """The rollouts at `rows` (a 1-D index tensor): a minibatch, cut to its own padding.
+
+        The batch was padded for its longest prompt and longest response; a minibatch drops the
+        columns that are padding in all of its rows — leading prompt columns (the response still
+        starts at column P, P smaller) and trailing response columns. On these short answers that
+        is most of the width, and the update's forward and backward cost scales with it.
+        """
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -283,6 +294,14 @@ class Rollout:
             elif isinstance(value, list):
                 value = [value[i] for i in rows.tolist()]
             picked[f.name] = value
+        P = self.prompt_length
+        left = P - max(len(prompt) for prompt in picked["prompts"])
+        width = max(int(picked["response_mask"].sum(dim=1).max().item()), 1)
+        for name, value in picked.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                columns = slice(left, P + width) if value.shape[1] == self.sequences.shape[1] else slice(0, width)
+                picked[name] = value[:, columns]
+        picked["prompt_length"] = P - left
         return Rollout(**picked)
 
 
@@ -547,6 +566,30 @@ def value_loss(values, old_values, returns, mask, clip=VALUE_CLIP):
 # 7. The update: experience, then epochs of minibatches
 # =============================================================================
 
+def length_grouped_minibatches(rollout, minibatch_size, generator=None):
+    """The rollout's row indices cut into minibatches of rows of similar length, in random order.
+
+    A minibatch costs as much as its longest row (Rollout.select cuts it to that width); random
+    rows would make nearly every minibatch as wide as the longest prompt plus the longest answer
+    of the whole batch — half of its tokens padding on our tasks. Shuffle (random ties), sort by
+    prompt + response length, cut, shuffle the minibatches. Each epoch still sees every row once.
+    """
+    order = torch.randperm(rollout.batch_size, generator=generator).tolist()
+    lengths = [len(p) + len(r) for p, r in zip(rollout.prompts, rollout.responses)]
+    order.sort(key=lambda i: lengths[i])
+    batches = [torch.tensor(order[start:start + minibatch_size]) for start in range(0, len(order), minibatch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def per_token_in_chunks(fn, rollout, chunks):
+    """fn(minibatch) → (b, r) per-token values, run chunk by chunk and laid back out as (B, R)."""
+    out = torch.zeros_like(rollout.response_mask)
+    for rows in chunks:
+        values = fn(rollout.select(rows)).float()
+        out[rows.to(out.device), :values.shape[1]] = values
+    return out
+
+
 @torch.no_grad()
 def make_experience(rollout, policy, reference, critic, score_fn, beta, args, autocast=contextlib.nullcontext()):
     """Step 2–4 of an iteration: fill `rollout` with what the update needs (in place).
@@ -559,9 +602,12 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
     was_training = policy.training
     policy.eval()
     mask = rollout.response_mask
+    chunks = length_grouped_minibatches(rollout, args.minibatch_size)
     with autocast:
-        rollout.old_logprobs, _ = response_logprobs(policy, rollout, args.temperature)
-        rollout.ref_logprobs, _ = response_logprobs(reference, rollout, args.temperature)
+        rollout.old_logprobs = per_token_in_chunks(lambda b: response_logprobs(policy, b, args.temperature)[0],
+                                                   rollout, chunks)
+        rollout.ref_logprobs = per_token_in_chunks(lambda b: response_logprobs(reference, b, args.temperature)[0],
+                                                   rollout, chunks)
     policy.train(was_training)
     rollout.rm_scores = torch.as_tensor(score_fn(rollout.prompts, rollout.responses)).float().to(mask.device)
     rollout.scores = rollout.rm_scores - args.missing_end_penalty * (~rollout.ended).float()
@@ -571,7 +617,7 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
         was_training = critic.training
         critic.eval()
         with autocast:
-            rollout.values = response_values(critic, rollout)
+            rollout.values = per_token_in_chunks(lambda b: response_values(critic, b), rollout, chunks)
         critic.train(was_training)
         rollout.rewards = per_token_rewards(rollout.scores, k1, mask, beta)
         advantages, rollout.returns = gae(rollout.rewards, rollout.values, mask, args.gamma, args.lam)
@@ -582,7 +628,8 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
 
 
 def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextlib.nullcontext()):
-    """Step 5: `args.ppo_epochs` passes over the rollouts in shuffled minibatches (seed 3.4).
+    """Step 5: `args.ppo_epochs` passes over the rollouts in minibatches (seed 3.4) — rows of similar
+    length together, the minibatches in random order.
 
     PPO:   loss = L_policy + L_value − c₂·H
     GRPO:  loss = L_policy + β · mean_t k3_t − c₂·H       (KL to π_ref in the loss, not the reward)
@@ -597,9 +644,8 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
         critic.train()
     totals = defaultdict(list)
     for _ in range(args.ppo_epochs):
-        order = torch.randperm(rollout.batch_size)
-        for start in range(0, rollout.batch_size, args.minibatch_size):
-            batch = rollout.select(order[start:start + args.minibatch_size])
+        for rows in length_grouped_minibatches(rollout, args.minibatch_size):
+            batch = rollout.select(rows)
             mask = batch.response_mask
             with autocast:
                 logprobs, entropy = response_logprobs(policy, batch, args.temperature, with_entropy=True)

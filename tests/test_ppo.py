@@ -225,6 +225,31 @@ def test_rollout_logprobs_and_values_match_unpadded_sequences():
     assert torch.isfinite(entropy).all()
 
 
+def test_a_minibatch_is_cut_to_its_own_padding_and_keeps_every_value():
+    """Rollout.select drops columns that are padding in all chosen rows: narrower tensors, the same
+    log-probs, values and experience for every chosen row as in the full batch."""
+    policy, reference, critic = toy_models()
+    args = toy_args("--rollouts", "8", "--minibatch-size", "8")
+    prompts = [[1, 2], [3, 4, 5, 6, 7, 8, 9], [1, 2, 3], [4, 5]]
+    rollout = ppo.sample_rollouts(policy, prompts, TOY, 8, 1.0, torch.Generator().manual_seed(3))
+    ppo.make_experience(rollout, policy, reference, critic, lambda p, r: torch.randn(len(r)), 0.1, args)
+    rows = torch.tensor([0, 3])  # the two short prompts: the long prompt's columns go
+    batch = rollout.select(rows)
+    lengths = [len(rollout.responses[i]) for i in rows.tolist()]
+    assert batch.prompt_length == 2 and batch.response_mask.shape == (2, max(lengths))
+    assert batch.sequences.shape[1] == 2 + max(lengths) < rollout.sequences.shape[1]
+    full_logprobs, _ = ppo.response_logprobs(policy, rollout)
+    cut_logprobs, _ = ppo.response_logprobs(policy, batch)
+    width = max(lengths)
+    torch.testing.assert_close(cut_logprobs, full_logprobs[rows, :width], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ppo.response_values(critic, batch), ppo.response_values(critic, rollout)[rows, :width],
+                               atol=1e-5, rtol=0)
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "returns", "response_mask"):
+        assert torch.equal(getattr(batch, name), getattr(rollout, name)[rows, :width]), name
+    assert (getattr(rollout, "response_mask")[rows, width:] == 0).all()
+    assert batch.responses == [rollout.responses[i] for i in rows.tolist()]
+
+
 def test_value_model_starts_as_the_reward_model():
     rm = reward.reward_model_from_gpt(tiny_gpt(seed=3))
     rm.reward_shift.fill_(0.25)
