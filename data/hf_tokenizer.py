@@ -10,11 +10,9 @@ byte-level BPE (seed 1.3) but store it differently:
                   Strings spell bytes with GPT-2's printable alphabet (`bytes_to_unicode`).
 
 So the conversion spells every token with that alphabet (id = rank) and recovers, for every
-multi-byte token, the pair whose merge created it (`recover_merges`), listed in rank order. Two
-more details make the two encoders agree: the split pattern is our regex unchanged (Oniguruma,
-which `tokenizers` uses, understands its \\p{L} classes and possessive quantifiers), and
-`ignore_merges` takes a chunk that is itself a token whole, as tiktoken does. The special tokens
-become "added tokens" with their ids.
+multi-byte token, the pair whose merge created it (`recover_merges`), listed in rank order. The
+split pattern is our regex, translated where Oniguruma (the regex engine of `tokenizers`) reads it
+differently (`oniguruma_pattern`). The special tokens become "added tokens" with their ids.
 
 Written with the standard library only; `verify_hf_tokenizer` (used by `train_gpt.py export-hf
 --verify` and the tests) loads the result with `tokenizers` when that package is installed.
@@ -22,7 +20,7 @@ Written with the standard library only; `verify_hf_tokenizer` (used by `train_gp
 
 import json
 import os
-import re as _regex_module
+import re
 
 from data.errors import DataError
 from data.tokenizer import END_OF_TEXT, SPECIAL_TOKENS
@@ -94,7 +92,7 @@ def recover_merges(mergeable_ranks):
 
 # One operand of a quantifier: \p{L}-style class, an escape, a [...] set (escapes inside), or one character.
 _OPERAND = r"(\\[pP]\{[^}]*\}|\\.|\[(?:\\.|[^\]\\])*\]|[^\\()\[\]{}|])"
-_POSSESSIVE_INTERVAL = _regex_module.compile(_OPERAND + r"(\{\d+(?:,\d*)?\})\+")
+_POSSESSIVE_INTERVAL = re.compile(_OPERAND + r"(\{\d+(?:,\d*)?\})\+")
 
 
 def oniguruma_pattern(pat_str):
@@ -107,7 +105,7 @@ def oniguruma_pattern(pat_str):
     in both and stay.
     """
     converted = _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pat_str)
-    if _regex_module.search(r"\{\d+(?:,\d*)?\}\+", converted):
+    if re.search(r"\{\d+(?:,\d*)?\}\+", converted):
         raise DataError(f"split pattern {pat_str!r}: a possessive {{n,m}}+ on a group cannot be converted")
     return converted
 
@@ -127,7 +125,8 @@ def tokenizer_json(enc):
         "added_tokens": added_tokens,
         "normalizer": None,  # tiktoken does not normalise: the text's bytes are what is encoded
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": oniguruma_pattern(enc._pat_str)}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": oniguruma_pattern(enc._pat_str)}, "behavior": "Isolated",
+             "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
         ]},
         "post_processor": None,  # no token is added around the text (render_chat adds its own)
@@ -135,8 +134,12 @@ def tokenizer_json(enc):
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-            "ignore_merges": True,  # a chunk that is a token is taken whole, as tiktoken does
+            # tiktoken takes a chunk that is itself a token whole, without merging; say so. (With
+            # merges recovered by bpe_split, merging reaches that token anyway: the tests find no
+            # case where this flag changes an id, but a vocabulary not trained by BPE could.)
+            "ignore_merges": True,
             "vocab": {spell(token, table): rank for token, rank in ranks.items()},
+            # "left right": unambiguous, as the byte alphabet spells a space as Ġ.
             "merges": [f"{spell(left, table)} {spell(right, table)}" for left, right in recover_merges(ranks)],
         },
     }

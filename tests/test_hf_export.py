@@ -25,6 +25,8 @@ from data.tokenizer import (CL100K_PATTERN, SAMPLE_CORPUS, SPECIAL_TOKENS, TRICK
                             save_tokenizer, train_bpe)
 
 TEXTS = [*SAMPLE_CORPUS, *TRICKY_TEXTS, "<|endoftext|> typed as text <|end|><|user|>"]
+_rng = random.Random(0)
+NUMBERS = " ".join(str(_rng.randrange(10 ** _rng.randint(1, 9))) for _ in range(300))
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: abc 123"},
         {"role": "assistant", "content": "cba 321"}, {"role": "user", "content": "Ünïcödé 🙂 and\nnewlines  "}]
 
@@ -39,10 +41,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    """Our BPE (GPT-4's split pattern) trained on the tokenizer tests' corpus, with enough merges
-    to hold digit and multi-byte tokens, saved the way data.prepare saves it."""
+    """Our BPE (GPT-4's split pattern) trained on the tokenizer tests' corpus and some numbers
+    (digit merges such as "34" that a wrongly split 12345678 would use), saved as data.prepare does."""
     directory = str(tmp_path_factory.mktemp("tok") / "tokenizer")
-    save_tokenizer(directory, train_bpe(list(SAMPLE_CORPUS), 256 + 300), CL100K_PATTERN, name="test")
+    save_tokenizer(directory, train_bpe([*SAMPLE_CORPUS, NUMBERS], 256 + 400), CL100K_PATTERN, name="test")
     return directory
 
 
@@ -227,7 +229,7 @@ def test_hf_tokenizer_gives_tiktoken_ids_on_the_tokenizer_test_corpus(tmp_path, 
     out = export(tmp_path, tiny_policy(enc.n_vocab), tokenizer_dir)
     rng = random.Random(1)
     noise = [bytes(rng.randrange(256) for _ in range(rng.randint(0, 100))).decode("utf-8", "replace")
-             for _ in range(50)]
+             for _ in range(50)] + [str(rng.randrange(10 ** 12)) for _ in range(50)]
     assert verify_hf_tokenizer(out, enc, TEXTS + noise) == []
 
 
