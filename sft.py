@@ -1208,6 +1208,8 @@ def chat_command(args):
     if model.config.block_size - args.max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
                           f"(block_size={model.config.block_size})")
+    if not args.temperature >= 0 or args.top_k < 0:
+        raise ConfigError(f"--temperature ({args.temperature}) and --top-k ({args.top_k}) must be ≥ 0")
     try:
         import readline  # noqa: F401 — arrow keys and history for input(), where the platform has it
     except ImportError:
@@ -1330,7 +1332,8 @@ def build_parser():
     evaluation.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated in parallel")
     evaluation.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest reply in tokens")
     evaluation.add_argument("--temperature", type=float, default=0.7, help="chat sampling temperature (0 = greedy)")
-    evaluation.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens (0: all)")
+    evaluation.add_argument("--top-k", type=int, default=50,
+                            help="chat: sample among the k most likely tokens (0: all of them)")
     evaluation.add_argument("--system", default=None, help="chat: a system message to start the conversation")
     return p
 

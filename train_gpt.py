@@ -531,7 +531,8 @@ def gpt2_hf_config(model, bos_token_id, eos_token_id, pad_token_id=None):
         raise ConfigError("the LM head is not tied to the token embedding (GPT-2's is)")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
             "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-            "n_inner": model.blocks[0].mlp.fc.out_features, "activation_function": "gelu_new",  # GELU, tanh form
+            # GPT-2's tanh GELU ("gelu_new"), computed by the same PyTorch kernel as MLP.forward
+            "n_inner": model.blocks[0].mlp.fc.out_features, "activation_function": "gelu_pytorch_tanh",
             "layer_norm_epsilon": eps.pop(), "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
             "resid_pdrop": c.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,

@@ -434,7 +434,8 @@ def test_chat_commands_change_the_settings_and_are_never_sent(monkeypatch, capsy
 
     chat.handle("//etc/hosts is a file")  # '//' sends a line that starts with '/'
     (prompt, temperature, top_k), = calls
-    assert ENC.decode(prompt) == "<|endoftext|><|system|>Be brief.<|end|><|user|>/etc/hosts is a file<|end|><|assistant|>"
+    assert ENC.decode(prompt) == ("<|endoftext|><|system|>Be brief.<|end|><|user|>/etc/hosts is a file<|end|>"
+                                  "<|assistant|>")
     assert (temperature, top_k) == (0.0, 5) and chat.turns[1] == {"role": "assistant", "content": "ok"}
     chat.handle("/top-k 0")
     chat.handle("/clear")
@@ -501,7 +502,7 @@ def test_chat_in_a_pseudo_terminal(tmp_path):
                                   "--temperature", "0", "--device", "cpu"])
     screen, seen = "", 0
 
-    def expect(text, timeout=120):
+    def expect(text, timeout=60):
         nonlocal screen, seen
         deadline = time.monotonic() + timeout
         while text not in screen[seen:]:
