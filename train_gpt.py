@@ -1398,6 +1398,8 @@ def export_hf_command(args):
                           f"{model.config.vocab_size} embeddings: not this model's tokenizer (see --tokenizer)")
     end_of_text, pad, _, _, _, end = SPECIAL_TOKENS
     specials = enc._special_tokens
+    if end_of_text not in specials:
+        raise ConfigError(f"tokenizer {tokenizer_ref} has no {end_of_text} token (GPT-2's bos/eos)")
     # A fine-tuned policy ends its turn with <|end|>; a pretrained model ends a document with <|endoftext|>.
     eos = end if checkpoint.get("stage") and end in specials else end_of_text
     stop_ids = list(dict.fromkeys(specials[t] for t in (eos, end_of_text)))
