@@ -1078,54 +1078,156 @@ def stream_reply(model, enc, prompt, max_new_tokens, temperature=0.7, top_k=50, 
 
 
 def fit_history(messages, enc, max_prompt_tokens):
-    """The prompt for the latest user turn, dropping the oldest exchanges until it fits (None if
-    the latest message alone is too long). A system message is always kept."""
+    """The prompt for the latest user turn and how many of the oldest messages had to go for it
+    to fit in max_prompt_tokens: exchanges (user + assistant) are dropped oldest first, a system
+    message is always kept. (None, 0) if the latest message alone is too long."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
-    while turns:
-        prompt = render_prompt(system + turns, enc)
+    for dropped in range(0, len(turns), 2):
+        prompt = render_prompt(system + turns[dropped:], enc)
         if len(prompt) <= max_prompt_tokens:
-            return prompt
-        turns = turns[2:]
-    return None
+            return prompt, dropped
+    return None, 0
 
 
-def chat_command(args):
-    """`--chat CKPT`: talk to the model; each reply is streamed; EOF (Ctrl-D) or Ctrl-C exits."""
-    device = pick_device(args.device)
-    model, enc = load_chat_model(args.chat, args.tokenizer, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    max_prompt_tokens = model.config.block_size - args.max_new_tokens
-    if max_prompt_tokens <= 0:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
-                          f"(block_size={model.config.block_size})")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {args.chat} (temperature {args.temperature}); Ctrl-D or Ctrl-C to quit")
-    while True:
-        try:
-            text = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+CHAT_COMMANDS = {  # usage: what it does
+    "/clear": "forget the conversation (the system message stays)",
+    "/system TEXT": "set the system message (/system alone removes it)",
+    "/temperature T": "sampling temperature, 0 = greedy",
+    "/top-k K": "sample among the K most likely tokens, 0 = all of them",
+    "/help": "this list",
+    "/quit": "leave the chat (Ctrl-D too)",
+}
+
+
+def parse_number(text, kind):
+    """kind(text) (int or float), or None if text does not spell one."""
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+class Chat:
+    """A conversation in the terminal: its messages, the sampling settings, and the /commands.
+
+    The model reads at most block_size tokens and a reply may take max_new_tokens of them, so the
+    prompt (system message + turns + <|assistant|>) has the rest; when the conversation outgrows
+    it, the oldest exchanges are forgotten and the user is told. Ctrl-C during a reply stops the
+    reply, keeps what was written of it, and returns to the prompt.
+    """
+
+    def __init__(self, model, enc, max_new_tokens, temperature=0.7, top_k=50, system=None, generator=None):
+        self.model, self.enc, self.generator = model, enc, generator
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = model.config.block_size - max_new_tokens
+        self.temperature, self.top_k, self.system = temperature, top_k or None, system or None
+        self.turns = []  # user and assistant messages, alternating
+        self.done = False
+
+    def messages(self):
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def prompt_label(self):
+        """`you [used/context tokens]> `: how much of the model's context the conversation fills
+        (past the end, the next message makes room by forgetting the oldest turns)."""
+        used = len(render_chat(self.messages(), self.enc)[0])
+        return f"you [{used}/{self.model.config.block_size} tokens]> "
+
+    def handle(self, line):
+        """One line typed by the user: a /command, or a message for the model ('//' sends a '/')."""
+        text = line.strip()
+        if not text:
             return
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
-        prompt = fit_history(messages, enc, max_prompt_tokens)
+        if text.startswith("/") and not text.startswith("//"):
+            print(self.command(text))
+        else:
+            self.send(text[1:] if text.startswith("//") else text)
+
+    def command(self, text):
+        """Run a /command and return what to tell the user; a line that is no command is refused."""
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name == "/clear":
+            self.turns = []
+            return "(conversation cleared)"
+        if name == "/system":
+            self.system = arg or None
+            return f"(system message: {arg})" if arg else "(no system message)"
+        if name == "/temperature":
+            value = parse_number(arg, float)
+            if value is None or not math.isfinite(value) or value < 0:
+                return f"(/temperature needs a number ≥ 0, e.g. /temperature 0.7; it is {self.temperature})"
+            self.temperature = value
+            return f"(temperature {value})"
+        if name == "/top-k":
+            value = parse_number(arg, int)
+            if value is None or value < 0:
+                return f"(/top-k needs a whole number ≥ 0, e.g. /top-k 50; it is {self.top_k or 0})"
+            self.top_k = value or None
+            return f"(top-k {self.top_k or 'off: all tokens'})"
+        if name == "/help":
+            lines = [f"  {usage:<15} {what}" for usage, what in CHAT_COMMANDS.items()]
+            return "\n".join(lines + ["  //text          send '/text' to the model", "  Ctrl-C          stop a reply"])
+        if name == "/quit":
+            self.done = True
+            return "(bye)"
+        names = " ".join(usage.split()[0] for usage in CHAT_COMMANDS)
+        return f"(unknown command {name}, not sent to the model; the commands are {names}; //text sends /text)"
+
+    def send(self, text):
+        """Add the user's message, stream the reply, and keep both in the conversation."""
+        self.turns.append({"role": "user", "content": text})
+        prompt, dropped = fit_history(self.messages(), self.enc, self.max_prompt_tokens)
         if prompt is None:
-            messages.pop()
-            print(f"(message too long for the context of {max_prompt_tokens} prompt tokens; try a shorter one)")
-            continue
+            self.turns.pop()
+            print(f"(message too long for the {self.max_prompt_tokens} prompt tokens the context leaves; "
+                  f"try a shorter one)")
+            return
+        if dropped:
+            del self.turns[:dropped]
+            print(f"(the conversation outgrew the context of {self.model.config.block_size} tokens: "
+                  f"forgot the oldest {dropped} messages)")
         print("assistant> ", end="", flush=True)
         pieces = []
         try:
-            for piece in stream_reply(model, enc, prompt, args.max_new_tokens, args.temperature, args.top_k, generator):
+            for piece in stream_reply(self.model, self.enc, prompt, self.max_new_tokens, self.temperature,
+                                      self.top_k, self.generator):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        print()
+        self.turns.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def chat_command(args):
+    """`--chat CKPT`: talk to the model; replies are streamed; /help lists the commands."""
+    device = pick_device(args.device)
+    model, enc = load_chat_model(args.chat, args.tokenizer, device)
+    if model.config.block_size - args.max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt "
+                          f"(block_size={model.config.block_size})")
+    if not args.temperature >= 0 or args.top_k < 0:
+        raise ConfigError(f"--temperature ({args.temperature}) and --top-k ({args.top_k}) must be ≥ 0")
+    try:
+        import readline  # noqa: F401 — arrow keys and history for input(), where the platform has it
+    except ImportError:
+        pass
+    chat = Chat(model, enc, args.max_new_tokens, args.temperature, args.top_k, args.system,
+                torch.Generator(device=device).manual_seed(args.seed))
+    print(f"chatting with {args.chat} (temperature {chat.temperature}, top-k {chat.top_k or 'off'}); "
+          f"/help lists the commands; Ctrl-C stops a reply, Ctrl-D or /quit leaves")
+    while not chat.done:
+        try:
+            line = input(chat.prompt_label())
+        except EOFError:
             print()
             return
-        print()
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+        except KeyboardInterrupt:
+            print("\n(Ctrl-C stops a reply; Ctrl-D or /quit leaves the chat)")
+            continue
+        chat.handle(line)
 
 
 # =============================================================================
@@ -1230,7 +1332,8 @@ def build_parser():
     evaluation.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated in parallel")
     evaluation.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest reply in tokens")
     evaluation.add_argument("--temperature", type=float, default=0.7, help="chat sampling temperature (0 = greedy)")
-    evaluation.add_argument("--top-k", type=int, default=50, help="chat: sample among the k most likely tokens")
+    evaluation.add_argument("--top-k", type=int, default=50,
+                            help="chat: sample among the k most likely tokens (0: all of them)")
     evaluation.add_argument("--system", default=None, help="chat: a system message to start the conversation")
     return p
 

@@ -68,6 +68,29 @@ PRETRAINED = ("gpt2", "cl100k_base")
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer.json"
 
+# Texts that catch tokenizer bugs, shared by the tests (tests/test_data_tokenizer.py trains a small
+# BPE on SAMPLE_CORPUS and round-trips both lists) and by `train_gpt.py export-hf --verify`, which
+# checks that another implementation of our tokenizer gives tiktoken's ids on them: repeated
+# letters (overlapping merges), code, several scripts, combining marks, emoji with modifiers,
+# control bytes, long runs of one character and of spaces, digit runs in several scripts, Unicode
+# whitespace, and the empty string.
+SAMPLE_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox doesn't.\n" * 3,
+    "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n\n\nprint(add(1, 2))  # 3\n" * 2,
+    "Ünïcödé: naïve café, 日本語のテキスト, emoji 🙂🙂 and 12345678 numbers, tabs\tand   spaces.",
+    "aaaa aaaaa aaa baaa aab abab " * 5,
+)
+TRICKY_TEXTS = (
+    "",
+    "hello world",
+    "   leading and trailing   \n\n\n",
+    "e\u0301 (combining) vs é, Ω≈ç√∫, 🙂👍🏽, 中文, العربية, עברית, हिन्दी",
+    "\x00\x01\x1f control \x7f and \ufffd replacement",
+    "x" * 500 + " " * 300 + "y",
+    "1234567890 3.14159 -42 1e10 0xFF, ٣٤٥٦ Ⅻ ½",
+    "no-break\u00a0space, em\u2003space, \u3000, \x0b\x0c\x85 and line\u2028separators  \u00a0 \n",
+)
+
 
 # -----------------------------------------------------------------------------
 # Training

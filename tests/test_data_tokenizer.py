@@ -5,25 +5,12 @@ import random
 import pytest
 
 from data.errors import DataError
-from data.tokenizer import (CL100K_PATTERN, SIMPLE_PATTERN, SPECIAL_TOKENS, count_chunks, encode_reference,
-                            load_tokenizer, make_encoding, merge_pair, save_tokenizer, train_bpe,
+from data.tokenizer import (CL100K_PATTERN, SAMPLE_CORPUS, SIMPLE_PATTERN, SPECIAL_TOKENS, TRICKY_TEXTS, count_chunks,
+                            encode_reference, load_tokenizer, make_encoding, merge_pair, save_tokenizer, train_bpe,
                             train_bpe_reference)
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox doesn't.\n" * 3,
-    "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n\n\nprint(add(1, 2))  # 3\n" * 2,
-    "Ünïcödé: naïve café, 日本語のテキスト, emoji 🙂🙂 and 12345678 numbers, tabs\tand   spaces.",
-    "aaaa aaaaa aaa baaa aab abab " * 5,
-]
-UNICODE_SAMPLES = [
-    "",
-    "hello world",
-    "   leading and trailing   \n\n\n",
-    "e\u0301 (combining) vs é, Ω≈ç√∫, 🙂👍🏽, 中文, العربية, עברית, हिन्दी",
-    "\x00\x01\x1f control \x7f and \ufffd replacement",
-    "x" * 500 + " " * 300 + "y",
-    "1234567890 3.14159 -42 1e10 0xFF",
-]
+CORPUS = list(SAMPLE_CORPUS)
+UNICODE_SAMPLES = list(TRICKY_TEXTS)
 
 
 @pytest.fixture(scope="module")

@@ -49,11 +49,12 @@ def tiny_model(vocab_size=ENC.n_vocab, block_size=64, seed=0):
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
 
 
-def tiny_run_files(tmp_path, specials=SPECIAL_TOKENS, block_size=64):
-    """A tokenizer directory and a randomly initialised 'pretrained' checkpoint in train_gpt's layout."""
+def tiny_run_files(tmp_path, specials=SPECIAL_TOKENS, block_size=64, model=None):
+    """A tokenizer directory and a 'pretrained' checkpoint in train_gpt's layout (of `model`, or a
+    randomly initialised one)."""
     tokenizer_dir = str(tmp_path / "tokenizer")
     save_tokenizer(tokenizer_dir, byte_ranks(), PATTERN, {t: 256 + i for i, t in enumerate(specials)}, name="tiny")
-    model = tiny_model(256 + len(specials), block_size)
+    model = model or tiny_model(256 + len(specials), block_size)
     path = str(tmp_path / "base.pt")
     atomic_save({"model": model.state_dict(), "config": asdict(model.config), "step": 0,
                  "tokenizer": tokenizer_dir}, path)
@@ -382,6 +383,19 @@ def test_init_from_gpt2_state_dict_grows_vocabulary_and_saves_tokenizer(tmp_path
     assert sft.chat_tokens(enc) == TOKENS
 
 
+def parrot_model(token, block_size=64):
+    """A GPT that always predicts `token`: ln_f's gain is zero, so the final hidden state is ln_f's
+    bias, and the token's (tied) embedding row points the same way, ten times longer — its logit
+    is ~300 against ~0.1 for the others. Every reply is `token` repeated max_new_tokens times."""
+    model = tiny_model(block_size=block_size)
+    with torch.no_grad():
+        direction = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0))
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(direction)
+        model.token_embedding.weight[token] = 10 * direction
+    return model.eval()
+
+
 def test_chat_streams_replies_and_exits_on_eof(tmp_path, monkeypatch, capsys):
     checkpoint, _ = tiny_run_files(tmp_path)
     lines = iter(["hello", ""])
@@ -396,16 +410,142 @@ def test_chat_streams_replies_and_exits_on_eof(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", fake_input)
     sft.main(["--chat", checkpoint, "--max-new-tokens", "6", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert out.count("you> ") == 3 and out.count("assistant> ") == 1
+    assert out.count("you [") == 3 and out.count("assistant> ") == 1 and "you [1/64 tokens]> " in out
+
+
+def test_chat_commands_change_the_settings_and_are_never_sent(monkeypatch, capsys):
+    calls = []
+
+    def fake_stream_reply(model, enc, prompt, max_new_tokens, temperature, top_k, generator):
+        calls.append((prompt, temperature, top_k))
+        yield "ok"
+
+    monkeypatch.setattr(sft, "stream_reply", fake_stream_reply)
+    chat = sft.Chat(tiny_model(), ENC, max_new_tokens=8, temperature=0.7, top_k=50)
+    for line in ["/temperature 0", "/top-k 5", "/system Be brief.", "/reset", "/temperature hot", "/top-k -1",
+                 "/top-k 2.5", "/help", "   "]:
+        chat.handle(line)
+    out = capsys.readouterr().out
+    assert (chat.temperature, chat.top_k, chat.system) == (0.0, 5, "Be brief.")
+    assert calls == [] and chat.turns == []  # no command, not even an unknown one, reached the model
+    assert "unknown command /reset, not sent to the model" in out
+    assert all(usage in out for usage in sft.CHAT_COMMANDS)  # the /help list
+    assert out.count("/temperature needs a number") == 1 and out.count("/top-k needs a whole number") == 2
+
+    chat.handle("//etc/hosts is a file")  # '//' sends a line that starts with '/'
+    (prompt, temperature, top_k), = calls
+    assert ENC.decode(prompt) == ("<|endoftext|><|system|>Be brief.<|end|><|user|>/etc/hosts is a file<|end|>"
+                                  "<|assistant|>")
+    assert (temperature, top_k) == (0.0, 5) and chat.turns[1] == {"role": "assistant", "content": "ok"}
+    chat.handle("/top-k 0")
+    chat.handle("/clear")
+    assert chat.top_k is None and chat.turns == [] and chat.system == "Be brief."
+    chat.handle("/system")
+    assert chat.system is None and not chat.done
+    chat.handle("/quit")
+    assert chat.done
+
+
+def test_chat_shows_the_context_used_and_forgets_the_oldest_turns(capsys):
+    chat = sft.Chat(parrot_model(ord("a"), block_size=64), ENC, max_new_tokens=10, temperature=0)
+    assert chat.prompt_label() == "you [1/64 tokens]> "  # <|endoftext|> alone
+    chat.handle("hi")
+    assert chat.turns[1]["content"] == "a" * 10
+    # <|endoftext|> + (<|user|> h i <|end|>) + (<|assistant|> a×10 <|end|>) = 1 + 4 + 12
+    assert chat.prompt_label() == "you [17/64 tokens]> "
+    # A prompt may use 64 − 10 = 54 tokens: 1 + 16·n + 5 ≤ 54 holds for n ≤ 3 earlier exchanges.
+    for _ in range(3):
+        chat.handle("hi")
+    assert len(chat.turns) == 8 and "forgot" not in capsys.readouterr().out
+    assert chat.prompt_label() == "you [65/64 tokens]> "  # full: the next message makes room
+    chat.handle("hi")
+    out = capsys.readouterr().out
+    assert "(the conversation outgrew the context of 64 tokens: forgot the oldest 2 messages)" in out
+    assert len(chat.turns) == 8 and chat.turns[-1]["content"] == "a" * 10
+    chat.handle("x" * 60)  # too long even alone: refused, the conversation is kept
+    assert "message too long" in capsys.readouterr().out and len(chat.turns) == 8
+
+
+def test_ctrl_c_stops_the_reply_but_not_the_chat(monkeypatch, capsys):
+    def interrupted_reply(*args):
+        yield "par"
+        yield "tial"
+        raise KeyboardInterrupt  # what Ctrl-C raises in the middle of sampling
+
+    chat = sft.Chat(tiny_model(), ENC, max_new_tokens=8)
+    monkeypatch.setattr(sft, "stream_reply", interrupted_reply)
+    chat.handle("tell me a story")
+    assert "assistant> partial [interrupted]\n" in capsys.readouterr().out
+    assert chat.turns[1] == {"role": "assistant", "content": "partial"} and not chat.done
+    monkeypatch.setattr(sft, "stream_reply", lambda *args: iter(["fine"]))
+    chat.handle("and now?")
+    assert [t["content"] for t in chat.turns] == ["tell me a story", "partial", "and now?", "fine"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a POSIX pseudo-terminal")
+def test_chat_in_a_pseudo_terminal(tmp_path):
+    """The real program on a real terminal: a /command, Ctrl-C at the prompt and during a reply
+    (the terminal turns the ^C byte into SIGINT), then /quit. The parrot model's reply is 4000
+    tokens long (seconds), so the ^C sent as its first token appears lands mid-reply."""
+    import pty
+    import select
+    import signal
+    import sys
+    import time
+
+    checkpoint, _ = tiny_run_files(tmp_path, block_size=4096, model=parrot_model(ord("a"), block_size=4096))
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sft.py")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat, with the pseudo-terminal as its controlling terminal
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.execv(sys.executable, [sys.executable, script, "--chat", checkpoint, "--max-new-tokens", "4000",
+                                  "--temperature", "0", "--device", "cpu"])
+    screen, seen = "", 0
+
+    def expect(text, timeout=60):
+        nonlocal screen, seen
+        deadline = time.monotonic() + timeout
+        while text not in screen[seen:]:
+            assert time.monotonic() < deadline, f"no {text!r} on the terminal; it shows:\n{screen[-1500:]}"
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    screen += os.read(fd, 65536).decode("utf-8", "replace")
+                except OSError:  # the child has exited and closed the terminal
+                    assert text in screen[seen:], f"the chat exited before showing {text!r}:\n{screen[-1500:]}"
+        seen = screen.index(text, seen) + len(text)
+
+    try:
+        expect("you [1/4096 tokens]> ")
+        os.write(fd, b"/reset\n")
+        expect("unknown command /reset, not sent to the model")
+        expect("you [1/4096 tokens]> ")
+        os.write(fd, b"\x03")
+        expect("Ctrl-D or /quit leaves the chat")
+        os.write(fd, b"hello\n")
+        expect("assistant> a")
+        os.write(fd, b"\x03")
+        expect("[interrupted]")
+        expect(" tokens]> ")  # back at the prompt, the partial reply in the context
+        assert "you [1/4096 tokens]> " not in screen[seen - 40:]
+        os.write(fd, b"/quit\n")
+        expect("(bye)")
+        _, status = os.waitpid(pid, 0)
+        pid = None
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
 
 
 def test_fit_history_drops_oldest_exchanges_but_keeps_system():
     messages = CHAT + [{"role": "user", "content": "and 3+3?"}]
     full = sft.render_prompt(messages, ENC)
-    assert sft.fit_history(messages, ENC, len(full)) == full
-    shorter = sft.fit_history(messages, ENC, len(full) - 1)
-    assert ENC.decode(shorter).startswith("<|endoftext|><|system|>Be brief.<|end|><|user|>2+2?")
-    assert sft.fit_history(messages, ENC, 5) is None
+    assert sft.fit_history(messages, ENC, len(full)) == (full, 0)
+    shorter, dropped = sft.fit_history(messages, ENC, len(full) - 1)
+    assert dropped == 2 and ENC.decode(shorter).startswith("<|endoftext|><|system|>Be brief.<|end|><|user|>2+2?")
+    assert sft.fit_history(messages, ENC, 5) == (None, 0)
 
 
 def test_evaluate_tasks_reports_scores_and_stopping():
