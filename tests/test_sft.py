@@ -166,7 +166,8 @@ def test_loss_is_response_nll_and_ignores_prompt_labels():
     assert loss.item() == pytest.approx(-total / count, rel=1e-5)
     # Tokens at masked positions never become targets: scramble every one of them (prompt and padding)
     # and shift_targets gives the same targets, so the loss is the same.
-    scrambled = torch.where(mask.bool(), ids, torch.randint(0, 256, ids.shape, generator=torch.Generator().manual_seed(0)))
+    noise = torch.randint(0, 256, ids.shape, generator=torch.Generator().manual_seed(0))
+    scrambled = torch.where(mask.bool(), ids, noise)
     assert not torch.equal(scrambled, ids)
     _, scrambled_targets = sft.shift_targets(scrambled, mask)
     assert torch.equal(scrambled_targets, targets)
