@@ -36,7 +36,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Assignment → the pytest node ids that grade it, in the order of the pipeline. A node id without
-# parameters selects all of its parametrisations.
+# parameters selects all of its parametrisations. A new assignment also needs a wrong-but-plausible body in
+# tests/test_classroom.py (WRONG_BODIES), which its graders must fail.
 GRADERS = {
     # data (seed 1.2–1.3)
     "minhash_signatures": ["tests/test_data_dedup.py::test_minhash_signatures_are_the_minimum_of_each_permutation",

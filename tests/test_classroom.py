@@ -1,10 +1,12 @@
-"""Tests for tests/classroom.py: the markers, the graders on the real project, student copies and bad input."""
+"""Tests for tests/classroom.py: the markers, the graders on the real project, student copies, wrong answers
+and bad input."""
 
 import ast
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -14,10 +16,10 @@ ROOT = classroom.ROOT
 MODULES = "train_gpt, sft, reward, ppo, dpo, data.dedup, data.tokenizer, kernels.flash_attention"
 
 
-def run_classroom(*args, cwd=ROOT):
+def run_classroom(*args, cwd=ROOT, env=None):
     """`python -m tests.classroom ARGS` in the project (as `make student` / `make grade` run it)."""
     return subprocess.run([sys.executable, "-m", "tests.classroom", *args], cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {})))
 
 
 def table_scores(output):
@@ -134,6 +136,241 @@ print(json.dumps(raised))
     raised = json.loads(result.stdout)
     assert set(raised) == {ex.name for ex in exercises}
     assert all(message.startswith(f"classroom exercise: {name}") for name, message in raised.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wrong answers: a body that returns something plausible but wrong must fail its grader too
+# ----------------------------------------------------------------------------------------------------------
+
+# One mistake a student could plausibly make per assignment, written as the body that follows the docstring
+# (in the names of the function's own module). The stubs above only show that a *missing* function fails.
+WRONG_BODIES = {
+    "minhash_signatures": """
+        a, b = permutation_parameters(num_perm, seed)
+        signatures = np.empty((len(shingle_sets), num_perm), dtype=np.uint64)
+        for d, shingles in enumerate(shingle_sets):  # (a·h + b) mod p straight in uint64: a·h wraps past 2^64
+            h = np.asarray(shingles, dtype=np.uint64)
+            signatures[d] = ((a[:, None] * h[None, :] + b[:, None]) % MERSENNE_61).min(axis=1)
+        return signatures
+        """,
+    "lsh_probability": """
+        s = np.asarray(s, dtype=np.float64)
+        return 1.0 - (1.0 - s ** bands) ** rows  # bands and rows swapped
+        """,
+    "merge_pair": """
+        a, b = pair
+        for i in range(len(word) - 1):  # only the first occurrence
+            if word[i] == a and word[i + 1] == b:
+                return list(word[:i]) + [new_id] + list(word[i + 2:])
+        return list(word)
+        """,
+    "naive_attention": """
+        T, D = q.shape[-2], q.shape[-1]
+        sm_scale = 1.0 if sm_scale is None else sm_scale  # the 1/√d scale forgotten
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * sm_scale
+        scores = scores.masked_fill(~attention_mask(T, causal, doc_ids, q.device), float("-inf"))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        out = torch.softmax(scores, dim=-1).to(q.dtype) @ v
+        if return_lse:
+            return out, torch.logsumexp(scores, dim=-1)
+        return out
+        """,
+    "get_lr": """
+        min_lr = max_lr / 10 if min_lr is None else min_lr
+        if step >= total_steps:  # no warmup: the cosine starts at max_lr on step 0
+            return min_lr
+        return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * step / total_steps))
+        """,
+    "perplexity": """
+        return 2 ** mean_nll  # base 2, but the NLL is in nats
+        """,
+    "training_flops": """
+        return 2 * n_params * n_tokens  # the forward pass only
+        """,
+    "forward_over_key_tiles": """
+        for n0 in range(start, end, BLOCK_N):
+            k_rows = n0 + tl.arange(0, BLOCK_N)
+            k = _load_rows(K_head, k_rows, cols, stride_kt, T, HEAD_DIM, UPCAST)
+            v = _load_rows(V_head, k_rows, cols, stride_vt, T, HEAD_DIM, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if APPLY_MASK:
+                doc_k = k_rows
+                if HAS_DOCS:
+                    doc_k = tl.load(Doc_row + k_rows, mask=k_rows < T, other=-1)
+                s = tl.where(_is_allowed(q_rows, k_rows, doc_q, doc_k, T, CAUSAL, HAS_DOCS), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # acc not rescaled by α
+            m_i = m_new
+        return acc, m_i, l_i
+        """,
+    "shift_targets": """
+        targets = torch.where(mask[:, :-1].bool(), ids[:, 1:], IGNORE_INDEX)  # the mask of the input, not the target
+        return ids[:, :-1], targets
+        """,
+    "bradley_terry_loss": """
+        losses = -torch.log(torch.sigmoid(r_chosen - r_rejected - margin))  # −inf once σ underflows
+        if weights is None:
+            return losses.mean()
+        return (weights * losses).sum() / weights.sum()
+        """,
+    "gae": """
+        values = values * mask
+        advantages = torch.zeros_like(rewards)
+        next_value = torch.zeros_like(rewards[:, 0])
+        next_advantage = torch.zeros_like(rewards[:, 0])
+        for t in reversed(range(rewards.shape[1])):
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            advantages[:, t] = (delta + gamma * next_advantage) * mask[:, t]  # λ forgotten
+            next_value, next_advantage = values[:, t], advantages[:, t]
+        return advantages, (advantages + values) * mask
+        """,
+    "ppo_policy_loss": """
+        mask = mask.bool()
+        log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+        advantages = torch.where(mask, advantages, 0.0)
+        ratio = log_ratio.exp()
+        objective = torch.max(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)  # optimistic
+        loss = -masked_mean(objective, mask)
+        with torch.no_grad():
+            stats = {"ratio_mean": masked_mean(ratio, mask).item(),
+                     "clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
+                     "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item()}
+        return loss, stats
+        """,
+    "value_loss": """
+        mask = mask.bool()
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        squared_errors = torch.min((values - returns) ** 2, (clipped - returns) ** 2)  # min: not pessimistic
+        loss = 0.5 * masked_mean(squared_errors, mask)
+        with torch.no_grad():
+            clip_fraction = masked_mean(((clipped - returns) ** 2 < (values - returns) ** 2).float(), mask).item()
+        return loss, {"value_clip_fraction": clip_fraction}
+        """,
+    "dpo_loss": """
+        chosen_log_ratios = policy_chosen_logps - reference_chosen_logps
+        rejected_log_ratios = policy_rejected_logps - reference_rejected_logps
+        loss = -F.logsigmoid(chosen_log_ratios - rejected_log_ratios).mean()  # β forgotten
+        chosen_rewards = beta * chosen_log_ratios.detach()
+        rejected_rewards = beta * rejected_log_ratios.detach()
+        reward_accuracies = (chosen_rewards > rejected_rewards).float()
+        return loss, chosen_rewards.mean(), rejected_rewards.mean(), reward_accuracies.mean()
+        """,
+    "ipo_loss": """
+        chosen_log_ratios = policy_chosen_logps - reference_chosen_logps
+        rejected_log_ratios = policy_rejected_logps - reference_rejected_logps
+        loss = ((chosen_log_ratios - rejected_log_ratios - 1 / beta) ** 2).mean()  # target 1/β, not 1/(2β)
+        chosen_rewards = beta * chosen_log_ratios.detach()
+        rejected_rewards = beta * rejected_log_ratios.detach()
+        return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+        """,
+    "simpo_loss": """
+        chosen_rewards = beta * policy_chosen_avg_logps
+        rejected_rewards = beta * policy_rejected_avg_logps
+        loss = -F.logsigmoid(chosen_rewards - rejected_rewards + gamma).mean()  # the margin's sign flipped
+        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+        return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+        """,
+    "orpo_loss": """
+        chosen_log_odds = log_odds(policy_chosen_avg_logps)
+        rejected_log_odds = log_odds(policy_rejected_avg_logps)
+        odds_ratio_term = -F.logsigmoid(policy_chosen_avg_logps - policy_rejected_avg_logps)  # log-probs, not odds
+        loss = (-policy_chosen_avg_logps + odds_ratio_weight * odds_ratio_term).mean()
+        chosen_rewards, rejected_rewards = chosen_log_odds.detach(), rejected_log_odds.detach()
+        return loss, chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards > rejected_rewards).float().mean()
+        """,
+    "kto_loss": """
+        rewards = policy_logps - reference_logps
+        desirable_values = desirable_weight * torch.sigmoid(beta * rewards)  # the reference point z_ref forgotten
+        undesirable_values = undesirable_weight * torch.sigmoid(-beta * rewards)
+        losses = torch.where(is_desirable, desirable_weight - desirable_values, undesirable_weight - undesirable_values)
+        implicit_rewards = beta * rewards.detach()
+        return (losses.mean(), implicit_rewards[is_desirable].mean(), implicit_rewards[~is_desirable].mean(),
+                reference_point)
+        """,
+}
+
+# Put on the wrong copy's import path and loaded into its grading run as a pytest plugin (PYTEST_PLUGINS): each
+# wrong body first calls `called(name)`, which notes the test it ran in (pytest sets PYTEST_CURRENT_TEST), and
+# the hook notes the exception each failing test raised — so the test below can tell whose wrong body a grader
+# met, and that it failed on a wrong answer (an assertion) rather than on a crash.
+RECORDER = '''# Written by tests/test_classroom.py.
+import json
+import os
+
+_noted = set()
+
+
+def _note(kind, test, what):
+    test = test.split("[")[0]
+    if (kind, test, what) not in _noted:
+        _noted.add((kind, test, what))
+        with open(os.environ["WRONG_BODY_RECORD"], "a", encoding="utf-8") as f:
+            f.write(json.dumps([kind, test, what]) + "\\n")
+
+
+def called(name):
+    _note("called", os.environ.get("PYTEST_CURRENT_TEST", "(outside a test)").rsplit(" (", 1)[0], name)
+
+
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None:
+        _note("raised", item.nodeid, call.excinfo.typename)
+'''
+
+
+def write_wrong_copy(out, exercises):
+    """A copy of the project in which every exercise's body is its WRONG_BODIES entry, preceded by a call to
+    `called` (not in a @triton.jit function compiled for a GPU: only the interpreter runs Python there)."""
+    classroom.write_student_copy(ROOT, out, [])
+    for path in sorted({ex.path for ex in exercises}):
+        with open(os.path.join(out, path), encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+        for ex in sorted((e for e in exercises if e.path == path), key=lambda e: e.body_start, reverse=True):
+            body = textwrap.indent(textwrap.dedent(WRONG_BODIES[ex.name]).strip("\n") + "\n", ex.indent)
+            if recorded(ex):
+                body = f'{ex.indent}__import__("wrong_body_calls").called("{ex.name}")\n' + body
+            lines[ex.body_start - 1:ex.body_end] = [body]
+        source = "".join(lines)
+        ast.parse(source, filename=path)
+        with open(os.path.join(out, path), "w", encoding="utf-8") as f:
+            f.write(source)
+
+
+def recorded(ex):
+    """Whether the wrong body of ex can note its calls: any Python function, a Triton one only in the interpreter."""
+    with open(os.path.join(ROOT, ex.path), encoding="utf-8") as f:
+        jit = f.read().splitlines()[ex.def_line - 1].strip() == "@triton.jit"
+    return not jit or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_wrong_bodies_fail_their_own_graders(tmp_path):
+    exercises = classroom.find_exercises(ROOT)
+    assert set(WRONG_BODIES) == set(exercises)  # every assignment has its wrong body here
+    out, recorder, record = tmp_path / "wrong", tmp_path / "recorder", tmp_path / "record.jsonl"
+    write_wrong_copy(str(out), list(exercises.values()))
+    recorder.mkdir()
+    (recorder / "wrong_body_calls.py").write_text(RECORDER)
+    graded = run_classroom("grade", "--root", str(out), "--quiet", "--only", ",".join(classroom.GRADERS),
+                           env={"PYTHONPATH": str(recorder), "PYTEST_PLUGINS": "wrong_body_calls",
+                                "WRONG_BODY_RECORD": str(record)})
+    assert graded.returncode == 1, graded.stdout + graded.stderr
+    assert set(table_scores(graded.stdout)) == failing(graded.stdout) == set(classroom.GRADERS), graded.stdout
+    # Each grader failed on its own assignment's wrong body (the only one its tests ran), by an assertion.
+    assignment_of = {node_id: name for name, ids in classroom.GRADERS.items() for node_id in ids}
+    met, raised = {name: set() for name in classroom.GRADERS}, {name: set() for name in classroom.GRADERS}
+    for kind, test, what in map(json.loads, record.read_text().splitlines()):
+        (met if kind == "called" else raised)[assignment_of[test]].add(what)
+    for name, ex in exercises.items():
+        assert met[name] == ({name} if recorded(ex) else set()), (name, met[name])
+        assert raised[name] and raised[name] <= {"AssertionError", "Failed"}, (name, raised[name])  # or pytest.fail
 
 
 # ----------------------------------------------------------------------------------------------------------

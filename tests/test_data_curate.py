@@ -137,10 +137,40 @@ def test_perplexity_band_drops_garbage_and_boilerplate():
     assert len(removed) <= 4 and info["web"]["cut_low"] < info["web"]["cut_high"]
 
 
-def test_cross_fitting_scores_each_text_with_the_other_half():
+def test_cross_fitting_scores_each_text_with_the_other_half(monkeypatch):
+    """Random letters: a 4-gram model that saw a text has memorised it (perplexity near 1), one that did not
+    can only know the 26-letter alphabet. Every text must get the unseen kind of score, and each score must
+    be the one a model fitted by hand on the other fold gives."""
+    import data.perplexity
+
     rng = random.Random(2)
-    texts = [_reference_text(rng, 20) for _ in range(10)]
-    assert np.all(np.isfinite(cross_fitted_perplexities(texts, order=4)))
+    texts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(400)) for _ in range(11)]
+    fits, scorings = [], []
+
+    class RecordingLM(WittenBellLM):
+        def fit(self, texts, max_bytes_per_text=None):
+            self.seen = list(texts)
+            fits.append(self.seen)
+            return super().fit(texts, max_bytes_per_text)
+
+        def perplexities(self, texts, max_bytes_per_text=None):
+            scorings.append((self.seen, list(texts)))
+            return super().perplexities(texts, max_bytes_per_text)
+
+    monkeypatch.setattr(data.perplexity, "WittenBellLM", RecordingLM)
+    ppl = cross_fitted_perplexities(texts, order=4)
+    monkeypatch.undo()
+    in_sample = WittenBellLM(order=4).fit(texts).perplexities(texts)
+    assert ppl.min() > 5 * in_sample.max()                        # no text is scored by a model that saw it
+    # Two folds of 5 and 6 texts: each model scores exactly the texts the other one was fitted on.
+    assert len(fits) == len(scorings) == 2 and sorted(map(len, fits)) == [5, 6]
+    assert sorted(fits[0] + fits[1]) == sorted(texts)
+    assert sorted(scorings[0][1]) == sorted(fits[1]) and sorted(scorings[1][1]) == sorted(fits[0])
+    for i, text in enumerate(texts):
+        other_fold = fits[1] if text in fits[0] else fits[0]
+        assert text not in other_fold
+        by_hand = WittenBellLM(order=4).fit(other_fold).perplexities([text])[0]
+        assert ppl[i] == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_small_sources_skip_the_perplexity_band():

@@ -51,9 +51,14 @@ def test_minhash_estimate_is_within_three_sigma_of_exact_jaccard():
 
 
 def test_signatures_do_not_overflow_for_large_hashes():
+    """The largest hashes times full-width a_j exceed 2^64 (a wrapped product would still be < p): compare
+    with Python's exact integers."""
     h = np.array([2**32 - 1, 2**32 - 2], dtype=np.uint64)
     sig = minhash_signatures([h], 64, seed=3)
-    assert sig.max() < (1 << 61) - 1
+    a, b = permutation_parameters(64, seed=3)
+    p = (1 << 61) - 1
+    assert max(int(a_j) for a_j in a) * (2**32 - 1) >= 2**64  # the test needs products that overflow uint64
+    assert sig.tolist() == [[min((int(a_j) * int(x) + int(b_j)) % p for x in h) for a_j, b_j in zip(a, b)]]
     with pytest.raises(ValueError):
         minhash_signatures([np.array([2**40], dtype=np.uint64)], 8)
 

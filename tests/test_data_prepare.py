@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from data import prepare
 from data.prepare import main, split_documents, tokenize_texts, write_shards
 from data.shards import ShardError, read_shard, write_shard
 from data.sources import Document, text_list_source
@@ -159,20 +160,52 @@ def test_write_shards_splits_documents_with_end_of_text(tmp_path):
     assert stream.tolist() == [99, 0, 1, 2, 3, 4, 99, 0, 1, 2, 99, 0, 1, 2, 3]
 
 
-def test_parallel_tokenisation_matches_serial(prepared):
+_ENCODE_BATCH = prepare._encode_batch
+
+
+def encode_batch_noting_the_process(batch):
+    """prepare._encode_batch that first appends the id of the process running it to $PIDS_FILE. A module-level
+    function: the pool pickles it by name, and a forked worker finds it in this module."""
+    with open(os.environ["PIDS_FILE"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return _ENCODE_BATCH(batch)
+
+
+def test_parallel_tokenisation_matches_serial(prepared, tmp_path, monkeypatch):
     out, _ = prepared
     enc = load_tokenizer(out)
     texts = [f"document {i}: " + "word " * (i % 50) for i in range(400)] * 6  # > 1 MB triggers workers
     texts = [t * 20 for t in texts]
+    pids_file = tmp_path / "pids"
+    monkeypatch.setenv("PIDS_FILE", str(pids_file))
+    monkeypatch.setattr(prepare, "_encode_batch", encode_batch_noting_the_process)
     parallel, used = tokenize_texts(texts, str(out / "tokenizer"), workers=2)
     assert [a.tolist() for a in parallel] == [enc.encode_ordinary(t) for t in texts]
+    if used == 1:
+        pytest.skip("no process pool here: tokenize_texts fell back to one process")
+    processes = set(pids_file.read_text().split())
+    assert used == 2 and len(processes) == 2 and str(os.getpid()) not in processes  # two workers really ran
 
 
-def test_split_is_by_document_and_keeps_both_sides():
-    docs = [Document("x" * (10 * (i + 1)), "s", str(i)) for i in range(20)]
-    train, val = split_documents(docs, 0.1, seed=0)
-    assert len(train) + len(val) == 20 and {d.origin for d in train}.isdisjoint(d.origin for d in val)
-    assert val and train
+def nbytes(documents):
+    return sum(len(d.text.encode("utf-8")) for d in documents)
+
+
+@pytest.mark.parametrize("val_fraction", [0.1, 0.3, 0.5])
+def test_split_is_by_document_and_keeps_both_sides(val_fraction):
+    """Whole documents are held out in shuffled order until they hold val_fraction of the UTF-8 *bytes*
+    (5 to 1280 characters of 1 or 2 bytes, so a share of the documents or of the characters is not a share
+    of the bytes): the validation side reaches the fraction, and without its last document it would not."""
+    rng = random.Random(3)
+    docs = [Document("xé"[i % 2] * rng.choice([5, 20, 80, 320, 1280]), "s", str(i)) for i in range(20)]  # é: 2 bytes
+    for seed in range(5):
+        train, val = split_documents(docs, val_fraction, seed=seed)
+        assert len(train) + len(val) == 20 and {d.origin for d in train}.isdisjoint(d.origin for d in val)
+        assert val and train
+        wanted = val_fraction * nbytes(docs)
+        assert nbytes(val) >= wanted > nbytes(val[:-1]), seed
+    # A tiny fraction still holds out one document; a huge one still leaves one to train on.
+    assert len(split_documents(docs, 1e-6, seed=0)[1]) == 1 and len(split_documents(docs, 1.0, seed=0)[0]) == 1
 
 
 def test_pretrained_tokenizer_is_copied_next_to_the_shards(corpus, tmp_path, monkeypatch):

@@ -123,9 +123,18 @@ def test_fsdp_resume_on_another_world_size(runs, synthetic_data, tmp_path, first
 def test_nan_on_one_rank_rolls_back_every_rank(synthetic_data, tmp_path):
     out = str(tmp_path / "nan")
     stdout = torchrun(2, run_args(synthetic_data, out, "--parallel", "ddp", "--micro-batch-size", "2",
-                                  "--inject-nan-at", "4", "--inject-rank", "1"))
+                                  "--inject-nan-at", "5", "--inject-rank", "1"))
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        events = [r for r in map(json.loads, f) if r.get("event") == "rollback"]
-    assert len(events) == 1 and events[0]["skipped_batch"] == 4 and events[0]["step"] == 3
+        records = list(map(json.loads, f))
+    events = [r for r in records if r.get("event") == "rollback"]
+    assert len(events) == 1 and events[0]["skipped_batch"] == 5 and events[0]["step"] == 3
     assert stdout.count("rollback:") == 1  # printed once, by rank 0
-    assert torch.load(os.path.join(out, "model.pt"), weights_only=True)["skipped_batches"] == [4]
+    assert torch.load(os.path.join(out, "model.pt"), weights_only=True)["skipped_batches"] == [5]
+    # Both ranks reloaded checkpoint 3 (weights and Adam state): with dropout 0 the re-run steps 4 and 5
+    # (same batches) log exactly what their first pass logged — step 5 only if Adam's moments were reloaded.
+    passes = {}
+    for r in records:
+        if "loss" in r:
+            passes.setdefault(r["step"], []).append((r["loss"], r["grad_norm"]))
+    assert {step: len(runs) for step, runs in passes.items()} == {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 1}
+    assert passes[4][0] == passes[4][1] and passes[5][0] == passes[5][1], passes

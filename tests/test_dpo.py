@@ -156,18 +156,51 @@ def test_simpo_without_margin_is_dpo_on_averages_with_no_reference():
 
 
 def test_simpo_is_length_normalised_but_dpo_is_not():
-    """The same per-token quality, a response twice as long: SimPO's reward is unchanged, a sum doubles."""
-    per_token_chosen, per_token_rejected, short, long = -0.5, -0.9, 4, 8
-    simpo_short = dpo.simpo_loss(torch.tensor([per_token_chosen]), torch.tensor([per_token_rejected]), 2.0, 0.0)[0]
-    # Averages do not depend on length.
-    simpo_long = dpo.simpo_loss(torch.tensor([per_token_chosen * long / long]),
-                                torch.tensor([per_token_rejected * long / long]), 2.0, 0.0)[0]
-    zero = torch.zeros(1)
-    dpo_short = dpo.dpo_loss(torch.tensor([per_token_chosen * short]), torch.tensor([per_token_rejected * short]),
-                             zero, zero, 2.0)[0]
-    dpo_long = dpo.dpo_loss(torch.tensor([per_token_chosen * long]), torch.tensor([per_token_rejected * long]),
-                            zero, zero, 2.0)[0]
-    assert simpo_short.item() == pytest.approx(simpo_long.item()) and dpo_long.item() < dpo_short.item()
+    """Two pairs of the same per-token quality, one twice as long as the other, in one batch: SimPO's
+    reward is the same for both (each sum divided by its own length), DPO's sums prefer the long pair."""
+    per_token_chosen, per_token_rejected, lengths = -0.5, -0.9, [4, 8]
+    logps = dpo.PairLogps(torch.tensor([per_token_chosen * n for n in lengths]),
+                          torch.tensor([per_token_rejected * n for n in lengths]),
+                          torch.tensor(lengths), torch.tensor(lengths))
+    pairs = [dpo.PreferencePair((), (), reference_chosen_logp=0.0, reference_rejected_logp=0.0) for _ in lengths]
+    hp = {"beta": 2.0, "gamma": 0.5}
+    expected = -math.log(sigmoid(2.0 * (per_token_chosen - per_token_rejected) - 0.5))   # the same for both
+    loss, chosen_rewards, _, _ = dpo.paired_loss("simpo", logps, pairs, hp)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert chosen_rewards.item() == pytest.approx(2.0 * per_token_chosen, rel=1e-6)
+    dpo_losses = [dpo.dpo_loss(logps.chosen[i:i + 1], logps.rejected[i:i + 1], torch.zeros(1), torch.zeros(1),
+                               2.0)[0].item() for i in range(2)]
+    assert dpo_losses[1] < dpo_losses[0]
+
+
+def average_over_own_length(summed, sequences):
+    """Summed log-probs divided by each response's own token count, read off its mask (the first token,
+    <|endoftext|>, is never a target)."""
+    return summed / torch.tensor([sum(mask[1:]) for _, mask in sequences], dtype=summed.dtype)
+
+
+@pytest.mark.parametrize("loss_name", ["simpo", "orpo"])
+def test_simpo_and_orpo_average_each_response_over_its_own_length(loss_name):
+    """paired_loss on a real model's log-probs for pairs of different lengths (one right-padded batch)
+    equals the loss on each response's summed log-prob over its own length — not over the batch's longest."""
+    model = tiny_model().eval()
+    pairs = synthetic_pairs(6, seed=4, length=(1, 9))
+    for pair in pairs:
+        pair.reference_chosen_logp = pair.reference_rejected_logp = 0.0   # unused by these two losses
+    logps = dpo.pair_logprobs(model, pairs, PAD, "cpu")
+    chosen_lengths = [sum(p.chosen[1][1:]) for p in pairs]
+    assert len(set(chosen_lengths)) > 2 and logps.chosen_count.tolist() == chosen_lengths
+    chosen_avg = average_over_own_length(logps.chosen, [p.chosen for p in pairs])
+    rejected_avg = average_over_own_length(logps.rejected, [p.rejected for p in pairs])
+    if loss_name == "simpo":
+        hp = {"beta": 2.0, "gamma": 0.5}
+        expected = dpo.simpo_loss(chosen_avg, rejected_avg, hp["beta"], hp["gamma"])
+    else:
+        hp = {"odds_ratio_weight": 0.3}
+        expected = dpo.orpo_loss(chosen_avg, rejected_avg, hp["odds_ratio_weight"])
+    got = dpo.paired_loss(loss_name, logps, pairs, hp)
+    for name, a, b in zip(("loss", "chosen_rewards", "rejected_rewards", "accuracy"), got, expected):
+        assert a.item() == pytest.approx(b.item(), rel=1e-6, abs=1e-7), name
 
 
 def test_orpo_odds_and_loss_match_plain_python():

@@ -315,8 +315,12 @@ def test_kl_is_zero_and_ratio_is_one_at_the_first_step(algo):
     assert stats["clip_fraction"] == 0.0
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)
     if algo == "ppo":
-        # No KL yet, so the only reward is the score on each response's last real token.
-        expected = ppo.per_token_rewards(rollout.scores, torch.zeros_like(rollout.rewards), rollout.response_mask, 0.1)
+        # No KL yet, so the only reward is the score (minus the penalty for a response that never ended)
+        # on each response's last real token, found here from the mask; 0 everywhere else.
+        expected = torch.zeros_like(rollout.rewards)
+        for row, mask_row in enumerate(rollout.response_mask.tolist()):
+            last = max(t for t, m in enumerate(mask_row) if m)
+            expected[row, last] = scores[row].item() - args.missing_end_penalty * (not rollout.ended[row].item())
         torch.testing.assert_close(rollout.rewards, expected, atol=1e-6, rtol=0)
     else:
         assert stats["kl_loss"] == pytest.approx(0.0, abs=1e-6)

@@ -165,11 +165,14 @@ def test_loss_is_response_nll_and_ignores_prompt_labels():
     loss = -token_lp.sum() / (targets != sft.IGNORE_INDEX).sum()
     total, count = hand_logprob(model(ids)[0][0], ids[0].tolist(), mask[0].tolist())
     assert loss.item() == pytest.approx(-total / count, rel=1e-5)
-    # Labels HF-style: any values at prompt positions, then masked. They change nothing.
-    scrambled = torch.randint(0, 256, ids.shape)
-    labels = torch.where(mask.bool(), ids, scrambled)
-    scrambled_targets = torch.where(mask[:, 1:].bool(), labels[:, 1:], sft.IGNORE_INDEX)
+    # Tokens at masked positions never become targets: scramble every one of them (prompt and padding)
+    # and shift_targets gives the same targets, so the loss is the same.
+    noise = torch.randint(0, 256, ids.shape, generator=torch.Generator().manual_seed(0))
+    scrambled = torch.where(mask.bool(), ids, noise)
+    assert not torch.equal(scrambled, ids)
+    _, scrambled_targets = sft.shift_targets(scrambled, mask)
     assert torch.equal(scrambled_targets, targets)
+    assert (-sft.token_logprobs(logits, scrambled_targets).sum() / count).item() == pytest.approx(loss.item())
     # ... and no gradient reaches the logits at prompt positions, some reaches every response one.
     loss.backward()
     prompt_positions = targets[0] == sft.IGNORE_INDEX

@@ -1,5 +1,6 @@
 """Tests for train_gpt.py: the equations, the model, generation, the loop and its failure modes."""
 
+import contextlib
 import json
 import math
 import os
@@ -171,6 +172,9 @@ def test_overfits_one_batch():
 def test_weight_decay_only_on_matrices():
     model = tg.GPT(tiny_config())
     decay, no_decay = model.configure_optimizer(1e-3, 0.1).param_groups
+    # Every parameter (the tied embedding / head once) is in exactly one group: none dropped, none twice.
+    grouped = [id(p) for group in (decay, no_decay) for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
 
@@ -275,9 +279,12 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, synthetic_data):
     small = str(tmp_path / "accumulated")
     tg.main(train_args(synthetic_data, big, "--max-steps", "4", "--global-batch-size", "8", "--micro-batch-size", "8"))
     tg.main(train_args(synthetic_data, small, "--max-steps", "4", "--global-batch-size", "8", "--micro-batch-size", "2"))
-    a = [r["loss"] for r in read_metrics(big) if "loss" in r]
-    b = [r["loss"] for r in read_metrics(small) if "loss" in r]
-    assert np.allclose(a, b, rtol=1e-5)
+    # The gradient norm too: without the 1/grad_accum scaling it is 4× too large, while gradient
+    # clipping and Adam keep the losses of the first steps close.
+    for key in ("loss", "grad_norm"):
+        a = [r[key] for r in read_metrics(big) if key in r]
+        b = [r[key] for r in read_metrics(small) if key in r]
+        assert len(a) == len(b) == 4 and np.allclose(a, b, rtol=1e-5), key
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, synthetic_data, capsys):
@@ -299,8 +306,36 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, synthetic_data, capsys):
     assert a == b
 
 
-def test_nan_and_spike_trigger_rollback_and_skip(tmp_path, synthetic_data):
+def same_state(a, b):
+    """Two (nested) state dicts hold equal values: tensors bit for bit, everything else by ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_nan_and_spike_trigger_rollback_and_skip(tmp_path, synthetic_data, monkeypatch):
     out = str(tmp_path / "faults")
+    # Watch the run's model and optimizer: at each rollback event they must equal the checkpoint rolled back to.
+    watched, at_rollback = {}, []
+    make_adamw, write_line = tg.adamw, tg.log_line
+
+    def adamw_watched(module, *args, **kwargs):
+        watched["model"], watched["optimizer"] = module, make_adamw(module, *args, **kwargs)
+        return watched["optimizer"]
+
+    def log_line_checking_rollbacks(metrics_file, record):
+        if record.get("event") == "rollback":
+            checkpoint = torch.load(os.path.join(out, f"ckpt_{record['step']:07d}.pt"), weights_only=True)
+            at_rollback.append((same_state(watched["model"].state_dict(), checkpoint["model"]),
+                                same_state(watched["optimizer"].state_dict(), checkpoint["optimizer"])))
+        write_line(metrics_file, record)
+
+    monkeypatch.setattr(tg, "adamw", adamw_watched)
+    monkeypatch.setattr(tg, "log_line", log_line_checking_rollbacks)
     tg.main(train_args(synthetic_data, out, "--max-steps", "40", "--checkpoint-every", "5",
                        "--spike-window", "10", "--inject-nan-at", "12", "--inject-garbage-at", "30"))
     records = read_metrics(out)
@@ -308,9 +343,20 @@ def test_nan_and_spike_trigger_rollback_and_skip(tmp_path, synthetic_data):
     assert [e["skipped_batch"] for e in events] == [12, 30]
     assert "non-finite" in events[0]["reason"] and "spike" in events[1]["reason"]
     assert events[0]["step"] == 10 and events[1]["step"] == 25  # back to the last checkpoint
+    assert at_rollback == [(True, True), (True, True)]          # weights and Adam's moments reloaded
     losses = [r["loss"] for r in records if "loss" in r]
     assert all(math.isfinite(x) for x in losses)
     assert torch.load(os.path.join(out, "model.pt"), weights_only=True)["skipped_batches"] == [12, 30]
+    # With dropout 0, a step re-run after a rollback (same weights, optimizer state and batch) logs exactly
+    # what its first pass logged: steps 11–12 (batch 12 was bad) and 26–29 (batch 30, reached at step 30).
+    passes = {}
+    for r in records:
+        if "loss" in r:
+            passes.setdefault(r["step"], []).append((r["loss"], r["grad_norm"], r["lr"]))
+    replayed = {step: runs for step, runs in passes.items() if len(runs) > 1}
+    assert sorted(replayed) == [11, 12, 26, 27, 28, 29]
+    assert all(first == second for first, second in replayed.values()), replayed
+    assert sorted(passes) == list(range(1, 41))
 
 
 def test_rollbacks_are_capped(tmp_path, synthetic_data):
@@ -345,14 +391,56 @@ def test_soups():
 def test_soup_command_on_real_checkpoints(tmp_path, synthetic_data):
     out = str(tmp_path / "run")
     tg.main(train_args(synthetic_data, out, "--max-steps", "10", "--checkpoint-every", "5"))
-    paths = tg.checkpoint_paths(out)[-2:]
+    first, middle, last = tg.checkpoint_paths(out)  # steps 0 (the initialisation), 5 and 10
+    checkpoint = torch.load(last, weights_only=True)
     soup_path = str(tmp_path / "soup.pt")
-    tg.main(["soup", "greedy", *paths, "--data", synthetic_data, "--eval-windows", "8", "--out", soup_path])
+
+    # Uniform: two different checkpoints average element-wise.
+    tg.main(["soup", "uniform", middle, last, "--out", soup_path])
+    a, b = torch.load(middle, weights_only=True)["model"], checkpoint["model"]
     soup = torch.load(soup_path, weights_only=True)
-    assert len(soup["soup_of"]) >= 1
-    tg.main(["soup", "uniform", paths[-1], paths[-1], "--out", soup_path])
-    last = torch.load(paths[-1], weights_only=True)["model"]
-    assert all(torch.equal(torch.load(soup_path, weights_only=True)["model"][k], last[k]) for k in last)
+    assert soup["soup_of"] == [middle, last] and soup["model"].keys() == a.keys()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(soup["model"][k], (a[k] + b[k]) / 2, atol=1e-7, rtol=1e-6)
+
+    # Greedy, on candidates whose merits this test measures itself: the trained weights ± the same noise
+    # (each worse than their mean, which is the trained model) and the random initialisation.
+    config = tg.GPTConfig.from_dict(checkpoint["config"])
+    model, data = tg.GPT(config), tg.TokenData(synthetic_data, config.block_size, config.vocab_size)
+
+    def val_loss(state_dict):
+        model.load_state_dict(state_dict)
+        return tg.evaluate_loss(model, data, 8, 8, torch.device("cpu"), contextlib.nullcontext())
+
+    def mean(*state_dicts):
+        return {k: sum(sd[k] for sd in state_dicts) / len(state_dicts) for k in state_dicts[0]}
+
+    def perturbed(sign):
+        model.load_state_dict(checkpoint["model"])
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p += sign * 0.01 * torch.randn(p.shape, generator=generator)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    candidates = {first: torch.load(first, weights_only=True)["model"]}
+    for name, sign in (("plus.pt", 1), ("minus.pt", -1)):
+        path = str(tmp_path / name)
+        tg.atomic_save({**checkpoint, "model": perturbed(sign)}, path)
+        candidates[path] = torch.load(path, weights_only=True)["model"]
+    plus, minus = str(tmp_path / "plus.pt"), str(tmp_path / "minus.pt")
+    losses = {path: val_loss(sd) for path, sd in candidates.items()}
+    best, second = sorted([plus, minus], key=losses.get)
+    pair_loss = val_loss(mean(candidates[plus], candidates[minus]))
+    assert losses[first] > losses[second] and pair_loss < losses[best]  # averaging the pair helps ...
+    assert val_loss(mean(candidates[plus], candidates[minus], candidates[first])) > pair_loss  # ... adding init hurts
+    tg.main(["soup", "greedy", first, plus, minus, "--data", synthetic_data, "--eval-windows", "8",
+             "--out", soup_path])
+    soup = torch.load(soup_path, weights_only=True)
+    assert soup["soup_of"] == [best, second]
+    for k in b:
+        torch.testing.assert_close(soup["model"][k], b[k], atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- bad input
