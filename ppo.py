@@ -108,6 +108,7 @@ RM_PROMPTS = 2000                            # --beta-sweep: prompts compared to
 THREADS = 1                                  # CPU threads: a tiny model gains nothing from more, loses under load
 SEED = 1337                                  # seed for prompts, sampling and minibatch order
 CHECKPOINT_EVERY = 5                         # iterations between resume points (an interruption loses at most these)
+SNAPSHOT_EVERY = 0                           # iterations between policy snapshots (snapshots/) for the over-optimisation chart (0: none)
 # Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
 # Not --eval-batch-size: here it also cuts the sampled evaluation into batches, which changes its random draws.
 RUNTIME_FLAGS = {"device", "threads", "log_every", "checkpoint_every", "force"}
@@ -847,12 +848,24 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
             if iteration % args.log_every == 0 or iteration in (1, args.iterations):
                 print(format_record(record, args.iterations))
             controller.update(record["kl"], rollout.batch_size)
+            if args.snapshot_every and iteration % args.snapshot_every == 0:
+                save_snapshot(policy, iteration, args)
             if save_point is not None and iteration % args.checkpoint_every == 0 and iteration < args.iterations:
                 save_point(iteration, {"policy": policy.state_dict(),
                                        "critic": critic.state_dict() if critic is not None else None,
                                        "optimizer": optimizer.state_dict(), "beta": controller.beta,
                                        "random": random_state(generator)})
     return records, controller.beta
+
+
+def save_snapshot(policy, iteration, args):
+    """The policy after `iteration`, as a loadable checkpoint in --out/snapshots/ (reward.py
+    --best-of-n --ppo-run traces PPO's gold and r_φ against KL with them). Iteration 0 is π_SFT."""
+    folder = os.path.join(args.out, "snapshots")
+    os.makedirs(folder, exist_ok=True)
+    tokenizer_ref = load_checkpoint(args.sft).get("tokenizer")
+    atomic_save(ppo_checkpoint(policy, iteration, tokenizer_ref, args, {}),
+                os.path.join(folder, f"iteration_{iteration:04d}.pt"))
 
 
 def ppo_checkpoint(policy, iteration, tokenizer_ref, args, extra):
@@ -1125,7 +1138,7 @@ def validate_args(args):
                  "checkpoint_every"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in ("beta", "missing_end_penalty", "entropy_coef", "eval_tasks", "threads"):
+    for name in ("beta", "missing_end_penalty", "entropy_coef", "eval_tasks", "threads", "snapshot_every"):
         if not getattr(args, name) >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
     if args.algo == "ppo" and not args.value_lr > 0:
@@ -1208,6 +1221,8 @@ def build_parser():
     run.add_argument("--eval-tasks", type=int, default=EVAL_TASKS, help="held-out tasks judged for SFT and PPO (0: skip)")
     run.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated (and responses scored) at once")
     run.add_argument("--log-every", type=int, default=1, help="iterations between progress lines")
+    run.add_argument("--snapshot-every", type=int, default=SNAPSHOT_EVERY,
+                     help="iterations between policy snapshots in --out/snapshots/ (0: none), for reward.py --best-of-n")
     run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
                      help="iterations between resume points; a rerun after an interruption continues from the last one")
     run.add_argument("--force", action="store_true",

@@ -56,7 +56,8 @@ from data.errors import DataError
 from data.tasks import generate_tasks, judge, write_jsonl
 from data.tokenizer import load_tokenizer
 from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, comma_list, decode_response,
-                 generate_responses, jsonl_records, plot_train_val_loss, render_chat, render_prompt)
+                 generate_responses, jsonl_records, load_chat_model, mean_and_stderr, paired_difference,
+                 plot_train_val_loss, render_chat, render_prompt, sampled_evaluation)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, load_resume_point,
                        log_line, pick_device, random_state, read_metrics, save_resume_point, set_random_state,
@@ -887,7 +888,192 @@ def plot_rewards(arrays, png_path):
 
 
 # =============================================================================
-# 8. Command line
+# 8. Best-of-n: r_φ used at inference, the baseline of every RLHF comparison (seed 3.5)
+# =============================================================================
+#
+# The simplest way to use a reward model needs no training at all: sample n responses from π_SFT
+# and keep the one r_φ scores highest (Llama 2's rejection sampling; Gao et al. 2022, "Scaling
+# laws for reward model overoptimization"). Its distance from π_SFT is known in closed form, so
+# it charts how much gold a given KL buys — and, chosen by r_φ rather than by the judge, where the
+# proxy keeps rising while the gold score stalls or falls: over-optimisation, without any PPO.
+
+# classroom: begin best_of_n_kl
+def best_of_n_kl(n):
+    """KL(π_BoN ‖ π_SFT) of best-of-n sampling (Stiennon et al. 2020; Gao et al. 2022, eq. 1):
+
+        KL_BoN = log n − (n − 1) / n
+
+    0 for n = 1 (one sample is π_SFT itself); grows like log n. (It is exact for a continuous
+    proxy and an upper bound otherwise — Beirami et al. 2024.)
+    """
+    return math.log(n) - (n - 1) / n
+# classroom: end best_of_n_kl
+
+
+# classroom: begin best_of_n_expectation
+def best_of_n_expectation(proxy, values, n):
+    """E[value of the proxy-best of n samples] from N ≥ n samples of one prompt, without bias:
+    the average over all C(N, n) subsets of size n, in closed form (Gao et al. 2022, appendix).
+
+    Sort the samples by proxy, ascending; the i-th (1-based) is the best of a random n-subset
+    exactly when the subset holds it and n − 1 of the i − 1 below it:
+
+        P(i is chosen) = C(i − 1, n − 1) / C(N, n),      E = Σ_i P(i is chosen) · value_(i)
+
+    Samples whose proxy scores tie are interchangeable for the choice: each takes its tie group's
+    mean value (a random tie-break, in expectation). proxy = values gives the oracle best-of-n.
+    """
+    N = len(proxy)
+    if not 1 <= n <= N:
+        raise ValueError(f"best-of-{n} needs at least {n} samples, got {N}")
+    order = sorted(range(N), key=lambda i: proxy[i])
+    sorted_values, start = [0.0] * N, 0
+    while start < N:  # tie groups of equal proxy score share their mean value
+        end = start
+        while end + 1 < N and proxy[order[end + 1]] == proxy[order[start]]:
+            end += 1
+        group_mean = sum(values[order[j]] for j in range(start, end + 1)) / (end - start + 1)
+        sorted_values[start:end + 1] = [group_mean] * (end - start + 1)
+        start = end + 1
+    total = math.comb(N, n)
+    return sum(math.comb(i - 1, n - 1) / total * sorted_values[i - 1] for i in range(n, N + 1))
+# classroom: end best_of_n_expectation
+
+
+def sampled_policy_point(policy, reference, reward_model, enc, tasks, args, device, autocast):
+    """One model on the over-optimisation chart: a sample per prompt at T = 1, its gold score, its
+    r_φ and its KL to π_SFT (log π_θ(y|x) − log π_SFT(y|x), averaged) — mean and standard error."""
+    special = chat_tokens(enc)
+    result = sampled_evaluation(policy, reference, enc, tasks, args.max_new_tokens, args.gen_batch_size, device,
+                                autocast)
+    prompts = [render_prompt(task_messages(t), enc) for t in tasks]
+    with autocast:  # r_φ reads the last token: <|end|>, or the last one generated if the reply was cut off
+        proxy = score(reward_model, prompts, result["responses"], args.gen_batch_size, special.pad).tolist()
+    return {"gold": mean_and_stderr(result["gold"]), "proxy": mean_and_stderr(proxy),
+            "kl": mean_and_stderr(result["kl"]), "gold_per_prompt": result["gold"]}
+
+
+def best_of_n_command(args):
+    """`--best-of-n 1,2,4,…`: N = max(n) SFT samples on --eval-prompts test-split tasks, each judged
+    and scored by r_φ; best-of-n gold and proxy for every n, chosen by r_φ and by the judge; the
+    --policy checkpoints (PPO snapshots, DPO) sampled once per prompt for the same chart. Writes
+    bon.json and overoptimization.png (gold and r_φ against √KL). A cached stage like the others."""
+    started = time.time()
+    policies = named_policy_paths(args)
+    fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, [args.sft, args.reward_model, *policies.values()])
+    if finished_stage(args.out, "best_of_n", fingerprint, args.force):
+        with open(os.path.join(args.out, "bon.json")) as f:
+            return json.load(f)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    sft_model, checkpoint = load_sft(args.sft, device)
+    enc = load_tokenizer(checkpoint.get("tokenizer") or "")
+    reward_model = load_reward_model(args.reward_model, device)
+    begin_stage(args.out, "best_of_n", fingerprint, args.force)
+    try:
+        tasks = generate_tasks(args.eval_prompts, "test", seed=HELDOUT_SEED, families=args.families, levels=args.levels)
+    except ValueError as e:
+        raise ConfigError(f"--eval-prompts {args.eval_prompts}: {e}") from None
+    N = max(args.best_of_n)
+    special = chat_tokens(enc)
+    prompts = [render_prompt(task_messages(t), enc) for t in tasks for _ in range(N)]
+    generator = torch.Generator(device=device).manual_seed(args.seed + 3)
+    with autocast:
+        responses = generate_responses(sft_model, prompts, args.max_new_tokens, special.end, special.pad,
+                                       args.gen_batch_size, temperature=args.temperature, generator=generator,
+                                       device=device)
+        proxy = score(reward_model, prompts, responses, args.gen_batch_size, special.pad).view(len(tasks), N).tolist()
+    gold = [[judge(t, decode_response(enc, responses[i * N + j])) for j in range(N)] for i, t in enumerate(tasks)]
+    curves = {"rm": [], "judge": []}
+    for n in args.best_of_n:
+        by_rm = [best_of_n_expectation(p, g, n) for p, g in zip(proxy, gold)]
+        rm_proxy = [best_of_n_expectation(p, p, n) for p in proxy]
+        by_judge = [best_of_n_expectation(g, g, n) for g in gold]
+        judge_proxy = [best_of_n_expectation(g, p, n) for p, g in zip(proxy, gold)]
+        common = {"n": n, "kl": best_of_n_kl(n)}
+        curves["rm"].append({**common, "gold": mean_and_stderr(by_rm), "proxy": mean_and_stderr(rm_proxy),
+                             "vs_sft": paired_difference(by_rm, [sum(g) / N for g in gold])})
+        curves["judge"].append({**common, "gold": mean_and_stderr(by_judge), "proxy": mean_and_stderr(judge_proxy),
+                                "vs_sft": paired_difference(by_judge, [sum(g) / N for g in gold])})
+        print(f"best-of-{n:<3d} KL {best_of_n_kl(n):.2f}: chosen by r_φ gold {curves['rm'][-1]['gold'][0]:.3f} "
+              f"(r_φ {curves['rm'][-1]['proxy'][0]:+.3f}); by the judge gold {curves['judge'][-1]['gold'][0]:.3f}")
+    points = {}
+    for name, path in policies.items():
+        policy, _ = load_chat_model(path, None, device)
+        point = sampled_policy_point(policy, sft_model, reward_model, enc, tasks, args, device, autocast)
+        point["vs_sft"] = paired_difference(point.pop("gold_per_prompt"), [sum(g) / N for g in gold])
+        points[name] = point
+        print(f"{name}: gold {point['gold'][0]:.3f}, r_φ {point['proxy'][0]:+.3f}, KL {point['kl'][0]:.2f}")
+    result = {"prompts": len(tasks), "samples_per_prompt": N, "reward_model": args.reward_model, "sft": args.sft,
+              "best_of_n": curves, "policies": points, "wall_seconds": round(time.time() - started, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bon.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot_overoptimization(result, os.path.join(args.out, "overoptimization.png"))
+    finish_stage(args.out, "best_of_n", fingerprint, started,
+                 {f"bon{c['n']}_rm_gold": c["gold"][0] for c in curves["rm"]})
+    print(f"saved {os.path.join(args.out, 'bon.json')} and overoptimization.png in {time.time() - started:.0f}s")
+    return result
+
+
+def named_policy_paths(args):
+    """--policy NAME=CKPT … and, with --ppo-run DIR, DIR's snapshots/iteration_*.pt in order: {name: path}."""
+    paths = {}
+    if args.ppo_run:
+        folder = os.path.join(args.ppo_run, "snapshots")
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--ppo-run {args.ppo_run}: no snapshots/ folder (run ppo.py with --snapshot-every)")
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("iteration_") and name.endswith(".pt"):
+                paths[f"ppo@{int(name[len('iteration_'):-3])}"] = os.path.join(folder, name)
+    for value in args.policy or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--policy {value!r}: expected NAME=CHECKPOINT")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--policy {value!r}: no such file {path}")
+        paths[name] = path
+    return paths
+
+
+def plot_overoptimization(result, png_path):
+    """Gold score and r_φ against √KL to π_SFT: best-of-n by r_φ and by the judge (lines), the
+    PPO snapshots (a trajectory) and the other policies (points) — Gao et al.'s picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for key, label, style in (("rm", "best-of-n, chosen by r_φ", "o-"), ("judge", "best-of-n, chosen by the judge",
+                                                                          "s--")):
+        curve = result["best_of_n"][key]
+        x = [math.sqrt(c["kl"]) for c in curve]
+        axes[0].plot(x, [c["gold"][0] for c in curve], style, label=label)
+        axes[1].plot(x, [c["proxy"][0] for c in curve], style, label=label)
+        for c, xi in zip(curve, x):
+            axes[0].annotate(f"n={c['n']}", (xi, c["gold"][0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ppo = [(name, p) for name, p in result["policies"].items() if name.startswith("ppo@")]
+    if ppo:
+        x = [math.sqrt(max(p["kl"][0], 0.0)) for _, p in ppo]
+        axes[0].plot(x, [p["gold"][0] for _, p in ppo], "^-", color="tab:red", label="PPO snapshots (r_φ)")
+        axes[1].plot(x, [p["proxy"][0] for _, p in ppo], "^-", color="tab:red", label="PPO snapshots (r_φ)")
+    for name, p in result["policies"].items():
+        if not name.startswith("ppo@"):
+            for ax, key in ((axes[0], "gold"), (axes[1], "proxy")):
+                ax.errorbar(math.sqrt(max(p["kl"][0], 0.0)), p[key][0], yerr=p[key][1], fmt="D", label=name)
+    axes[0].set(title="gold score (the truth)", xlabel="√KL(π ‖ π_SFT)  (√nats)", ylabel="held-out gold score")
+    axes[1].set(title="reward-model score (the proxy)", xlabel="√KL(π ‖ π_SFT)  (√nats)", ylabel="r_φ (shifted)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("Over-optimisation (Gao et al. 2022): what the proxy promises and what the gold score gets")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# =============================================================================
+# 9. Command line
 # =============================================================================
 
 def validate_args(args):
@@ -918,6 +1104,20 @@ def validate_args(args):
         raise ConfigError("--val-data needs --data (the default data is split by prompt)")
     try:
         generate_tasks(1, "train", families=args.families, levels=args.levels)
+    except ValueError as e:
+        raise ConfigError(f"--families/--levels: {e}") from None
+
+
+def validate_best_of_n_args(args):
+    if not args.best_of_n or any(n < 1 for n in args.best_of_n):
+        raise ConfigError(f"--best-of-n needs one or more n ≥ 1, e.g. 1,4,16 (got {args.best_of_n})")
+    if not args.reward_model:
+        raise ConfigError("--best-of-n needs --reward-model (the r_φ that chooses)")
+    for name in ("eval_prompts", "temperature", "max_new_tokens", "gen_batch_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 with --best-of-n (got {getattr(args, name)})")
+    try:
+        generate_tasks(1, "test", families=args.families, levels=args.levels)
     except ValueError as e:
         raise ConfigError(f"--families/--levels: {e}") from None
 
@@ -1165,13 +1365,28 @@ def build_parser():
 
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS,
-                            help="test-split prompts sampled k times to correlate r_φ with the gold score (0: skip)")
+                            help="test-split prompts sampled k times to correlate r_φ with the gold score (0: skip); "
+                                 "with --best-of-n, the prompts sampled max(n) times")
+
+    bon = p.add_argument_group("best-of-n and over-optimisation (section 8; instead of training)")
+    bon.add_argument("--best-of-n", type=comma_list(int), default=None,
+                     help="evaluate best-of-n sampling from --sft for these n (e.g. 1,2,4,8,16,32) with "
+                          "--reward-model, write bon.json and overoptimization.png to --out")
+    bon.add_argument("--reward-model", default=None, help="with --best-of-n: the trained r_φ that picks the best")
+    bon.add_argument("--policy", action="append", default=None, metavar="NAME=CKPT",
+                     help="with --best-of-n: a policy (e.g. dpo=runs/default/dpo/model.pt) to place on the chart; "
+                          "repeatable")
+    bon.add_argument("--ppo-run", default=None,
+                     help="with --best-of-n: a ppo.py output directory whose snapshots/ trace PPO on the chart")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if args.best_of_n is not None:
+            validate_best_of_n_args(args)
+            return best_of_n_command(args)
         return train_reward(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

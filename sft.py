@@ -909,6 +909,7 @@ def sampled_evaluation(policy, reference, enc, tasks, max_new_tokens, batch_size
         gold   = judge(task, y)
         kl     = log π_θ(y|x) − log π_ref(y|x)      (its mean estimates KL(π_θ ‖ π_ref) per response)
         length = |y|, <|end|> not counted
+        responses = y's token ids (with <|end|> when it came)
 
     The sampling seed is fixed, so every model is judged on the same prompts and random numbers."""
     tokens = chat_tokens(enc)
@@ -920,7 +921,7 @@ def sampled_evaluation(policy, reference, enc, tasks, max_new_tokens, batch_size
     policy_logps = response_logprob_sums(policy.eval(), prompts, responses, tokens.pad, batch_size, device, autocast)
     reference_logps = response_logprob_sums(reference.eval(), prompts, responses, tokens.pad, batch_size, device,
                                             autocast)
-    return {"gold": [judge(t, decode_response(enc, r)) for t, r in zip(tasks, responses)],
+    return {"gold": [judge(t, decode_response(enc, r)) for t, r in zip(tasks, responses)], "responses": responses,
             "kl": [p - q for p, q in zip(policy_logps, reference_logps)],
             "length": [len(r) - (bool(r) and r[-1] == tokens.end) for r in responses]}
 

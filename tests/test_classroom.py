@@ -221,6 +221,17 @@ WRONG_BODIES = {
             return losses.mean()
         return (weights * losses).sum() / weights.sum()
         """,
+    "best_of_n_kl": """
+        return math.log(n)  # the KL of the best of n, forgetting the −(n − 1)/n term
+        """,
+    "best_of_n_expectation": """
+        N = len(proxy)
+        if not 1 <= n <= N:
+            raise ValueError(f"best-of-{n} needs at least {n} samples, got {N}")
+        order = sorted(range(N), key=lambda i: proxy[i])  # ties broken by position, not shared
+        total = math.comb(N, n)
+        return sum(math.comb(i - 1, n - 1) / total * values[order[i - 1]] for i in range(n, N + 1))
+        """,
     "gae": """
         values = values * mask
         advantages = torch.zeros_like(rewards)

@@ -488,3 +488,61 @@ def test_families_restrict_the_comparison_prompts(tmp_path, monkeypatch):
     policy = type("Policy", (), {"config": type("Config", (), {"block_size": 64})})()
     reward.default_preference_data(policy, None, args, "cpu", None)
     assert len(seen) == 40 and {task.family for task in seen} == {"upper", "reverse"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Best-of-n (section 8)
+# ----------------------------------------------------------------------------------------------
+
+def test_best_of_n_kl_by_hand():
+    assert reward.best_of_n_kl(1) == 0.0
+    assert reward.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert reward.best_of_n_kl(16) == pytest.approx(2.772588722 - 15 / 16)
+
+
+def test_best_of_n_expectation_is_the_mean_over_every_subset():
+    """The closed form against brute force: every n-subset of N samples, its proxy-best's value."""
+    import itertools
+    rng = random.Random(0)
+    for N in (1, 4, 7):
+        proxy = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(N)]  # ties included
+        values = [rng.random() for _ in range(N)]
+        for n in range(1, N + 1):
+            subsets = list(itertools.combinations(range(N), n))
+            brute = 0.0
+            for subset in subsets:
+                best = max(proxy[i] for i in subset)
+                tied = [values[i] for i in subset if proxy[i] == best]
+                brute += sum(tied) / len(tied) / len(subsets)
+            assert reward.best_of_n_expectation(proxy, values, n) == pytest.approx(brute, abs=1e-12), (N, n)
+    assert reward.best_of_n_expectation([3.0, 1.0, 2.0], [0.3, 0.1, 0.2], 3) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        reward.best_of_n_expectation([1.0], [1.0], 2)
+
+
+def test_best_of_n_command_writes_curves_policy_points_and_a_plot(tmp_path, monkeypatch, capsys):
+    """The command end to end on tiny models: the judge's best-of-n never falls as n grows and is
+    never below r_φ's choice; n = 1 is the plain sample mean for both; a policy equal to π_SFT sits
+    at KL 0; bad flags are one-line errors."""
+    monkeypatch.setattr(reward, "judge", fake_judge)
+    sft = tiny_sft_checkpoint(tmp_path)
+    rm_path = str(tmp_path / "rm.pt")
+    rm = tiny_reward_model(seed=5)
+    atomic_save({"model": rm.state_dict(), "config": asdict(rm.config), "step": 0, "stage": "reward",
+                 "tokenizer": str(tmp_path / "tokenizer")}, rm_path)
+    out = tmp_path / "bon"
+    flags = ["--best-of-n", "1,2,4", "--sft", sft, "--reward-model", rm_path, "--out", str(out), "--eval-prompts", "6",
+             "--max-new-tokens", "6", "--device", "cpu"]
+    result = reward.main(flags + ["--policy", f"same={sft}"])
+    by_judge = [c["gold"][0] for c in result["best_of_n"]["judge"]]
+    by_rm = [c["gold"][0] for c in result["best_of_n"]["rm"]]
+    assert by_judge == sorted(by_judge) and all(j >= r - 1e-12 for j, r in zip(by_judge, by_rm))
+    assert by_judge[0] == pytest.approx(by_rm[0]) and result["best_of_n"]["rm"][0]["kl"] == 0.0
+    assert result["policies"]["same"]["kl"][0] == pytest.approx(0.0, abs=1e-5)
+    assert (out / "overoptimization.png").is_file() and json.loads((out / "bon.json").read_text())["prompts"] == 6
+    for bad, message in ((["--best-of-n", "0,2"], "--best-of-n"), (["--best-of-n", "2", "--reward-model", ""], ""),
+                         (["--policy", "nonsense"], "--policy")):
+        with pytest.raises(SystemExit):
+            reward.main(flags + bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
