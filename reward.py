@@ -775,6 +775,15 @@ def within_prompt(values, groups):
     return values - np.array([means[g] for g in groups.tolist()])
 
 
+def ranks_within_prompt(values, groups):
+    """Each value's rank among its own prompt's values (ties share the mean rank)."""
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups)
+    ranks = np.empty(len(values))
+    for g in set(groups.tolist()):
+        ranks[groups == g] = average_ranks(values[groups == g])
+    return ranks
+
+
 def reward_vs_gold(model, enc, samples, batch_size=64):
     """Rewards of held-out SFT samples beside their gold scores, lengths and prompt numbers
     (samples too long for the context are skipped)."""
@@ -794,10 +803,14 @@ def correlations(rewards, gold, lengths, groups):
     a learned length bias shows as a positive within-prompt reward ↔ length correlation."""
     if len(rewards) < 2:
         return {name: None for name in ("pearson_gold", "spearman_gold", "pearson_gold_within_prompt",
-                                        "pearson_length", "pearson_length_within_prompt")}
+                                        "spearman_gold_within_prompt", "pearson_length",
+                                        "pearson_length_within_prompt")}
     centred = within_prompt(rewards, groups)
     return {"pearson_gold": pearson(rewards, gold), "spearman_gold": spearman(rewards, gold),
             "pearson_gold_within_prompt": pearson(centred, within_prompt(gold, groups)),
+            # Spearman within prompts: does r_φ put one prompt's answers in the judge's order?
+            "spearman_gold_within_prompt": pearson(within_prompt(ranks_within_prompt(rewards, groups), groups),
+                                                   within_prompt(ranks_within_prompt(gold, groups), groups)),
             "pearson_length": pearson(rewards, lengths),
             "pearson_length_within_prompt": pearson(centred, within_prompt(lengths, groups))}
 
@@ -1310,7 +1323,8 @@ def print_summary(s):
     print(f"held-out pairs: accuracy {fmt(s['val_accuracy'])} vs labels (labels agree with the gold judge "
           f"{fmt(s['label_agreement'])}), {fmt(s['val_clean_accuracy'])} vs clean labels; ECE {fmt(s['calibration_ece'])}")
     print(f"held-out SFT samples ({s['heldout_samples']}): reward vs gold Pearson {fmt(s['pearson_gold'])}, "
-          f"Spearman {fmt(s['spearman_gold'])}, Pearson within prompts {fmt(s['pearson_gold_within_prompt'])}; "
+          f"Spearman {fmt(s['spearman_gold'])}, Pearson within prompts {fmt(s['pearson_gold_within_prompt'])}, Spearman within "
+          f"prompts {fmt(s['spearman_gold_within_prompt'])}; "
           f"reward vs length Pearson {fmt(s['pearson_length'])}, within prompts {fmt(s['pearson_length_within_prompt'])}")
 
 

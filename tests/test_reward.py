@@ -415,6 +415,13 @@ def test_correlations_and_calibration_against_hand_computations():
     numbers = reward.correlations(np.array([5.0, 6.0, 0.0, 1.0]), np.array([0.0, 0.5, 0.5, 1.0]),
                                   np.array([1, 2, 3, 4]), np.array([0, 0, 1, 1]))
     assert numbers["pearson_gold"] < 0 and numbers["pearson_gold_within_prompt"] == pytest.approx(1.0)
+    assert numbers["spearman_gold_within_prompt"] == pytest.approx(1.0)
+    assert reward.ranks_within_prompt([5.0, 1.0, 7.0, 7.0, 2.0], [0, 0, 1, 1, 1]).tolist() == [2.0, 1.0, 2.5, 2.5, 1.0]
+    # Within prompt 0 the order is reversed, within prompt 1 it is right: ranks centred per prompt
+    # are (+½, −½ | −1, 0, +1) for r_φ and (−½, +½ | −1, 0, +1) for gold → Pearson (−½ + 2) / (½ + 2).
+    numbers = reward.correlations(np.array([2.0, 1.0, 0.0, 5.0, 9.0]), np.array([0.0, 1.0, 0.1, 0.2, 0.3]),
+                                  np.array([1, 1, 1, 1, 1]), np.array([0, 0, 1, 1, 1]))
+    assert numbers["spearman_gold_within_prompt"] == pytest.approx(1.5 / 2.5)
     table, ece = reward.calibration_table(np.array([0.9, 0.9, 0.9, 0.9]), np.array([1.0, 1.0, 1.0, 0.0]), bins=10)
     # Both orders of each pair: p = 0.9 won 3 of 4, p = 0.1 won 1 of 4 → |0.75 − 0.9| = 0.15 in both bins.
     assert [(round(b["p_mean"], 6), b["observed"], b["count"]) for b in table] == [(0.1, 0.25, 4), (0.9, 0.75, 4)]
