@@ -30,8 +30,10 @@ cpu_DATA     :=
 cpu_PRETRAIN := --n-layer 4 --n-head 4 --n-embd 128 --block-size 256 --max-steps 1000
 cpu_SFT      := --epochs 3 --lr 3e-3 --families $(FAMILIES) --eval-tasks 300
 cpu_REWARD   := --num-prompts 4000 --families $(FAMILIES)
-cpu_PPO      := --iterations 60 --beta 0.3 --families $(FAMILIES) --eval-tasks 0
+cpu_PPO      := --iterations 60 --beta 0.3 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
+cpu_PPO_JUDGE := $(cpu_PPO)
 cpu_DPO      := --beta 0.5 --families $(FAMILIES) --eval-tasks 0
+cpu_BON      := --best-of-n 1,2,4,8,16,32 --eval-prompts 500 --families $(FAMILIES)
 cpu_EVAL     := --families $(FAMILIES) --eval-tasks 1000
 
 # gpu: not yet run on a GPU (none was lent while it was written); the stdlib corpus caps the data
@@ -42,8 +44,10 @@ gpu_PRETRAIN := --n-layer 6 --n-head 6 --n-embd 384 --block-size 512 --micro-bat
                 --max-steps 3000 --lr 1e-3 --warmup-steps 200 --dropout 0.1 --eval-every 250 --checkpoint-every 250
 gpu_SFT      := --epochs 3 --num-conversations 50000 --lr 3e-4 --eval-tasks 1000
 gpu_REWARD   := --num-prompts 20000 --lr 1e-4
-gpu_PPO      := --iterations 200 --rollouts 256 --minibatch-size 64 --eval-tasks 0
+gpu_PPO      := --iterations 200 --rollouts 256 --minibatch-size 64 --snapshot-every 25 --eval-tasks 0
+gpu_PPO_JUDGE := $(gpu_PPO)
 gpu_DPO      := --eval-tasks 0
+gpu_BON      := --best-of-n 1,2,4,8,16,32,64 --eval-prompts 1000
 gpu_EVAL     := --eval-tasks 1000
 
 tiny_DATA     := --max-bytes 300000 --vocab-size 512 --task-worksheets 200 --task-weight 0.2
@@ -51,9 +55,18 @@ tiny_PRETRAIN := --n-layer 2 --n-head 2 --n-embd 32 --block-size 128 --max-steps
                  --eval-every 20 --checkpoint-every 20 --eval-windows 8 --log-every 20
 tiny_SFT      := --num-conversations 300 --epochs 1 --evals-per-epoch 2 --eval-tasks 24 --log-every 20
 tiny_REWARD   := --num-prompts 60 --eval-prompts 12
-tiny_PPO      := --iterations 2 --rollouts 16 --minibatch-size 8 --eval-tasks 0
+tiny_PPO      := --iterations 2 --rollouts 16 --minibatch-size 8 --snapshot-every 1 --eval-tasks 0
+tiny_PPO_JUDGE := $(tiny_PPO)
 tiny_DPO      := --max-steps 6 --eval-tasks 0
+tiny_BON      := --best-of-n 1,2,4 --eval-prompts 8
 tiny_EVAL     := --eval-tasks 24
+
+# JUDGE=1 adds PPO with the gold judge as its reward (ppo_judge/, the ceiling of RL here) to the run:
+# one more PPO stage, a row of the final table and a point on the over-optimisation chart.
+JUDGE ?= 0
+ifeq ($(JUDGE),1)
+JUDGE_MODEL := ppo_judge=$(OUT)/ppo_judge/model.pt
+endif
 
 .PHONY: run test bench clean
 
@@ -63,7 +76,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# The main job: data → tokenizer → pretraining → SFT → reward model → PPO → DPO → evaluation,
+# The main job: data → tokenizer → pretraining → SFT → reward model → PPO → DPO → best-of-n → evaluation,
 # then $(OUT)/report.md with every stage's numbers and plots.
 run: $(INSTALL)
 	$(PY) -m data.prepare --out $(OUT)/data $($(PRESET)_DATA) $(DATA_ARGS)
@@ -72,9 +85,14 @@ run: $(INSTALL)
 	$(PY) reward.py --sft $(OUT)/sft/model.pt --out $(OUT)/reward $($(PRESET)_REWARD) $(REWARD_ARGS)
 	$(PY) ppo.py --sft $(OUT)/sft/model.pt --reward-model $(OUT)/reward/model.pt --out $(OUT)/ppo \
 		$($(PRESET)_PPO) $(PPO_ARGS)
+	$(if $(JUDGE_MODEL),$(PY) ppo.py --sft $(OUT)/sft/model.pt --reward-source judge --out $(OUT)/ppo_judge \
+		$($(PRESET)_PPO_JUDGE) $(PPO_JUDGE_ARGS))
 	$(PY) dpo.py --sft $(OUT)/sft/model.pt --reward-run $(OUT)/reward --out $(OUT)/dpo $($(PRESET)_DPO) $(DPO_ARGS)
+	$(PY) reward.py --sft $(OUT)/sft/model.pt --reward-model $(OUT)/reward/model.pt --out $(OUT)/bon \
+		--ppo-run $(OUT)/ppo --policy dpo=$(OUT)/dpo/model.pt $(if $(JUDGE_MODEL),--policy $(JUDGE_MODEL)) \
+		$($(PRESET)_BON) $(BON_ARGS)
 	$(PY) sft.py --eval base=$(OUT)/pretrain/model.pt sft=$(OUT)/sft/model.pt ppo=$(OUT)/ppo/model.pt \
-		dpo=$(OUT)/dpo/model.pt --reference sft --eval-out $(OUT)/eval $($(PRESET)_EVAL) $(EVAL_ARGS)
+		dpo=$(OUT)/dpo/model.pt $(JUDGE_MODEL) --reference sft --eval-out $(OUT)/eval $($(PRESET)_EVAL) $(EVAL_ARGS)
 	$(PY) -m data.report --run $(OUT) --preset $(PRESET)
 
 test: $(INSTALL)

@@ -973,8 +973,9 @@ def best_of_n_command(args):
     bon.json and overoptimization.png (gold and r_φ against √KL). A cached stage like the others."""
     started = time.time()
     policies = named_policy_paths(args)
-    fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, [args.sft, args.reward_model, *policies.values()])
-    if finished_stage(args.out, "best_of_n", fingerprint, args.force):
+    named = argparse.Namespace(**{**vars(args), "policy": sorted(policies)})  # names count; files by their contents
+    fingerprint = stage_fingerprint(named, RUNTIME_FLAGS, [args.sft, args.reward_model, *policies.values()])
+    if finished_stage(args.out, "bon", fingerprint, args.force):
         with open(os.path.join(args.out, "bon.json")) as f:
             return json.load(f)
     torch.manual_seed(args.seed)
@@ -983,7 +984,7 @@ def best_of_n_command(args):
     sft_model, checkpoint = load_sft(args.sft, device)
     enc = load_tokenizer(checkpoint.get("tokenizer") or "")
     reward_model = load_reward_model(args.reward_model, device)
-    begin_stage(args.out, "best_of_n", fingerprint, args.force)
+    begin_stage(args.out, "bon", fingerprint, args.force)
     try:
         tasks = generate_tasks(args.eval_prompts, "test", seed=HELDOUT_SEED, families=args.families, levels=args.levels)
     except ValueError as e:
@@ -1024,7 +1025,7 @@ def best_of_n_command(args):
     with open(os.path.join(args.out, "bon.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot_overoptimization(result, os.path.join(args.out, "overoptimization.png"))
-    finish_stage(args.out, "best_of_n", fingerprint, started,
+    finish_stage(args.out, "bon", fingerprint, started,
                  {f"bon{c['n']}_rm_gold": c["gold"][0] for c in curves["rm"]})
     print(f"saved {os.path.join(args.out, 'bon.json')} and overoptimization.png in {time.time() - started:.0f}s")
     return result

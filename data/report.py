@@ -148,7 +148,7 @@ def _tokenizer(ax, report):
 # 2. The run report
 # -----------------------------------------------------------------------------
 
-STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
+STAGES = ("data", "pretrain", "sft", "reward", "ppo", "ppo_judge", "dpo", "eval", "bon")
 SMOOTHING = 5  # iterations averaged per point of PPO's trajectory in the frontier plot
 
 
@@ -180,6 +180,21 @@ def final_table(evaluation):
         rows.append(f"| {name} | {r['greedy_gold']:.3f} | {_plus_minus(r['greedy_vs_reference'])} | "
                     f"{r['exact_match']:.1%} | {r['sampled_gold']:.3f} | {_plus_minus(r['sampled_vs_reference'])} | "
                     f"{r['kl_to_reference']:.2f} | {r['response_length']:.1f} |")
+    return rows
+
+
+def best_of_n_rows(bon, reference, n=16):
+    """Rows for the final table from reward.py --best-of-n: best-of-n (n = 16, or the largest n
+    evaluated) chosen by r_φ and by the judge.
+    Their prompts are the first bon["prompts"] of the same held-out set; Δ is against the mean gold
+    of SFT's own samples on those prompts, KL is KL_BoN = log n − (n − 1)/n."""
+    rows, sizes = [], [c["n"] for c in bon["best_of_n"]["rm"]]
+    n = n if n in sizes else max(sizes)
+    for key, label in (("rm", "r_φ"), ("judge", "the judge")):
+        point = next((c for c in bon["best_of_n"][key] if c["n"] == n), None)
+        if point:
+            rows.append(f"| best-of-{n}, chosen by {label} ({bon['prompts']} prompts) | — | — | — | "
+                        f"{point['gold'][0]:.3f} | {_plus_minus(point['vs_sft'])} | {point['kl']:.2f} | — |")
     return rows
 
 
@@ -237,9 +252,19 @@ def stage_rows(run, stages):
                         f"({_plus_minus(r['greedy_vs_reference'])}), KL {r['kl_to_reference']:.2f} | SFT "
                         f"{models['sft']['sampled_gold']:.3f}, greedy {models['sft']['greedy_gold']:.3f} | "
                         f"{_seconds(stages, name)} |")
+    if "ppo_judge" in models and "sft" in models:
+        r = models["ppo_judge"]
+        rows.append(f"| PPO, judge reward (`JUDGE=1`) | held-out gold (sampled, T=1) | {r['sampled_gold']:.3f} "
+                    f"({_plus_minus(r['sampled_vs_reference'])}), greedy {r['greedy_gold']:.3f} "
+                    f"({_plus_minus(r['greedy_vs_reference'])}) | SFT | {_seconds(stages, 'ppo_judge')} |")
     if evaluation:
         rows.append(f"| evaluation | — | {evaluation['tasks']} held-out prompts × {len(models)} models | — | "
                     f"{_seconds(stages, 'eval')} |")
+    bon = read_json(os.path.join(run, "bon", "bon.json"))
+    if bon:
+        best = max(bon["best_of_n"]["rm"], key=lambda c: c["gold"][0])
+        rows.append(f"| best-of-n | gold of the sample r_φ picks | best at n = {best['n']}: {best['gold'][0]:.3f} "
+                    f"({_plus_minus(best['vs_sft'])}) | SFT samples | {_seconds(stages, 'bon')} |")
     return rows
 
 
@@ -324,7 +349,11 @@ def write_run_report(run, preset=None):
                   "answer). Greedy: temperature 0. Sampled: one reply at temperature 1 per prompt, the distribution RLHF "
                   "optimises. Δ: paired difference to the reference on the same prompts ± its standard error. KL: "
                   "mean of log π(y|x) − log π_SFT(y|x) over the model's own samples.", "",
-                  *final_table(evaluation), "", "![final](final.png)", ""]
+                  *final_table(evaluation)]
+        bon = read_json(os.path.join(run, "bon", "bon.json"))
+        if bon:
+            lines += best_of_n_rows(bon, evaluation["reference"])
+        lines += ["", "![final](final.png)", ""]
     lines += ["## Each stage and its number", "", *stage_rows(run, stages), ""]
     sections = [("Data", "data/report.png", "Funnel, quality rules, MinHash, perplexity, mixture, tokenizer."),
                 ("Pretraining", "pretrain/pretrain.png", "Train/val loss against the unigram baseline, learning rate, "
@@ -333,7 +362,11 @@ def write_run_report(run, preset=None):
                 ("Reward model", "reward/reward_training.png", "Bradley–Terry loss and pairwise accuracy."),
                 ("Reward-model calibration", "reward/calibration.png", "Predicted P(y_w ≻ y_l) against observed."),
                 ("PPO", "ppo/ppo.png", "Reward-model score, gold score, KL and length over the iterations."),
-                ("DPO", "dpo/dpo.png", "Loss, implicit reward margins and preference accuracy.")]
+                ("DPO", "dpo/dpo.png", "Loss, implicit reward margins and preference accuracy."),
+                ("Over-optimisation: best-of-n, PPO and DPO against KL", "bon/overoptimization.png",
+                 "Gold score (left) and r_φ (right) against √KL to π_SFT: best-of-n chosen by r_φ and by the judge "
+                 "(KL_BoN = log n − (n−1)/n), PPO's snapshots along its run, DPO (Gao et al. 2022). Where the "
+                 "proxy keeps rising and gold does not, the reward model is being over-optimised.")]
     for title, image, caption in sections:
         if os.path.exists(os.path.join(run, image)):
             lines += [f"## {title}", "", caption, "", f"![{title}]({image})", ""]

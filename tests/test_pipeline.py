@@ -12,7 +12,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval")
+STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "bon", "eval")
 
 
 def make_run(runs_dir, *extra, run="smoke"):
@@ -28,7 +28,7 @@ def make_run(runs_dir, *extra, run="smoke"):
 def outputs_mtimes(run):
     return {path: os.path.getmtime(os.path.join(run, path))
             for path in ("data/meta.json", "pretrain/model.pt", "sft/model.pt", "reward/model.pt", "ppo/model.pt",
-                         "dpo/model.pt", "eval/eval.json")}
+                         "dpo/model.pt", "bon/bon.json", "eval/eval.json")}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,8 @@ def test_every_stage_finishes_and_the_report_has_finite_numbers(pipeline):
     report = open(os.path.join(run, "report.md")).read()
     table = [line for line in report.splitlines() if re.match(r"\| (base|sft|ppo|dpo) \|", line)]
     assert len(table) == 4
+    best_of_n = [line for line in report.splitlines() if re.match(r"\| best-of-\d+, chosen by (r_φ|the judge) ", line)]
+    assert len(best_of_n) == 2, best_of_n
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")][1:]
         numbers = [float(re.match(r"[-+]?\d+\.?\d*", c).group()) for c in cells]
@@ -70,7 +72,7 @@ def test_every_stage_finishes_and_the_report_has_finite_numbers(pipeline):
 def test_a_second_run_skips_every_stage(pipeline):
     _, run, _, second, mtimes_before = pipeline
     assert outputs_mtimes(run) == mtimes_before  # nothing was rewritten
-    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "eval"):
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "bon", "eval"):
         assert re.search(rf"\[{stage}\] .*skipped", second), f"{stage} was not skipped:\n{second[-2000:]}"
     assert re.search(r"\[(data|prepare)\] .*skipped", second), second[-2000:]
 
@@ -80,5 +82,5 @@ def test_a_moved_run_directory_stays_cached(pipeline):
     runs, run, _, _, _ = pipeline
     shutil.copytree(run, os.path.join(runs, "moved"))
     output = make_run(runs, run="moved")
-    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "eval"):
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "bon", "eval"):
         assert re.search(rf"\[{stage}\] .*skipped", output), f"{stage} ran again:\n{output[-2000:]}"
