@@ -127,7 +127,8 @@ INT_SCALARS = {"n_heads", "n_kv_heads", "kv_group_size", "T", "T_TUNE"}  # and e
 def kernel_signature(fn, dtype, constexprs):
     """The (signature, attrs) the launcher's call would give Triton: tensors are pointers of their dtype,
     the scale factors fp32, every other argument an int32; pointers (torch aligns every allocation) and
-    strides (multiples of the head dim) are marked divisible by 16, as Triton's specialisation would."""
+    strides (multiples of the head dim) are marked divisible by 16, as Triton's specialisation would; the
+    sizes (T, head counts) are not: the kernels ask Triton not to specialise them."""
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -140,7 +141,7 @@ def kernel_signature(fn, dtype, constexprs):
             signature[name] = "fp32"
         elif name in INT_SCALARS or name.startswith("stride_"):
             signature[name] = "i32"
-            if name.startswith("stride_") or name == "T_TUNE":
+            if name.startswith("stride_"):     # the sizes are not specialised (do_not_specialize)
                 attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise KeyError(f"{fn.__name__}: argument {name!r} has no type here; add it to kernels/aot.py")

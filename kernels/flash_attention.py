@@ -285,7 +285,11 @@ def _forward_over_key_tiles(acc, m_i, l_i, q, doc_q, q_rows, cols, K_head, V_hea
 # classroom: end forward_over_key_tiles
 
 
-@triton.jit
+# do_not_specialize: Triton compiles a variant of a kernel for each divisibility by 16 of each integer
+# argument. For the sizes (head counts, T) that buys nothing — they only bound masks and offsets — and would
+# compile every config twice for the ever-changing lengths of PPO or evaluation batches; strides keep it
+# (it lets loads vectorise). So a compiled kernel depends on dtype, head dim, masks and tiles only.
+@triton.jit(do_not_specialize=["n_heads", "kv_group_size", "T", "T_TUNE"])
 def _flash_forward_kernel(
     Q, K, V, O, LSE, DocIds, DocStart, DocEnd, DocsSorted,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -347,7 +351,7 @@ def _flash_forward_kernel(
 # Backward pass
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "T"])
 def _backward_preprocess_kernel(O, dO, Delta, stride_ob, stride_oh, stride_ot,
                                 stride_dob, stride_doh, stride_dot, n_heads, T,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -405,7 +409,7 @@ def _dkdv_over_query_tiles(dk, dv, k, v, doc_k, k_rows, cols, Q_group, dO_group,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_kv_heads", "kv_group_size", "T", "T_TUNE"])
 def _flash_backward_dkdv_kernel(
     Q, K, V, dO, LSE, Delta, dK, dV, DocIds, DocStart, DocEnd, DocsSorted,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -490,7 +494,7 @@ def _dq_over_key_tiles(dq, q, do, lse2, delta, doc_q, q_rows, cols, K_head, V_he
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "kv_group_size", "T", "T_TUNE"])
 def _flash_backward_dq_kernel(
     Q, K, V, dO, LSE, Delta, dQ, DocIds, DocStart, DocEnd, DocsSorted,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -583,8 +587,8 @@ def autotune_length(T):
     Keyed on T itself, every new length would be timed (and its configs launched) again — and PPO, DPO
     and evaluation batches bring a new length almost every batch. The best tiles change with the scale
     of T, not with T ± 1, so lengths in (2^(k−1), 2^k] share one tuning: at most ⌈log₂(T_max / 128)⌉ + 1
-    tunings per (head dim, masks, dtype). The compiled kernels themselves do not depend on T (beyond
-    Triton's T % 16 = 0 specialisation), so nothing recompiles either."""
+    tunings per (head dim, masks, dtype). The compiled kernels do not depend on T at all (it is not
+    specialised: see do_not_specialize), so nothing recompiles either."""
     return max(AUTOTUNE_MIN_LENGTH, triton.next_power_of_2(T))
 
 
