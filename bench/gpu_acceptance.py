@@ -84,6 +84,7 @@ class Sizes:
     gpt: tg.GPTConfig                   # part (c)'s model
     gpt_batch: int
     gpt_steps: int
+    gpt_runs: tuple                     # (attention, --compile) pairs of part (c)
     dist_args: list                     # part (d)'s model and batch flags
     dist_steps: int
     preset: str                         # part (e): the Makefile preset whose flags it runs
@@ -99,20 +100,21 @@ GPU_SIZES = Sizes(
     speed_lengths=(1024, 2048, 4096, 8192), speed_head_dims=(64, 128), speed_tokens=16384, speed_model_dim=2048,
     speed_budget_ms=100.0, speed_warmup=3,
     gpt=tg.GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), gpt_batch=16,
-    gpt_steps=24,
+    gpt_steps=24, gpt_runs=(("sdpa", False), ("flash", False), ("flash", True), ("sdpa", True)),
     dist_args=["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
                "--micro-batch-size", "16", "--global-batch-size", "16"],
     dist_steps=8,
     preset="gpu",
-    preset_overrides={
-        "DATA": ["--max-bytes", "2000000", "--task-worksheets", "2000"],
-        "PRETRAIN": ["--max-steps", "60", "--warmup-steps", "10", "--eval-every", "30", "--checkpoint-every", "30",
+    preset_overrides={  # enough training that the reward model's samples are not all tied, in ~1.5 minutes
+        "DATA": ["--max-bytes", "2000000"],
+        "PRETRAIN": ["--max-steps", "300", "--warmup-steps", "30", "--eval-every", "150", "--checkpoint-every", "150",
                      "--eval-windows", "16"],
-        "SFT": ["--num-conversations", "2000", "--epochs", "1", "--eval-tasks", "64"],
-        "REWARD": ["--num-prompts", "200", "--eval-prompts", "32"],
+        "SFT": ["--num-conversations", "10000", "--epochs", "1", "--eval-tasks", "64"],
+        "REWARD": ["--num-prompts", "400", "--eval-prompts", "64"],
         "PPO": ["--iterations", "1", "--rollouts", "128", "--minibatch-size", "64", "--eval-tasks", "0"],
     },
 )
+
 
 DRY_SIZES = Sizes(  # the smallest sizes that still take every branch (several tiles, masks, accumulation)
     budgets={"warm-up": 60, "a": 60, "b": 60, "c": 120, "d": 90, "e": 150},
@@ -120,6 +122,7 @@ DRY_SIZES = Sizes(  # the smallest sizes that still take every branch (several t
     speed_lengths=(32,), speed_head_dims=(16,), speed_tokens=32, speed_model_dim=16, speed_budget_ms=1.0,
     speed_warmup=1,
     gpt=tg.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32), gpt_batch=2, gpt_steps=3,
+    gpt_runs=(("flash", False), ("flash", True)),   # the two that run our kernels (sdpa: the same code path)
     dist_args=["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
                "--micro-batch-size", "4", "--global-batch-size", "4"],
     dist_steps=4,
@@ -358,24 +361,30 @@ def part_speed(sizes, work):
             q, k, v, do = attention_bench.random_qkv(B, H, T, D, torch.bfloat16, device=sizes.device)
             q, k, v = (x.requires_grad_() for x in (q, k, v))
             flops = attention_bench.forward_flops(B, H, T, D, True)
-            timing = {}
+            timing, first_row = {}, len(rows)
             for name, method in methods:
                 if name == "naive" and not attention_bench.naive_fits(B, H, T):
                     continue
-                fwd_ms, bwd_ms, peak = attention_bench.measure(method, q, k, v, do, True, sizes.speed_budget_ms,
-                                                               warmup=sizes.speed_warmup)
+                try:
+                    fwd_ms, bwd_ms, peak = attention_bench.measure(method, q, k, v, do, True, sizes.speed_budget_ms,
+                                                                   warmup=sizes.speed_warmup)
+                except torch.cuda.OutOfMemoryError:
+                    rows.append([D, T, f"{B}×{H}", name, "out of memory"] + [""] * 6)
+                    torch.cuda.empty_cache()
+                    continue
                 timing[name] = (fwd_ms, bwd_ms)
                 results.append({"d": D, "T": T, "B": B, "H": H, "method": name, "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
                                 "fwd_tflops": flops / fwd_ms / 1e9, "bwd_tflops": 2.5 * flops / bwd_ms / 1e9,
                                 "peak_mib": peak})
                 rows.append([D, T, f"{B}×{H}", name, f"{fwd_ms:.3f}", f"{flops / fwd_ms / 1e9:.1f}", f"{bwd_ms:.3f}",
                              f"{2.5 * flops / bwd_ms / 1e9:.1f}", "—" if math.isnan(peak) else f"{peak:.0f}", "", ""])
-            fwd_ratio = timing["sdpa-flash"][0] / timing["ours"][0]
-            bwd_ratio = timing["sdpa-flash"][1] / timing["ours"][1]
-            rows[-len(timing)][-2:] = [f"{fwd_ratio:.2f}×", f"{bwd_ratio:.2f}×"]
-            results.append({"d": D, "T": T, "fwd_vs_sdpa": fwd_ratio, "bwd_vs_sdpa": bwd_ratio})
-            if T >= 2048 and (fwd_ratio < FORWARD_TARGET or bwd_ratio < BACKWARD_TARGET):
-                misses.append(f"d={D} T={T}: fwd {fwd_ratio:.2f}×, bwd {bwd_ratio:.2f}×")
+            if "ours" in timing and "sdpa-flash" in timing:
+                fwd_ratio = timing["sdpa-flash"][0] / timing["ours"][0]
+                bwd_ratio = timing["sdpa-flash"][1] / timing["ours"][1]
+                rows[first_row][-2:] = [f"{fwd_ratio:.2f}×", f"{bwd_ratio:.2f}×"]
+                results.append({"d": D, "T": T, "fwd_vs_sdpa": fwd_ratio, "bwd_vs_sdpa": bwd_ratio})
+                if T >= 2048 and (fwd_ratio < FORWARD_TARGET or bwd_ratio < BACKWARD_TARGET):
+                    misses.append(f"d={D} T={T}: fwd {fwd_ratio:.2f}×, bwd {bwd_ratio:.2f}×")
             del q, k, v, do
             if sizes.device == "cuda":
                 torch.cuda.empty_cache()
@@ -385,8 +394,8 @@ def part_speed(sizes, work):
     md += table(["d", "T", "B×H", "method", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "peak MiB",
                  "fwd vs SDPA", "bwd vs SDPA"], rows)
     verdict = "targets met" if not misses else "below target: " + "; ".join(misses)
-    return {"status": "ok", "verdict": verdict, "results": results, "markdown": md,
-            "targets_met": not misses}
+    return {"status": "ok" if not misses else "below target", "verdict": verdict, "results": results,
+            "markdown": md}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,7 +411,7 @@ def part_gpt2(sizes, work, deadline):
     flops = tg.flops_per_token(n_params, config.n_layer, config.block_size, config.n_embd)
     peak = tg.device_peak_flops(torch.device(sizes.device))
     results, rows = [], []
-    for attention, compile_model in (("sdpa", False), ("flash", False), ("flash", True), ("sdpa", True)):
+    for attention, compile_model in sizes.gpt_runs:
         label = f"{attention}{' + compile' if compile_model else ''}"
         out = os.path.join(work, f"c_{attention}{'_compile' if compile_model else ''}")
         shutil.rmtree(out, ignore_errors=True)
@@ -431,8 +440,9 @@ def part_gpt2(sizes, work, deadline):
     md += table(["run", "tokens/s", "MFU", "wall s", "note"], rows)
     errors = [r for r in results if "error" in r]
     verdict = (f"best MFU {100 * best:.1f}% (target {100 * MFU_TARGET:.0f}%)" if best is not None
-               else f"{len(results) - len(errors)} of 4 runs finished")
-    return {"status": "failed" if errors else "ok", "verdict": verdict, "results": results, "markdown": md}
+               else f"{len(results) - len(errors)} of {len(sizes.gpt_runs)} runs finished")
+    status = "failed" if errors else "below target" if best is not None and best < MFU_TARGET else "ok"
+    return {"status": status, "verdict": verdict, "results": results, "markdown": md}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,8 +488,7 @@ def part_torchrun(sizes, work, deadline):
     checks.append(("FSDP: steps 1 … N all logged, losses finite",
                    sorted(fsdp) == list(range(1, steps + 1)) and all(math.isfinite(x) for x in fsdp.values())))
     converted = os.path.join(work, "d_converted.pt")
-    check_command([sys.executable, os.path.join(ROOT, "train_gpt.py"), "convert", tg.checkpoint_paths(fsdp_out)[-1],
-                   "--out", converted], os.path.join(work, "d_convert.log"), deadline - time.time())
+    tg.main(["convert", tg.checkpoint_paths(fsdp_out)[-1], "--out", converted])
     gathered = torch.load(converted, weights_only=True)["model"]
     final = torch.load(os.path.join(fsdp_out, "model.pt"), weights_only=True)["model"]
     checks.append(("the gathered sharded checkpoint equals model.pt, tensor for tensor",

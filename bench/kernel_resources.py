@@ -42,16 +42,14 @@ def row(result):
     masks = "+".join(n for n, on in (("causal", result["causal"]), ("docs", result["has_docs"])) if on) or "-"
     tiles = f"{result['block_m']}×{result['block_n']}" if result["block_n"] else f"{result['block_m']}"
     config = f"{tiles} w{result['num_warps']} s{result['num_stages']}" + ("" if result["autotuned"] else " (fixed)")
-    head = f"| {result['kernel']:<10} | {result['dtype']:<4} | {result['head_dim']:>3} | {masks:<11} | {config:<20} | " \
-           f"{result['arch']} |"
+    head = f"| {result['kernel']} | {result['dtype']} | {result['head_dim']} | {masks} | {config} | {result['arch']} |"
     if result["error"]:
         return head + f" compile error: {result['error']} |"
     blocks, warps = aot.occupancy(result["registers"], result["shared"], result["num_warps"], result["arch"])
     problems = "; ".join(aot.problems(result)) or ("spills (fixed config)" if result["stack"] or result["local"]
                                                    else "ok")
-    return head + (f" {result['registers']:>4} | {result['stack']:>5} | {result['local']:>5} | "
-                   f"{result['shared'] / 1024:>7.1f} | {blocks:>6} | {100 * warps:>5.0f}% | {result['seconds']:>5.1f} | "
-                   f"{problems} |")
+    return head + (f" {result['registers']} | {result['stack']} | {result['local']} | {result['shared'] / 1024:.1f} | "
+                   f"{blocks} | {100 * warps:.0f}% | {result['seconds']:.1f} | {problems} |")
 
 
 def main():
@@ -65,13 +63,13 @@ def main():
     print(f"# Flash-attention kernels compiled ahead of time: {len(builds)} builds, Triton {triton.__version__}, "
           f"{args.workers} worker(s)\n")
     started = time.time()
-    results = aot.compile_builds(builds, args.workers)
-    print("| kernel     | dtype | d   | masks       | config               | arch  | regs | stack | local | "
-          "smem KiB | blocks | warps | compile s | verdict |")
-    print("|------------|------|-----|-------------|----------------------|-------|------|-------|-------|"
-          "----------|--------|-------|-----------|---------|")
-    for result in results:
-        print(row(result))
+    print("| kernel | dtype | d | masks | config | arch | regs | stack | local | smem KiB | blocks/SM | warps | "
+          "compile s | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for result in aot.compile_builds(builds, args.workers):   # printed as they come: the grid takes a while
+        results.append(result)
+        print(row(result), flush=True)
     bad = [(r, p) for r in results for p in aot.problems(r)]
     print(f"\n{len(results)} builds in {time.time() - started:.0f} s; {len(bad)} problem(s)")
     for result, problem in bad:

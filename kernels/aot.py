@@ -210,12 +210,13 @@ def _worker_start():
 
 
 def compile_builds(builds, workers=None):
-    """Compile every build in a pool of fresh ('spawn') processes; results in the order of `builds`."""
+    """Compile every build in a pool of fresh ('spawn') processes; yields the results in the order of
+    `builds`, each as soon as it and those before it are done."""
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                                 initializer=_worker_start) as pool:
-        return list(pool.map(compile_build, builds, chunksize=1))
+        yield from pool.map(compile_build, builds, chunksize=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
