@@ -377,10 +377,12 @@ def _dkdv_over_query_tiles(dk, dv, k, v, doc_k, k_rows, cols, Q_group, dO_group,
     sm_scale is applied once, at the end).
 
     One flat loop over (query head, query tile) rather than a loop over heads around a loop over tiles:
-    Triton pipelines (prefetches) a single loop well, but with the loops nested every config spilled
-    registers (kernels/aot.py). It works on the transposed tile Sᵀ = K Qᵀ, (BLOCK_N, BLOCK_M), so that Pᵀ
-    and dSᵀ come out of their dots already as the left operand of the next one: transposing a loaded tile
-    (Qᵀ, dOᵀ) is free, transposing a computed one (P, dS) is a trip through shared memory."""
+    with the loops nested, nearly every config spilled registers (kernels/aot.py: 255 registers and
+    stack frames of up to several KB with Triton 3.6; d = 32 at 32×64 tiles went from 255 registers and a
+    344-byte stack to 140 registers when flattened). It works on the transposed tile Sᵀ = K Qᵀ,
+    (BLOCK_N, BLOCK_M), so that Pᵀ and dSᵀ come out of their dots already as the left operand of the next
+    one: transposing a loaded tile (Qᵀ, dOᵀ) is free, transposing a computed one (P, dS) costs a layout
+    change through shared memory."""
     n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
     for step in range(0, n_tiles * kv_group_size):
         g = step // n_tiles                                  # which query head of the group …
@@ -557,16 +559,18 @@ PREPROCESS_CONFIG = (64, 4, 1)   # the Δ kernel on a GPU: (BLOCK_M, num_warps, 
 # The configs the autotuner times on a GPU for fp16/bf16, (BLOCK_M, BLOCK_N, num_warps, num_stages), per
 # kernel and per head dim: the list under the smallest bound ≥ head_dim (the last one beyond). A bigger head
 # dim holds bigger tiles in registers, so a config that fits at d = 64 can spill at d = 128. Every config
-# here compiles for sm_80 and sm_90 with no register spills and within shared memory: kernels/aot.py
-# checks that without a GPU (tests/test_flash_compile.py, bench/kernel_resources.py).
+# here compiles for sm_80 and sm_90 with no register spills and within shared memory (Triton 3.6 and 3.9):
+# kernels/aot.py checks that without a GPU (tests/test_flash_compile.py, bench/kernel_resources.py).
 AUTOTUNE_CONFIGS = {
     "forward": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
-                128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)]},
+                128: [(128, 32, 8, 3), (64, 32, 4, 3)]},    # 128×64 with 8 warps spills here (16–40 bytes)
     # dK/dV holds four (BLOCK_N × d) tiles (K, V and the fp32 dK, dV) for the whole kernel, so it takes narrow
-    # query tiles and, at d = 128, 8 warps to share them: at 64×64 tiles with 4 warps it spilled at every d.
+    # query tiles and, at d = 128, 8 warps. (Before its loop over a group's heads was flattened — see
+    # _dkdv_over_query_tiles — nearly every build of every config spilled: 64×64 with 4 warps up to a
+    # 2,456-byte stack frame at d = 128 with Triton 3.6.)
     "dkdv": {64: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2)],
              128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3)]},
-    "dq": {64: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+    "dq": {64: [(128, 32, 8, 3), (64, 32, 4, 3)],            # 64×64 with 8 warps spills on sm_80 at d = 64
            128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]},
 }
 

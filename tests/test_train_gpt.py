@@ -287,7 +287,8 @@ def test_train_compile_flash_attention_has_no_graph_break(tmp_path, synthetic_da
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", strict_compile)
-    flags = ("--max-steps", "2", "--eval-windows", "2", "--checkpoint-every", "2")
+    flags = ("--max-steps", "2", "--eval-windows", "1", "--checkpoint-every", "2", "--micro-batch-size", "2",
+             "--global-batch-size", "2")
     flash = str(tmp_path / "flash")
     tg.main(train_args(synthetic_data, flash, "--compile", "--compile-backend", "aot_eager", "--attention", "flash",
                        *flags))
