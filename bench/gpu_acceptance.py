@@ -229,7 +229,8 @@ class Report:
 
     def markdown(self):
         env = self.data["environment"]
-        lines = [f"# GPU acceptance run{' (dry run: toy sizes, CPU, Triton interpreter)' if self.data['dry_run'] else ''}",
+        dry = " (dry run: toy sizes, CPU, Triton interpreter)" if self.data["dry_run"] else ""
+        lines = [f"# GPU acceptance run{dry}",
                  "", f"{env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
                  f"Python {env['python']}; started {self.data['started']}, "
                  f"{self.data.get('seconds', 0):.0f} s of a {self.data['budget_s']:.0f} s budget.", "",
@@ -617,7 +618,7 @@ def main(argv=None):
                     result = runners[key](started + limit)
             except Exception as error:  # noqa: BLE001  (PartTimeout included: record it, go on)
                 result = {"status": "timed out" if isinstance(error, PartTimeout) else "failed",
-                          "verdict": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200],
+                          "verdict": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"[:200],
                           "error": traceback.format_exc()[-4000:]}
         result["seconds"] = time.time() - started
         result["limit_s"] = limit

@@ -227,7 +227,7 @@ def occupancy(registers, shared, num_warps, arch):
     """(resident blocks per SM, fraction of the SM's warp slots filled), the CUDA occupancy calculator's
     rule: the fewest blocks allowed by registers, shared memory, warp slots and the block limit.
 
-        registers:  65,536 per SM, allocated per warp in units of 256   → ⌊65536 / (⌈32·REG/256⌉·256 · warps)⌋
+        registers:  65,536 per SM, per warp in units of 256  → ⌊65536 / (⌈32·REG/256⌉·256 · warps)⌋
         shared:     ⌊shared per SM / (shared per block + 1 KiB reserved)⌋
         warps:      ⌊64 / warps⌋,   and at most 32 blocks
     """
