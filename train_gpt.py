@@ -344,8 +344,13 @@ class GPT(nn.Module):
         B, T = idx.shape
         offset = cache.length if cache is not None else 0
         if position_ids is None:
+            if offset + T > self.config.block_size:
+                raise ValueError(f"position {offset + T - 1} is beyond the context length "
+                                 f"block_size={self.config.block_size}")
             position_ids = torch.arange(offset, offset + T, device=idx.device).expand(B, -1)
-        if int(position_ids.max()) >= self.config.block_size:
+        elif not torch.compiler.is_compiling() and int(position_ids.max()) >= self.config.block_size:
+            # Reading the maximum is a host sync and a torch.compile graph break: only given positions
+            # need it, and a compiled model leaves the check to the embedding lookup (an index error).
             raise ValueError(f"position {int(position_ids.max())} is beyond the context length "
                              f"block_size={self.config.block_size}")
         mask = None
@@ -1068,8 +1073,8 @@ def pick_device(name):
 
 # Flags that change only speed, memory, logging or bookkeeping, not the trained model: left out of
 # the stage fingerprint, so changing them neither re-trains nor blocks a resume.
-TRAIN_RUNTIME_FLAGS = {"command", "device", "parallel", "micro_batch_size", "compile", "log_every", "eval_every",
-                       "checkpoint_every", "keep_checkpoints", "resume", "force", "peak_flops"}
+TRAIN_RUNTIME_FLAGS = {"command", "device", "parallel", "micro_batch_size", "compile", "compile_backend", "log_every",
+                       "eval_every", "checkpoint_every", "keep_checkpoints", "resume", "force", "peak_flops"}
 
 
 def train(args):
@@ -1164,7 +1169,7 @@ def run_training(args, ctx):
         f"(16 bytes/param, ZeRO accounting): {memory_per_gpu(n_all, ctx.world_size, 'fsdp' if strategy == 'fsdp' else 'ddp') / 2**20:,.1f} MiB")
     say(f"unigram baseline val loss {unigram:.3f}; device {device}, attention {config.attention}")
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=args.compile_backend)
     peak = args.peak_flops or device_peak_flops(device)
     flops_per_tok = flops_per_token(n_params, config.n_layer, config.block_size, config.n_embd)
     val_bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
@@ -1500,6 +1505,9 @@ def build_parser():
     t.add_argument("--inject-garbage-at", type=int_list, default=[], help="fault injection: batch numbers with random targets")
     t.add_argument("--inject-rank", type=int, default=-1, help="fault injection only on this rank (-1: all)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile: inductor (generates fused kernels), or e.g. aot_eager "
+                        "(traces forward and backward, generates nothing: a quick check that the model compiles)")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
     t.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: from the GPU's name)")
     t.add_argument("--seed", type=int, default=1337, help="random seed (model init and batch sampling)")

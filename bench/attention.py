@@ -13,6 +13,7 @@ interpreter instead (slow, so the shapes are tiny and the timings mean nothing f
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -52,11 +53,22 @@ def parse_args():
 # Measuring on a GPU
 # ----------------------------------------------------------------------------------------------------------
 
-def cuda_time_ms(fn, budget_ms=300.0):
-    """Median wall time of fn() in ms, measured with CUDA events (one pair per call). A few warm-up calls
-    first (they also trigger compilation and autotuning); the number of repetitions fills budget_ms."""
-    for _ in range(3):
+def time_ms(fn, budget_ms=300.0, warmup=3):
+    """Median wall time of fn() in ms: with CUDA events (one pair per call) on a GPU, perf_counter on the CPU.
+    `warmup` calls first (they also trigger compilation and autotuning); the number of repetitions fills
+    budget_ms (3 to 50)."""
+    for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        reps = int(min(50, max(3, budget_ms / max(1e3 * (time.perf_counter() - start), 1e-3))))
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return sorted(times)[len(times) // 2]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -80,7 +92,8 @@ def forward_flops(B, H, T, D, causal):
 
 
 def sdpa_flash(q, k, v, causal):
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    """PyTorch's SDPA forced onto its flash backend (on a GPU; on the CPU, whichever it picks)."""
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if q.is_cuda else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
@@ -94,18 +107,23 @@ def naive(q, k, v, causal, doc_ids=None):
 
 def naive_fits(B, H, T):
     """The naive version keeps several T×T tensors per head alive (scores, masked scores, fp32 softmax, its
-    bf16 copy, and their gradients): about 20 bytes per score. Skip it where that would not fit."""
-    return 20.0 * B * H * T * T < 0.8 * torch.cuda.get_device_properties(0).total_memory
+    bf16 copy, and their gradients): about 20 bytes per score. Skip it where that would not fit (on the CPU:
+    in 2 GiB)."""
+    memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 2**31 / 0.8
+    return 20.0 * B * H * T * T < 0.8 * memory
 
 
-def measure(method, q, k, v, do, causal, budget_ms, doc_ids=None):
-    """(forward ms, backward ms, peak extra MiB of forward + backward) for one attention implementation."""
+def measure(method, q, k, v, do, causal, budget_ms, doc_ids=None, warmup=3):
+    """(forward ms, backward ms, peak extra MiB of forward + backward) for one attention implementation.
+    The peak is measured on a GPU only (NaN on the CPU)."""
     args = (q, k, v, causal) if doc_ids is None else (q, k, v, causal, doc_ids)
     with torch.no_grad():
-        fwd_ms = cuda_time_ms(lambda: method(*args), budget_ms)
+        fwd_ms = time_ms(lambda: method(*args), budget_ms, warmup)
     out = method(*args)
-    bwd_ms = cuda_time_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), budget_ms)
+    bwd_ms = time_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), budget_ms, warmup)
     del out
+    if not q.is_cuda:
+        return fwd_ms, bwd_ms, float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -116,9 +134,9 @@ def measure(method, q, k, v, do, causal, budget_ms, doc_ids=None):
     return fwd_ms, bwd_ms, peak_mib
 
 
-def random_qkv(B, H, T, D, dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+def random_qkv(B, H, T, D, dtype=torch.bfloat16, seed=0, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen) for _ in range(4))
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
 
 

@@ -61,23 +61,33 @@ def bare_loop(config, batch_size, steps, device, compile_model):
     return batch_size * config.block_size / statistics.median(times[steps // 3:])
 
 
+def train_argv(config, batch_size, steps, device, compile_model, attention, data, out):
+    """`train_gpt.py train` flags for a throughput run: one optimizer step per micro-batch, no evaluation or
+    checkpoint before the last step, one validation window then."""
+    argv = ["train", "--data", data, "--out", out, "--n-layer", str(config.n_layer),
+            "--n-head", str(config.n_head), "--n-embd", str(config.n_embd), "--block-size", str(config.block_size),
+            "--micro-batch-size", str(batch_size), "--global-batch-size", str(batch_size),
+            "--max-steps", str(steps), "--warmup-steps", "1", "--eval-every", str(10 * steps),
+            "--checkpoint-every", str(10 * steps), "--log-every", str(10 * steps), "--eval-windows", "1",
+            "--device", device.type, "--attention", attention]
+    return argv + (["--compile"] if compile_model else [])
+
+
+def steady_tokens_per_sec(metrics_path, steps):
+    """Median tokens/s of a run's steps after the first third (warm-up, compilation, autotuning)."""
+    with open(metrics_path) as f:
+        rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r]
+    return statistics.median(rates[steps // 3:])
+
+
 def our_loop(config, batch_size, steps, device, compile_model, attention):
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
         os.makedirs(data)
         make_data(data, config.vocab_size, max(200_000, 20 * batch_size * config.block_size))
-        argv = ["train", "--data", data, "--out", os.path.join(tmp, "run"), "--n-layer", str(config.n_layer),
-                "--n-head", str(config.n_head), "--n-embd", str(config.n_embd), "--block-size", str(config.block_size),
-                "--micro-batch-size", str(batch_size), "--global-batch-size", str(batch_size),
-                "--max-steps", str(steps), "--warmup-steps", "1", "--eval-every", str(10 * steps),
-                "--checkpoint-every", str(10 * steps), "--log-every", str(10 * steps), "--eval-windows", "1",
-                "--device", device.type, "--attention", attention]
-        if compile_model:
-            argv.append("--compile")
-        tg.main(argv)
-        with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
-            rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r]
-    return statistics.median(rates[steps // 3:])
+        out = os.path.join(tmp, "run")
+        tg.main(train_argv(config, batch_size, steps, device, compile_model, attention, data, out))
+        return steady_tokens_per_sec(os.path.join(out, "metrics.jsonl"), steps)
 
 
 def main():

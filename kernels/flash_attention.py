@@ -51,6 +51,7 @@ The flash functions also take block_m= and block_n= (keyword only) to force a ti
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -145,13 +146,15 @@ def _store_rows(base, tile, rows, cols, row_stride, T, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _is_allowed(q_rows, k_rows, doc_q, doc_k, T, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) booleans: may query q_rows[i] attend to key k_rows[j]?
-    Both must be real tokens (< T); causal needs j ≤ i; document masking needs doc[i] = doc[j]."""
-    allowed = (q_rows[:, None] < T) & (k_rows[None, :] < T)
+    """May query q_rows[i] attend to key k_rows[j]? Both must be real tokens (< T); causal needs j ≤ i;
+    document masking needs doc[i] = doc[j]. The arguments broadcast against each other: queries as a
+    column (BLOCK_M, 1) and keys as a row (1, BLOCK_N) give the (BLOCK_M, BLOCK_N) tile of S; the other
+    way round, its transpose (the dK/dV pass works on Sᵀ)."""
+    allowed = (q_rows < T) & (k_rows < T)
     if CAUSAL:
-        allowed = allowed & (k_rows[None, :] <= q_rows[:, None])
+        allowed = allowed & (k_rows <= q_rows)
     if HAS_DOCS:
-        allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+        allowed = allowed & (doc_q == doc_k)
     return allowed
 
 
@@ -262,7 +265,9 @@ def _forward_over_key_tiles(acc, m_i, l_i, q, doc_q, q_rows, cols, K_head, V_hea
             doc_k = k_rows
             if HAS_DOCS:
                 doc_k = tl.load(Doc_row + k_rows, mask=k_rows < T, other=-1)
-            s = tl.where(_is_allowed(q_rows, k_rows, doc_q, doc_k, T, CAUSAL, HAS_DOCS), s, float("-inf"))
+            allowed = _is_allowed(q_rows[:, None], k_rows[None, :], doc_q[:, None], doc_k[None, :], T, CAUSAL,
+                                  HAS_DOCS)
+            s = tl.where(allowed, s, float("-inf"))
 
         # Online softmax. New running max m' = max(m, rowmax S₂). Rescale the old state by α = 2^(m − m')
         # and add this tile: ℓ' = α ℓ + Σ_j 2^(S₂ − m'),  acc' = α acc + 2^(S₂ − m') V.
@@ -280,12 +285,16 @@ def _forward_over_key_tiles(acc, m_i, l_i, q, doc_q, q_rows, cols, K_head, V_hea
 # classroom: end forward_over_key_tiles
 
 
-@triton.jit
+# do_not_specialize: Triton compiles a variant of a kernel for each divisibility by 16 of each integer
+# argument. For the sizes (head counts, T) that buys nothing — they only bound masks and offsets — and would
+# compile every config twice for the ever-changing lengths of PPO or evaluation batches; strides keep it
+# (it lets loads vectorise). So a compiled kernel depends on dtype, head dim, masks and tiles only.
+@triton.jit(do_not_specialize=["n_heads", "kv_group_size", "T", "T_TUNE"])
 def _flash_forward_kernel(
     Q, K, V, O, LSE, DocIds, DocStart, DocEnd, DocsSorted,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    n_heads, kv_group_size, T, qk_scale,
+    n_heads, kv_group_size, T, T_TUNE, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -342,7 +351,7 @@ def _flash_forward_kernel(
 # Backward pass
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "T"])
 def _backward_preprocess_kernel(O, dO, Delta, stride_ob, stride_oh, stride_ot,
                                 stride_dob, stride_doh, stride_dot, n_heads, T,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -358,43 +367,57 @@ def _backward_preprocess_kernel(O, dO, Delta, stride_ob, stride_oh, stride_ot,
 
 
 @triton.jit
-def _dkdv_over_query_tiles(dk, dv, k, v, doc_k, k_rows, cols, Q_head, dO_head, LSE_head, Delta_head,
-                           stride_qt, stride_dot, Doc_row, start, end, T, qk_scale,
-                           CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, APPLY_MASK: tl.constexpr,
+def _dkdv_over_query_tiles(dk, dv, k, v, doc_k, k_rows, cols, Q_group, dO_group, LSE_group, Delta_group,
+                           stride_qh, stride_qt, stride_doh, stride_dot, kv_group_size, Doc_row, start, end, T,
+                           qk_scale, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, APPLY_MASK: tl.constexpr,
                            BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):
-    """Stream the query tiles start, start + BLOCK_M, … < end past one key tile (k, v), accumulating
-    dV += Pᵀ dO and dK += dSᵀ Q (the factor sm_scale is applied once, at the end)."""
-    for m0 in range(start, end, BLOCK_M):
-        q_rows = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q_head, q_rows, cols, stride_qt, T, HEAD_DIM, UPCAST)      # (BLOCK_M, BLOCK_D)
-        do = _load_rows(dO_head, q_rows, cols, stride_dot, T, HEAD_DIM, UPCAST)   # (BLOCK_M, BLOCK_D)
-        lse2 = tl.load(LSE_head + q_rows, mask=q_rows < T, other=0.0) * LOG2_E   # L in base 2
-        delta = tl.load(Delta_head + q_rows, mask=q_rows < T, other=0.0)
+    """Stream the query tiles start, start + BLOCK_M, … < end of every query head of the group (Q_group is
+    the first one's) past one key tile (k, v), accumulating dV += Pᵀ dO and dK += dSᵀ Q (the factor
+    sm_scale is applied once, at the end).
 
-        # Recompute this tile of P from the saved log-sum-exp: P = exp(S − L) = 2^(S₂ − L₂).
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale     # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse2[:, None])
+    One flat loop over (query head, query tile) rather than a loop over heads around a loop over tiles:
+    with the loops nested, nearly every config spilled registers (kernels/aot.py: 255 registers and
+    stack frames of up to several KB with Triton 3.6; d = 32 at 32×64 tiles went from 255 registers and a
+    344-byte stack to 140 registers when flattened). It works on the transposed tile Sᵀ = K Qᵀ,
+    (BLOCK_N, BLOCK_M), so that Pᵀ and dSᵀ come out of their dots already as the left operand of the next
+    one: transposing a loaded tile (Qᵀ, dOᵀ) is free, transposing a computed one (P, dS) costs a layout
+    change through shared memory."""
+    n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+    for step in range(0, n_tiles * kv_group_size):
+        g = step // n_tiles                                  # which query head of the group …
+        q_rows = start + (step - g * n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)   # … and which of its tiles
+        g = g.to(tl.int64)
+        q = _load_rows(Q_group + g * stride_qh, q_rows, cols, stride_qt, T, HEAD_DIM, UPCAST)      # (BLOCK_M, BLOCK_D)
+        do = _load_rows(dO_group + g * stride_doh, q_rows, cols, stride_dot, T, HEAD_DIM, UPCAST)  # (BLOCK_M, BLOCK_D)
+        lse2 = tl.load(LSE_group + g * T + q_rows, mask=q_rows < T, other=0.0) * LOG2_E          # L in base 2
+        delta = tl.load(Delta_group + g * T + q_rows, mask=q_rows < T, other=0.0)
+
+        # Recompute this tile of Pᵀ from the saved log-sum-exp: P = exp(S − L) = 2^(S₂ − L₂).
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale    # Sᵀ₂, (BLOCK_N, BLOCK_M)
+        pt = tl.exp2(st - lse2[None, :])
         if APPLY_MASK:
             doc_q = q_rows
             if HAS_DOCS:
                 doc_q = tl.load(Doc_row + q_rows, mask=q_rows < T, other=-1)
-            p = tl.where(_is_allowed(q_rows, k_rows, doc_q, doc_k, T, CAUSAL, HAS_DOCS), p, 0.0)
+            allowed = _is_allowed(q_rows[None, :], k_rows[:, None], doc_q[None, :], doc_k[:, None], T, CAUSAL,
+                                  HAS_DOCS)
+            pt = tl.where(allowed, pt, 0.0)
 
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)    # dV += Pᵀ dO
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                    # dP = dO Vᵀ
-        ds = p * (dp - delta[:, None])                                                  # dS = P∘(dP − Δ)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)    # dK += dSᵀ Q
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)            # dV += Pᵀ dO
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)                   # dPᵀ = V dOᵀ
+        dst = pt * (dpt - delta[None, :])                                               # dSᵀ = Pᵀ∘(dPᵀ − Δ)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)             # dK += dSᵀ Q
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "n_kv_heads", "kv_group_size", "T", "T_TUNE"])
 def _flash_backward_dkdv_kernel(
     Q, K, V, dO, LSE, Delta, dK, dV, DocIds, DocStart, DocEnd, DocsSorted,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    n_heads, n_kv_heads, kv_group_size, T, qk_scale, sm_scale,
+    n_heads, n_kv_heads, kv_group_size, T, T_TUNE, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -420,24 +443,24 @@ def _flash_backward_dkdv_kernel(
 
     lo, first_full, end_full, hi = _query_tiles_for_key_tile(
         n0, T, DocStart, DocEnd, DocsSorted, batch, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N)
-    for g in range(0, kv_group_size):
-        head = kv_head * kv_group_size + g
-        Q_head = Q + batch * stride_qb + head * stride_qh
-        dO_head = dO + batch * stride_dob + head * stride_doh
-        LSE_head = LSE + (batch * n_heads + head) * T
-        Delta_head = Delta + (batch * n_heads + head) * T
-        dk, dv = _dkdv_over_query_tiles(
-            dk, dv, k, v, doc_k, k_rows, cols, Q_head, dO_head, LSE_head, Delta_head, stride_qt, stride_dot,
-            Doc_row, lo, first_full, T, qk_scale, CAUSAL, HAS_DOCS, True, BLOCK_M, HEAD_DIM, UPCAST,
-            DOT_PRECISION)
-        dk, dv = _dkdv_over_query_tiles(
-            dk, dv, k, v, doc_k, k_rows, cols, Q_head, dO_head, LSE_head, Delta_head, stride_qt, stride_dot,
-            Doc_row, first_full, end_full, T, qk_scale, CAUSAL, HAS_DOCS, False, BLOCK_M, HEAD_DIM, UPCAST,
-            DOT_PRECISION)
-        dk, dv = _dkdv_over_query_tiles(
-            dk, dv, k, v, doc_k, k_rows, cols, Q_head, dO_head, LSE_head, Delta_head, stride_qt, stride_dot,
-            Doc_row, end_full, hi, T, qk_scale, CAUSAL, HAS_DOCS, True, BLOCK_M, HEAD_DIM, UPCAST,
-            DOT_PRECISION)
+    # The query heads that read this K/V head: kv_head · group … kv_head · group + group − 1.
+    head = kv_head * kv_group_size
+    Q_group = Q + batch * stride_qb + head * stride_qh
+    dO_group = dO + batch * stride_dob + head * stride_doh
+    LSE_group = LSE + (batch * n_heads + head) * T
+    Delta_group = Delta + (batch * n_heads + head) * T
+    dk, dv = _dkdv_over_query_tiles(
+        dk, dv, k, v, doc_k, k_rows, cols, Q_group, dO_group, LSE_group, Delta_group, stride_qh, stride_qt,
+        stride_doh, stride_dot, kv_group_size, Doc_row, lo, first_full, T, qk_scale, CAUSAL, HAS_DOCS, True,
+        BLOCK_M, HEAD_DIM, UPCAST, DOT_PRECISION)
+    dk, dv = _dkdv_over_query_tiles(
+        dk, dv, k, v, doc_k, k_rows, cols, Q_group, dO_group, LSE_group, Delta_group, stride_qh, stride_qt,
+        stride_doh, stride_dot, kv_group_size, Doc_row, first_full, end_full, T, qk_scale, CAUSAL, HAS_DOCS,
+        False, BLOCK_M, HEAD_DIM, UPCAST, DOT_PRECISION)
+    dk, dv = _dkdv_over_query_tiles(
+        dk, dv, k, v, doc_k, k_rows, cols, Q_group, dO_group, LSE_group, Delta_group, stride_qh, stride_qt,
+        stride_doh, stride_dot, kv_group_size, Doc_row, end_full, hi, T, qk_scale, CAUSAL, HAS_DOCS, True,
+        BLOCK_M, HEAD_DIM, UPCAST, DOT_PRECISION)
 
     # S = sm_scale · Q Kᵀ, so ∂S/∂K brings one factor sm_scale: dK = sm_scale · dSᵀ Q.
     _store_rows(dK + batch * stride_dkb + kv_head * stride_dkh, dk * sm_scale, k_rows, cols, stride_dkt, T,
@@ -463,7 +486,9 @@ def _dq_over_key_tiles(dq, q, do, lse2, delta, doc_q, q_rows, cols, K_head, V_he
             doc_k = k_rows
             if HAS_DOCS:
                 doc_k = tl.load(Doc_row + k_rows, mask=k_rows < T, other=-2)
-            p = tl.where(_is_allowed(q_rows, k_rows, doc_q, doc_k, T, CAUSAL, HAS_DOCS), p, 0.0)
+            allowed = _is_allowed(q_rows[:, None], k_rows[None, :], doc_q[:, None], doc_k[None, :], T, CAUSAL,
+                                  HAS_DOCS)
+            p = tl.where(allowed, p, 0.0)
 
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)              # dP = dO Vᵀ
         ds = p * (dp - delta[:, None])                                            # dS = P∘(dP − Δ)
@@ -471,13 +496,13 @@ def _dq_over_key_tiles(dq, q, do, lse2, delta, doc_q, q_rows, cols, K_head, V_he
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_heads", "kv_group_size", "T", "T_TUNE"])
 def _flash_backward_dq_kernel(
     Q, K, V, dO, LSE, Delta, dQ, DocIds, DocStart, DocEnd, DocsSorted,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
-    n_heads, kv_group_size, T, qk_scale, sm_scale,
+    n_heads, kv_group_size, T, T_TUNE, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -526,45 +551,95 @@ def _flash_backward_dq_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 CPU_BLOCK_SIZE = 16        # the smallest tile tl.dot accepts; the interpreter is slow, so small is fast
-GPU_FP32_BLOCK_SIZE = 32   # fp32 on a GPU: exact but slow (no tensor cores), and each config takes tens of
-                           # seconds to compile, so it runs one fixed config instead of autotuning
+# fp32 on a GPU: exact but slow (no tensor cores), and each config takes tens of seconds to compile, so it
+# runs one fixed (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning.
+GPU_FP32_CONFIG = (32, 32, 4, 2)
+PREPROCESS_CONFIG = (64, 4, 1)   # the Δ kernel on a GPU: (BLOCK_M, num_warps, num_stages); it has no loop
+
+# The configs the autotuner times on a GPU for fp16/bf16, (BLOCK_M, BLOCK_N, num_warps, num_stages), per
+# kernel and per head dim: the list under the smallest bound ≥ head_dim (the last one beyond). A bigger head
+# dim holds bigger tiles in registers, so a config that fits at d = 64 can spill at d = 128. Every config
+# here compiles for sm_80 and sm_90 with no register spills and within shared memory (Triton 3.6 and 3.9):
+# kernels/aot.py checks that without a GPU (tests/test_flash_compile.py, bench/kernel_resources.py).
+AUTOTUNE_CONFIGS = {
+    "forward": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
+                128: [(128, 32, 8, 3), (64, 32, 4, 3)]},    # 128×64 with 8 warps spills here (16–40 bytes)
+    # dK/dV holds four (BLOCK_N × d) tiles (K, V and the fp32 dK, dV) for the whole kernel, so it takes narrow
+    # query tiles and, at d = 128, 8 warps. (Before its loop over a group's heads was flattened — see
+    # _dkdv_over_query_tiles — nearly every build of every config spilled: 64×64 with 4 warps up to a
+    # 2,456-byte stack frame at d = 128 with Triton 3.6.)
+    "dkdv": {64: [(32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2)],
+             128: [(32, 64, 8, 2), (32, 64, 8, 3), (16, 64, 8, 3)]},
+    "dq": {64: [(128, 32, 8, 3), (64, 32, 4, 3)],            # 64×64 with 8 warps spills on sm_80 at d = 64
+           128: [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]},
+}
 
 
-def _configs(*settings):
-    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in settings]
+def autotune_configs(kernel, head_dim):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the autotuner times for this kernel and head dim."""
+    by_bound = AUTOTUNE_CONFIGS[kernel]
+    bound = next((b for b in sorted(by_bound) if head_dim <= b), max(by_bound))
+    return by_bound[bound]
 
 
-# Autotuning is for real GPUs only: it times each config, which needs a GPU (a multi-config autotune fails
-# without one). A handful of configs per kernel keeps the compile time of a first call to a minute or so.
-_AUTOTUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "HAS_DOCS"]  # the autotuner adds the tensors' dtypes itself
+AUTOTUNE_MIN_LENGTH = 128
+
+
+def autotune_length(T):
+    """The sequence length the autotuner keys on: T rounded up to a power of two (at least 128).
+
+    Keyed on T itself, every new length would be timed (and its configs launched) again — and PPO, DPO
+    and evaluation batches bring a new length almost every batch. The best tiles change with the scale
+    of T, not with T ± 1, so lengths in (2^(k−1), 2^k] share one tuning: at most ⌈log₂(T_max / 128)⌉ + 1
+    tunings per (head dim, masks, dtype). The compiled kernels do not depend on T at all (it is not
+    specialised: see do_not_specialize), so nothing recompiles either."""
+    return max(AUTOTUNE_MIN_LENGTH, triton.next_power_of_2(T))
+
+
+# The autotuner keys on these arguments (and adds the tensors' dtypes itself): T_TUNE is autotune_length(T),
+# passed to the kernels only so that the autotuner can see it; the kernels never read it.
+AUTOTUNE_KEY = ["T_TUNE", "HEAD_DIM", "CAUSAL", "HAS_DOCS"]
+
+
+def autotuned(kernel_name, kernel, do_bench=None):
+    """The kernel wrapped in triton.autotune over every config of AUTOTUNE_CONFIGS[kernel_name]; each call
+    times only those listed for its head dim. do_bench replaces Triton's timer (the tests pass a fake one:
+    Triton's needs a GPU)."""
+    settings = sorted({c for configs in AUTOTUNE_CONFIGS[kernel_name].values() for c in configs})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in settings]
+
+    def for_head_dim(configs, named_args, **meta):
+        allowed = set(autotune_configs(kernel_name, meta["HEAD_DIM"]))
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+    return triton.autotune(configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": for_head_dim},
+                           do_bench=do_bench)(kernel)
+
+
+# Autotuning is for real GPUs only: it times each config, which needs a GPU (Triton's timer fails without one).
 if torch.cuda.is_available() and not INTERPRETER:
-    _forward_tuned = triton.autotune(
-        _configs((128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)),
-        key=_AUTOTUNE_KEY)(_flash_forward_kernel)
-    _dkdv_tuned = triton.autotune(
-        _configs((32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)),
-        key=_AUTOTUNE_KEY)(_flash_backward_dkdv_kernel)
-    _dq_tuned = triton.autotune(
-        _configs((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
-        key=_AUTOTUNE_KEY)(_flash_backward_dq_kernel)
+    _forward_tuned = autotuned("forward", _flash_forward_kernel)
+    _dkdv_tuned = autotuned("dkdv", _flash_backward_dkdv_kernel)
+    _dq_tuned = autotuned("dq", _flash_backward_dq_kernel)
 else:
     _forward_tuned = _dkdv_tuned = _dq_tuned = None
 
 
 def _launch(kernel, tuned_kernel, grid, args, meta, block_m, block_n):
     """Run a kernel: through its autotuner on a GPU (fp16/bf16, no tile size forced), otherwise with fixed
-    tiles — the forced ones, or CPU_BLOCK_SIZE / GPU_FP32_BLOCK_SIZE. grid(meta) gives the launch grid."""
+    tiles — the forced ones, or CPU_BLOCK_SIZE / GPU_FP32_CONFIG. grid(meta) gives the launch grid."""
     forced = block_m is not None or block_n is not None
     if tuned_kernel is not None and not forced and meta["DOT_PRECISION"] != "ieee":
         tuned_kernel[grid](*args, **meta)
         return
-    default = CPU_BLOCK_SIZE if INTERPRETER else GPU_FP32_BLOCK_SIZE
-    meta = dict(meta, BLOCK_M=block_m or default, BLOCK_N=block_n or default)
+    default_m, default_n, num_warps, num_stages = ((CPU_BLOCK_SIZE, CPU_BLOCK_SIZE, 4, 2) if INTERPRETER
+                                                   else GPU_FP32_CONFIG)
+    meta = dict(meta, BLOCK_M=block_m or default_m, BLOCK_N=block_n or default_n)
     for name in ("BLOCK_M", "BLOCK_N"):
         size = meta[name]
         assert size >= 16 and size & (size - 1) == 0, f"{name} must be a power of two ≥ 16, got {size}"
-    kernel[grid](*args, **meta, num_warps=4, num_stages=2)
+    kernel[grid](*args, **meta, num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -624,6 +699,23 @@ def _document_bounds(doc_ids, T, device):
     return ids, start, end, is_sorted.to(torch.int32)
 
 
+DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def launch_constexprs(dtype, head_dim, causal, has_docs, on_gpu=not INTERPRETER):
+    """The compile-time constants of a launch (every kernel's specialisation, tiles aside). dtype is q's
+    torch dtype or its name ("fp16", "bf16", "fp32"); kernels/aot.py compiles with exactly these."""
+    dtype = DTYPE_NAMES.get(dtype, dtype)
+    return dict(
+        HEAD_DIM=head_dim, CAUSAL=bool(causal), HAS_DOCS=bool(has_docs),
+        # The interpreter computes bf16 wrongly: compute in fp32 there (the GPU keeps bf16 tiles).
+        UPCAST=not on_gpu and dtype == torch.bfloat16,
+        # On a GPU an fp32 tl.dot silently runs in TF32 (10-bit mantissa); fp32 inputs ask for exact fp32.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )
+
+
 def _kernel_setup(q, k, causal, doc_ids, sm_scale):
     """What every launch shares: the document tensors (or placeholders), scalars, and constexpr flags."""
     B, H, T, D = q.shape
@@ -633,15 +725,7 @@ def _kernel_setup(q, k, causal, doc_ids, sm_scale):
     else:
         docs = _document_bounds(doc_ids, T, q.device)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
-    meta = dict(
-        HEAD_DIM=D, CAUSAL=bool(causal), HAS_DOCS=doc_ids is not None,
-        # The interpreter computes bf16 wrongly: compute in fp32 there (the GPU keeps bf16 tiles).
-        UPCAST=INTERPRETER and q.dtype == torch.bfloat16,
-        # On a GPU an fp32 tl.dot silently runs in TF32 (10-bit mantissa); fp32 inputs ask for exact fp32.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
-    )
-    return docs, sm_scale, meta
+    return docs, sm_scale, launch_constexprs(q.dtype, D, causal, doc_ids is not None)
 
 
 @torch.no_grad()
@@ -663,7 +747,7 @@ def flash_attention_forward(q, k, v, causal=True, doc_ids=None, sm_scale=None, *
     o = _new_output((B, H, T, D), q.dtype, q.device)
     lse = _new_output((B, H, T), torch.float32, q.device)
     args = (q, k, v, o, lse, *docs, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            H, H // k.shape[1], T, sm_scale * math.log2(math.e))
+            H, H // k.shape[1], T, autotune_length(T), sm_scale * math.log2(math.e))
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_flash_forward_kernel, _forward_tuned, grid, args, meta, block_m, block_n)
     return o, lse
@@ -693,43 +777,81 @@ def flash_attention_backward(do, q, k, v, o, lse, causal=True, doc_ids=None, sm_
 
     # 1. Δ = rowsum(dO ∘ O), fp32, (batch, heads, time).
     delta = _new_output((B, H, T), torch.float32, q.device)
-    block_rows = 64 if q.is_cuda else CPU_BLOCK_SIZE
+    block_rows, num_warps, num_stages = (CPU_BLOCK_SIZE, 4, 1) if INTERPRETER else PREPROCESS_CONFIG
     _backward_preprocess_kernel[(triton.cdiv(T, block_rows), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, T,
-        HEAD_DIM=D, BLOCK_M=block_rows, BLOCK_D=meta["BLOCK_D"])
+        HEAD_DIM=D, BLOCK_M=block_rows, BLOCK_D=meta["BLOCK_D"], num_warps=num_warps, num_stages=num_stages)
 
     # 2. dK, dV: one program per (key tile, batch, K/V head).
     dk = _new_output(k.shape, k.dtype, k.device)
     dv = _new_output(v.shape, v.dtype, v.device)
     args = (q, k, v, do, lse, delta, dk, dv, *docs, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dk), *_strides(dv), H, n_kv_heads, H // n_kv_heads, T, *scales)
+            *_strides(dk), *_strides(dv), H, n_kv_heads, H // n_kv_heads, T, autotune_length(T), *scales)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * n_kv_heads)  # noqa: E731
     _launch(_flash_backward_dkdv_kernel, _dkdv_tuned, grid, args, meta, block_m, block_n)
 
     # 3. dQ: one program per (query tile, batch, head).
     dq = _new_output(q.shape, q.dtype, q.device)
     args = (q, k, v, do, lse, delta, dq, *docs, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dq), H, H // n_kv_heads, T, *scales)
+            *_strides(dq), H, H // n_kv_heads, T, autotune_length(T), *scales)
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_flash_backward_dq_kernel, _dq_tuned, grid, args, meta, block_m, block_n)
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    """Autograd wrapper: the forward keeps only O and the log-sum-exp L (O(T) per head, not O(T²))."""
+# ----------------------------------------------------------------------------------------------------------
+# Autograd and torch.compile: the kernels as one PyTorch operator
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile cannot look inside a Triton launcher with host-side autotuning, and would break the graph
+# there. Registered as custom operators — each with a "fake" version that only says what shape, dtype and
+# strides its outputs have — the forward and backward are opaque single nodes of the compiled graph: no graph
+# break, and the model around them is fused as usual. The forward keeps only O and the log-sum-exp L for the
+# backward (O(T) per head, not O(T²)). Public entry point: flash_attention().
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, doc_ids, sm_scale, block_m, block_n):
-        o, lse = flash_attention_forward(q, k, v, causal, doc_ids, sm_scale, block_m=block_m, block_n=block_n)
-        ctx.save_for_backward(q, k, v, o, lse, doc_ids)
-        ctx.settings = dict(causal=causal, sm_scale=sm_scale, block_m=block_m, block_n=block_n)
-        return o
+@torch.library.custom_op("llm_pipeline::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        doc_ids: Optional[torch.Tensor], sm_scale: Optional[float], block_m: Optional[int],
+                        block_n: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return flash_attention_forward(q, k, v, causal, doc_ids, sm_scale, block_m=block_m, block_n=block_n)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, doc_ids = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, doc_ids=doc_ids, **ctx.settings)
-        return dq, dk, dv, None, None, None, None, None
+
+@_flash_attention_op.register_fake
+def _(q, k, v, causal, doc_ids, sm_scale, block_m, block_n):
+    _check_inputs(q, k, v, doc_ids)
+    B, H, T, D = q.shape   # O like q (contiguous), L in fp32: what flash_attention_forward allocates
+    return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("llm_pipeline::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 o: torch.Tensor, lse: torch.Tensor, causal: bool, doc_ids: Optional[torch.Tensor],
+                                 sm_scale: Optional[float], block_m: Optional[int],
+                                 block_n: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_attention_backward(do, q, k, v, o, lse, causal, doc_ids, sm_scale, block_m=block_m,
+                                    block_n=block_n)
+
+
+@_flash_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, causal, doc_ids, sm_scale, block_m, block_n):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, causal, doc_ids, sm_scale, block_m, block_n = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+    ctx.settings = (causal, sm_scale, block_m, block_n)
+    ctx.mark_non_differentiable(lse)   # L is a by-product for the backward, not an output to differentiate
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, doc_ids = ctx.saved_tensors
+    causal, sm_scale, block_m, block_n = ctx.settings
+    dq, dk, dv = _flash_attention_backward_op(do, q, k, v, o, lse, causal, doc_ids, sm_scale, block_m, block_n)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_flash_attention_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def flash_attention(q, k, v, causal=True, doc_ids=None, sm_scale=None, *, block_m=None, block_n=None):
@@ -740,8 +862,10 @@ def flash_attention(q, k, v, causal=True, doc_ids=None, sm_scale=None, *, block_
     own document (ids should be non-decreasing along time, as packing produces — then the tiles of other
     documents are skipped; other ids are still handled exactly, without the skipping).
     sm_scale defaults to 1/√head_dim. fp32, fp16 and bf16 inputs; fp32 accumulation.
+    The operator torch.ops.llm_pipeline.flash_attention, so torch.compile traces through it.
     """
-    return FlashAttention.apply(q, k, v, causal, doc_ids, sm_scale, block_m, block_n)
+    sm_scale = None if sm_scale is None else float(sm_scale)
+    return _flash_attention_op(q, k, v, bool(causal), doc_ids, sm_scale, block_m, block_n)[0]
 
 
 def attention(q, k, v, causal=True, doc_ids=None, sm_scale=None):

@@ -256,3 +256,70 @@ def test_flash_forward_matches_loops(case):
     o, lse = fa.flash_attention_forward(q, k, v, causal, doc_ids, sm_scale, block_m=16, block_n=16)
     expected_o, expected_lse = attention_by_loops(q, k, v, causal, doc_ids, sm_scale)
     assert_matches((o, lse), (expected_o.to(o.device), expected_lse.to(o.device)), torch.float32, ("o", "lse"))
+
+
+# --- torch.compile: the kernels as a PyTorch operator -------------------------------------------------------
+
+@pytest.mark.parametrize("causal, with_docs, H_kv, dtype, sm_scale", [
+    (True, True, 1, torch.float32, 0.3),      # documents, grouped-query heads, a given scale
+    (False, False, 2, torch.float16, None),
+])
+def test_custom_operator_passes_opcheck(causal, with_docs, H_kv, dtype, sm_scale):
+    """torch.library.opcheck runs the operator for real and against its fake (meta) version, checks that its
+    schema matches what it does (no mutation, no aliasing), that its autograd is registered, and that
+    AOTAutograd — what torch.compile uses — traces the forward and the backward through it."""
+    q, k, v, _ = random_inputs(1, 2, 20, 16, H_kv, dtype)
+    doc_ids = packed_doc_ids([7, 13]) if with_docs else None
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, doc_ids, sm_scale, None, None)
+    torch.library.opcheck(torch.ops.llm_pipeline.flash_attention.default, args)
+
+
+def test_lse_is_not_differentiable():
+    """The operator's second output, the log-sum-exp, is a by-product kept for the backward pass."""
+    q, k, v, _ = random_inputs(1, 1, 9, 16)
+    o, lse = torch.ops.llm_pipeline.flash_attention(q.requires_grad_(), k, v, True, None, None, None, None)
+    assert o.requires_grad and not lse.requires_grad
+
+
+# --- autotuning: a bounded number of tunings for variable lengths ------------------------------------------
+
+def tuning_counts(monkeypatch, lengths, bucket):
+    """Run the forward through a real Triton autotuner whose timer is a fake (Triton's needs a GPU); return
+    (how many configs were timed, how many distinct keys were tuned)."""
+    timed = []
+
+    def fake_timer(kernel_call, quantiles=None, **kwargs):
+        timed.append(kernel_call)
+        return [float(len(timed))] * 3          # the first config timed wins: a deterministic choice
+
+    monkeypatch.setattr(fa, "autotune_length", bucket)
+    tuned = fa.autotuned("forward", fa._flash_forward_kernel, do_bench=fake_timer)
+    monkeypatch.setattr(fa, "_forward_tuned", tuned)
+    for T in lengths:
+        q, k, v, _ = random_inputs(1, 1, T, 16, dtype=torch.float16, seed=T)
+        o, _ = fa.flash_attention_forward(q, k, v, causal=True)
+        expected = fa.naive_attention(q.double(), k.double(), v.double(), causal=True)
+        torch.testing.assert_close(o.double(), expected, atol=1e-3, rtol=1e-3)   # the chosen config ran
+    return len(timed), len(tuned.cache)
+
+
+def test_autotuning_is_keyed_on_power_of_two_lengths(monkeypatch):
+    """PPO, DPO and evaluation batches bring a new length almost every batch. Keyed on T itself, each would
+    time every config again; keyed on autotune_length(T), lengths share one tuning per power of two."""
+    lengths = [17, 64, 100, 128, 129, 200, 256, 300]
+    n_configs = len(fa.autotune_configs("forward", 16))
+    timed, tunings = tuning_counts(monkeypatch, lengths, fa.autotune_length)
+    assert tunings == 3 and timed == 3 * n_configs                      # buckets 128, 256, 512
+    assert [fa.autotune_length(T) for T in (1, 128, 129, 1000, 1024, 1025)] == [128, 128, 256, 1024, 1024, 2048]
+    timed, tunings = tuning_counts(monkeypatch, lengths, lambda T: T)  # what keying on T would cost
+    assert tunings == len(lengths) and timed == len(lengths) * n_configs
+
+
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
+def test_autotuner_times_only_the_configs_of_the_head_dim(kernel):
+    """The autotuner holds every head dim's configs and prunes to those of the call's HEAD_DIM."""
+    tuned = fa.autotuned(kernel, fa._flash_forward_kernel)
+    for head_dim in (16, 32, 64, 100, 128, 256):
+        kept = tuned.early_config_prune(tuned.configs, {}, HEAD_DIM=head_dim)
+        assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) \
+            == sorted(fa.autotune_configs(kernel, head_dim))

@@ -274,6 +274,56 @@ def test_training_beats_unigram_and_writes_outputs(tmp_path, synthetic_data):
     assert sum(b == (3 * a + 1) % 64 for a, b in zip(tokens, tokens[1:])) >= 7
 
 
+def test_train_compile_flash_attention_has_no_graph_break(tmp_path, synthetic_data, monkeypatch):
+    """`train --compile --attention flash` traces the whole model, flash-attention included (a torch.library
+    custom operator), as one graph: here torch.compile gets fullgraph=True, which raises at the first graph
+    break. On the CPU --compile-backend aot_eager stands in for inductor (the same Dynamo and AOTAutograd
+    tracing of forward and backward, no C++ compiler), and the kernels run in the Triton interpreter. The
+    compiled run trains like the plain sdpa one."""
+    if not flash_available():
+        pytest.skip("no Triton")
+    compiled = []
+    real_compile = torch.compile
+
+    def strict_compile(model, **kwargs):
+        compiled.append(kwargs)
+        return real_compile(model, **kwargs, fullgraph=True)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", strict_compile)
+    flags = ("--max-steps", "2", "--eval-windows", "1", "--checkpoint-every", "2", "--micro-batch-size", "2",
+             "--global-batch-size", "2")
+    flash = str(tmp_path / "flash")
+    tg.main(train_args(synthetic_data, flash, "--compile", "--compile-backend", "aot_eager", "--attention", "flash",
+                       *flags))
+    monkeypatch.undo()
+    plain = str(tmp_path / "sdpa")
+    tg.main(train_args(synthetic_data, plain, "--attention", "sdpa", *flags))
+    assert compiled == [{"backend": "aot_eager"}]
+    losses = [[r["loss"] for r in read_metrics(out) if "loss" in r] for out in (flash, plain)]
+    assert len(losses[0]) == 2 and np.allclose(losses[0], losses[1], rtol=1e-4)
+    checkpoint = torch.load(os.path.join(flash, "model.pt"), weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in checkpoint["model"])
+
+
+def test_packed_flash_forward_compiles_as_one_graph():
+    """Document ids (packed SFT rows) and given positions: still no graph break."""
+    if not flash_available():
+        pytest.skip("no Triton")
+    torch.manual_seed(0)
+    model = tg.GPT(tiny_config(attention="flash")).eval()
+    x = torch.randint(0, 64, (2, 20))
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12, [0] * 20])
+    positions = torch.cat([torch.arange(8), torch.arange(12)]).expand(2, -1).contiguous()
+    positions[1] = torch.arange(20)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out, _ = compiled(x, position_ids=positions, doc_ids=doc_ids)
+        expected, _ = model(x, position_ids=positions, doc_ids=doc_ids)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, synthetic_data):
     big = str(tmp_path / "big")
     small = str(tmp_path / "accumulated")
