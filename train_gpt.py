@@ -851,7 +851,8 @@ def communication_per_step(strategy, n_params, world_size, tp=1, tokens=0, n_lay
 def parallel_costs(strategy, config, model, n_all, world_size, tp, tokens):
     """The line a run prints about its strategy: model state per GPU (memory_per_gpu, 16 bytes per parameter
     held) and bytes sent per rank and step (communication_per_step, at 4 bytes a value). `model` is what this
-    rank runs — a TP shard or a pipeline stage holds fewer than all n_all parameters — and `tokens` go through it."""
+    rank runs — a TP shard or a pipeline stage holds fewer than all n_all parameters — and `tokens` go
+    through it."""
     held = sum(p.numel() for p in model.parameters()) if strategy in ("tp", "dp-tp", "pp") else n_all
     memory = memory_per_gpu(held, world_size, strategy if strategy in ("fsdp", "zero1") else "ddp")
     sent = communication_per_step(strategy, held, world_size, tp or 1, tokens, config.n_layer, config.n_embd,
@@ -1178,14 +1179,16 @@ def validate_parallel_args(args, world_size):
     --tp (tp: every rank) and, under pp, the micro-batch size from --micro-batches."""
     strategy = args.parallel
     for flag, value, allowed in [("tp", args.tp, ("tp", "dp-tp")), ("pp", args.pp, ("pp",)),
-                                 ("micro-batches", args.micro_batches, ("pp",)), ("powersgd-rank", args.powersgd_rank, ("ddp",))]:
+                                 ("micro-batches", args.micro_batches, ("pp",)),
+                                 ("powersgd-rank", args.powersgd_rank, ("ddp",))]:
         if value and strategy not in allowed:
             raise ConfigError(f"--{flag} is for --parallel {' or '.join(allowed)} (got --parallel {strategy})")
         if value is not None and value < 0:
             raise ConfigError(f"--{flag} must be ≥ 0 (got {value})")
     if strategy in ("tp", "dp-tp"):
         if strategy == "dp-tp" and not args.tp:
-            raise ConfigError("--parallel dp-tp needs --tp: the ranks of one tensor-parallel group (a divisor of the world size)")
+            raise ConfigError("--parallel dp-tp needs --tp: the ranks of one tensor-parallel group "
+                              "(a divisor of the world size)")
         args.tp = args.tp or world_size
         if strategy == "tp" and args.tp != world_size:
             raise ConfigError(f"--parallel tp puts all {world_size} ranks in one TP group (--tp {args.tp}); "
@@ -1406,7 +1409,9 @@ def run_training(args, ctx):
 
         tokens_per_sec = tokens_per_step / (time.time() - t0)
         record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                  "mfu": mfu(tokens_per_sec, flops_per_tok, peak) if peak else None, **(plan.step_record() if plan else {})}
+                  "mfu": mfu(tokens_per_sec, flops_per_tok, peak) if peak else None}
+        if plan:  # what the step sent, and under pp each rank's idle time
+            record.update(plan.step_record())
         log(record)
         if step % args.log_every == 0 or step == args.max_steps:
             eta = (time.time() - started) / (step - start_step) * (args.max_steps - step)

@@ -24,8 +24,10 @@ from parallel.tensor import params_per_rank  # noqa: E402
 # name, config, sequences per step (GPT-2 was trained on 512 sequences of 1,024 tokens)
 MODELS = [
     ("CPU default (L=4, d=128)", tg.GPTConfig(vocab_size=4102, block_size=256, n_layer=4, n_head=4, n_embd=128), 16),
-    ("GPT-2 124M (L=12, d=768)", tg.GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 512),
-    ("GPT-2 XL (L=48, d=1600)", tg.GPTConfig(vocab_size=50304, block_size=1024, n_layer=48, n_head=25, n_embd=1600), 512),
+    ("GPT-2 124M (L=12, d=768)",
+     tg.GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 512),
+    ("GPT-2 XL (L=48, d=1600)",
+     tg.GPTConfig(vocab_size=50304, block_size=1024, n_layer=48, n_head=25, n_embd=1600), 512),
 ]
 
 
@@ -51,7 +53,8 @@ def costs(config, sequences, n):
         "FSDP / ZeRO-3": (tg.memory_per_gpu(psi, n, "fsdp"), tg.communication_per_step("fsdp", psi, n)),
         f"TP {n}": (tg.memory_per_gpu(tp_shard, 1, "ddp"),
                     tg.communication_per_step("tp", tp_shard, n, tp=n, tokens=tokens, **dims)),
-        f"PP {n}": (tg.memory_per_gpu(stage, 1, "ddp"), tg.communication_per_step("pp", stage, n, tokens=tokens, **dims)),
+        f"PP {n}": (tg.memory_per_gpu(stage, 1, "ddp"),
+                    tg.communication_per_step("pp", stage, n, tokens=tokens, **dims)),
         f"TP 2 × DP {n // 2}": (tg.memory_per_gpu(dp_tp_shard, 1, "ddp"),
                                 tg.communication_per_step("dp-tp", dp_tp_shard, n, tp=2, tokens=tokens // (n // 2),
                                                           **dims)),

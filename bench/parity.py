@@ -86,7 +86,8 @@ def main():
         for name, nproc, micro, per_step, flags in STRATEGIES:
             if nproc == 4 and args.skip_4:
                 continue
-            l, g, _, _ = run(nproc, data, os.path.join(tmp, name), args.steps, [*flags, "--micro-batch-size", str(micro)])
+            l, g, _, _ = run(nproc, data, os.path.join(tmp, name), args.steps,
+                             [*flags, "--micro-batch-size", str(micro)])
             print(f"| {name} | {nproc} | {micro} | {per_step} | {np.max(np.abs(l - loss) / np.abs(loss)):.1e} "
                   f"| {np.max(np.abs(g - grad_norm) / np.abs(grad_norm)):.1e} |")
 

@@ -45,8 +45,8 @@ def main():
         os.makedirs(data)
         write_data(data)
         print(f"p = {args.stages} stages, L=4, d=128, T=128, 32 sequences per step, {args.steps} steps\n")
-        print("| micro-batches m | (p − 1)/(m + p − 1) | " + " | ".join(f"idle, rank {r}" for r in range(args.stages))
-              + " |")
+        ranks = " | ".join(f"idle, rank {r}" for r in range(args.stages))
+        print(f"| micro-batches m | (p − 1)/(m + p − 1) | {ranks} |")
         print("|---|---|" + "---|" * args.stages)
         for m in map(int, args.micro_batches.split(",")):
             idle = measure(args.stages, m, args.steps, data, os.path.join(tmp, f"m{m}"))

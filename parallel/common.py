@@ -41,7 +41,8 @@ def reduce_scatter(shard, full, group=None):
 
 
 def all_gather(full, shard, group=None):
-    """The flat tensor full ← every rank's shard, in rank order. Sends (N−1)/N of `full` (its shard to N − 1 ranks)."""
+    """The flat tensor full ← every rank's shard, in rank order. Sends (N−1)/N of `full`: its own shard to each
+    of the N − 1 other ranks."""
     n = dist.get_world_size(group)
     sent["bytes"] += (n - 1) / n * full.numel() * full.element_size()
     dist.all_gather(list(full.chunk(n)), shard.contiguous(), group=group)

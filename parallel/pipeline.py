@@ -163,7 +163,8 @@ class Pipeline(Plan):
             all_reduce(self.tied.grad, self.embedding_group)
 
     def clip_grad_norm_(self, max_norm):
-        """‖g‖² summed over the stages, the last stage's copy of the tied embedding left out (counted on the first)."""
+        """‖g‖² summed over the stages; the last stage's copy of the tied embedding is left out (it is counted
+        on the first stage)."""
         named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
         counted = [g for n, g in named if not (self.model.is_last and n == "lm_head.weight")]
         return clip_grads_([g for _, g in named], sum_over_ranks(squared_norm(counted, self.device)), max_norm)
@@ -197,4 +198,5 @@ class Pipeline(Plan):
         theory = record["bubble_fraction"] = bubble_fraction(self.stages, self.micro_batches)
         idle = ", ".join(f"{f:.3f}" for f in record["idle_fraction"])
         return (f"{text}\npipeline bubble: (p − 1)/(m + p − 1) = {theory:.3f} for p = {self.stages} stages and "
-                f"m = {self.micro_batches} micro-batches; measured idle fraction per rank (median step): {idle}"), record
+                f"m = {self.micro_batches} micro-batches; measured idle fraction per rank (median step): "
+                f"{idle}"), record

@@ -212,7 +212,8 @@ class TensorParallel(Plan):
                     all_reduce(p.grad, self.dp_group).div_(self.data_world)
 
     def clip_grad_norm_(self, max_norm):
-        """‖g‖² = (Σ over the TP group of each rank's ‖shard gradients‖²) + ‖replicated gradients‖², once."""
+        """‖g‖² = (Σ over the TP group of each rank's ‖shard gradients‖²) + ‖replicated gradients‖² (once:
+        every rank of the group has the same)."""
         named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
         device = named[0][1].device
         sharded = sum_over_ranks(squared_norm([g for n, g in named if n in self.sharded], device), self.tp_group)

@@ -142,11 +142,14 @@ class ZeroOne(Plan):
             if not all(n in state_by_name for n in names):
                 continue
             first = state_by_name[names[0]]
-            shards[g] = {key: value if not value.dim() else
-                         self.optimizer.my_shard(self.optimizer.flatten([state_by_name[n][key] for n in names], size)).clone()
+            shards[g] = {key: self.my_shard_of([state_by_name[n][key] for n in names], size) if value.dim() else value
                          for key, value in first.items()}
         inner = self.optimizer.inner
         inner.load_state_dict({"state": shards, "param_groups": inner.state_dict()["param_groups"]})
+
+    def my_shard_of(self, tensors, size):
+        """This rank's shard of the tensors (one per parameter of a group), flattened like the parameters."""
+        return self.optimizer.my_shard(self.optimizer.flatten(tensors, size)).clone()
 
     def summary(self):
         text, record = super().summary()

@@ -138,12 +138,13 @@ def test_counted_communication_equals_the_formula(runs):
     model, tokens = tiny_model(), 8 * 32
     psi = tg.count_params(model, non_embedding=False)
     dims = dict(n_layer=2, n_embd=32, vocab_size=64, bytes_per_value=4)  # fp32 on CPU
-    per_group = sum(-(-sum(p.numel() for p in g["params"]) // 2) * 2 for g in model.configure_optimizer(1, 0.1).param_groups)
+    groups = [sum(p.numel() for p in g["params"]) for g in model.configure_optimizer(1, 0.1).param_groups]
+    per_group = sum(-(-n // 2) * 2 for n in groups)  # ZeRO-1's flat groups, each padded to 2 shards
     expected = {
         "tp": tg.communication_per_step("tp", psi, 2, tp=2, tokens=tokens, **dims),
         "dp-tp": tg.communication_per_step("dp-tp", params_per_rank(model, 2), 4, tp=2, tokens=tokens // 2, **dims),
         "pp": tg.communication_per_step("pp", psi, 2, tokens=tokens, **dims),
-        "zero1": tg.communication_per_step("zero1", per_group, 2, **dims),  # the flat groups, padded to 2 shards
+        "zero1": tg.communication_per_step("zero1", per_group, 2, **dims),
     }
     for strategy, formula in expected.items():
         sent = [r["sent_bytes"] for r in records(runs[strategy]) if "loss" in r]
@@ -198,7 +199,8 @@ def test_communication_per_step_by_hand():
     assert tg.communication_per_step("zero1", psi, n) == tg.communication_per_step("ddp", psi, n)
     assert tg.communication_per_step("fsdp", psi, n) == pytest.approx(1.5 * tg.communication_per_step("ddp", psi, n))
     # GPT-2 124M sized: L = 12, d = 768, a step of 2^19 tokens, 8-way TP: 4 · 12 · (14/8) · 2^19 · 768 · 2 bytes.
-    assert tg.communication_per_step("tp", psi, 8, tp=8, tokens=2**19, n_layer=12, n_embd=768) == 4 * 12 * 1.75 * 2**19 * 768 * 2
+    assert tg.communication_per_step("tp", psi, 8, tp=8, tokens=2**19, n_layer=12, n_embd=768) == \
+        4 * 12 * 1.75 * 2**19 * 768 * 2
     assert tg.communication_per_step("dp-tp", 100, 8, tp=2, tokens=10, n_layer=1, n_embd=4, bytes_per_value=1) == \
         4 * 1 * 1 * 40 + 2 * 3 / 4 * 100
     # pp: the busiest stage — a middle one (forward + backward activations) or an end one (+ the tied embedding)
