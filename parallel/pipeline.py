@@ -90,7 +90,7 @@ class PipelineStage(nn.Module):
         x = idx if self.is_first else recv((*idx.shape, self.n_embd), param.dtype, param.device, self.stage - 1)
         out = self.compute(x, targets if self.is_last else None)
         if not self.is_last:
-            send(out, self.stage + 1)
+            send(out.to(param.dtype), self.stage + 1)
         loss = out.detach().float() if self.is_last else torch.zeros((), device=param.device)
         dist.broadcast(loss, src=self.stages - 1)
         return None, loss
@@ -135,8 +135,8 @@ class Pipeline(Plan):
             if poison:
                 out = out * float("nan")
             busy += self.clock() - t
-            if not stage.is_last:
-                send(out.detach(), self.rank + 1)
+            if not stage.is_last:  # the residual stream travels in the weights' dtype, which the receiver expects
+                send(out.detach().to(self.dtype), self.rank + 1)
             inputs.append(inp)
             outputs.append(out)
         if any_rank(not all(torch.isfinite(out).all().item() for out in outputs)):
