@@ -11,7 +11,8 @@ implements. The file reads top to bottom:
     5. Data            token shards → random training windows, fixed validation windows
     6. Checkpoints     atomic writes, resume, model soups                          (1.8)
     7. Stability       loss-spike / NaN detection and rollback                       (1.8)
-    8. Parallelism     DDP, FSDP2 and hand-written all-reduce under torchrun          (1.7)
+    8. Parallelism     DDP (+ PowerSGD), FSDP2, hand-written all-reduce; memory and  (1.7)
+                       communication per strategy; tp, pp, zero1, dp-tp live in parallel/
     9. The loop        AdamW, accumulation, clipping, logging, plots
    10. Command line    `train`, `sample`, `soup`, `convert`, `export-hf`
 
@@ -236,14 +237,15 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, doc_ids=None, mask=None, cache=None):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) → (B, heads, T, head_dim): each head attends independently.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=2)
+        # (B, T, C) → (B, heads, T, head_dim): each head attends independently. (Under tensor parallelism a
+        # rank holds n_head/k of the heads, and q, k, v are C/k wide: parallel/tensor.py.)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
         y = self.attend(q, k, v, doc_ids, mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.proj(y))
 
     def attend(self, q, k, v, doc_ids, mask):
@@ -788,7 +790,12 @@ class SpikeDetector:
 
 # =============================================================================
 # 8. Data parallelism: DDP, FSDP, and DDP written out by hand (seed 1.7)
+#
+# Tensor and pipeline parallelism, ZeRO-1 by hand and 2D data × tensor parallelism are in parallel/, one
+# strategy per file; the loop below reaches them through a "plan" (parallel/common.py).
 # =============================================================================
+
+MODEL_PARALLEL = ("tp", "dp-tp", "pp", "zero1")  # --parallel strategies implemented in parallel/
 
 def memory_per_gpu(n_params, world_size, strategy):
     """Bytes of model state per GPU for mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020).
@@ -807,6 +814,56 @@ def memory_per_gpu(n_params, world_size, strategy):
     if strategy not in per_strategy:
         raise ValueError(f"unknown strategy {strategy!r}; one of {sorted(per_strategy)}")
     return per_strategy[strategy]
+
+
+def communication_per_step(strategy, n_params, world_size, tp=1, tokens=0, n_layer=0, n_embd=0, vocab_size=0,
+                           bytes_per_value=2):
+    """Bytes one rank sends per optimizer step (seed 1.7), with ring collectives over n ranks: an all-gather
+    or a reduce-scatter sends (n−1)/n of the buffer per rank, an all-reduce — the two in a row — 2(n−1)/n.
+
+        ddp, manual    2(N−1)/N · Ψ              the gradients, all-reduced
+        zero1, zero2   2(N−1)/N · Ψ              gradients reduce-scattered, updated weights all-gathered
+        fsdp, zero3    3(N−1)/N · Ψ              weights all-gathered for forward and again for backward,
+                                                 gradients reduce-scattered
+        tp             4L · 2(k−1)/k · B·T·d     per block, attention and MLP each all-reduce their output
+                                                 forward (g) and their input's gradient backward (f)
+        dp-tp          the same + 2(D−1)/D · Ψ   then one TP shard's gradients, all-reduced over D = N/k ranks
+        pp             max(2·B·T·d, B·T·d + V·d)  the busiest stage: a middle one sends the activations forward
+                                                 and their gradients back; the first and the last send one way
+                                                 and all-reduce the gradient of the tied embedding (V·d)
+
+    Ψ: the parameters whose gradients a rank exchanges (for dp-tp, those of its TP shard: Ψ/k and the
+    replicated ones). B·T = tokens: what one model replica processes per step, all micro-batches together.
+    bytes_per_value: 2 for bf16 (memory_per_gpu's accounting), 4 for fp32 (our CPU runs).
+    """
+    def all_reduce(ranks):  # the fraction of a buffer each rank sends in a ring all-reduce
+        return 2 * (ranks - 1) / ranks
+
+    n, activations = world_size, tokens * n_embd
+    values = {"ddp": all_reduce(n) * n_params, "manual": all_reduce(n) * n_params,
+              "zero1": all_reduce(n) * n_params, "zero2": all_reduce(n) * n_params,
+              "fsdp": 3 * (n - 1) / n * n_params, "zero3": 3 * (n - 1) / n * n_params,
+              "tp": 4 * n_layer * all_reduce(tp) * activations,
+              "dp-tp": 4 * n_layer * all_reduce(tp) * activations + all_reduce(n // tp) * n_params,
+              "pp": 0 if n == 1 else max(2 * activations if n > 2 else 0,
+                                         activations + all_reduce(2) * vocab_size * n_embd),
+              "none": 0}
+    if strategy not in values:
+        raise ValueError(f"unknown strategy {strategy!r}; one of {sorted(values)}")
+    return values[strategy] * bytes_per_value
+
+
+def parallel_costs(strategy, config, model, n_all, world_size, tp, tokens):
+    """The line a run prints about its strategy: model state per GPU (memory_per_gpu, 16 bytes per parameter
+    held) and bytes sent per rank and step (communication_per_step, at 4 bytes a value). `model` is what this
+    rank runs — a TP shard or a pipeline stage holds fewer than all n_all parameters — and `tokens` go
+    through it."""
+    held = sum(p.numel() for p in model.parameters()) if strategy in ("tp", "dp-tp", "pp") else n_all
+    memory = memory_per_gpu(held, world_size, strategy if strategy in ("fsdp", "zero1") else "ddp")
+    sent = communication_per_step(strategy, held, world_size, tp or 1, tokens, config.n_layer, config.n_embd,
+                                  config.vocab_size, bytes_per_value=4)
+    return (f"model state per GPU (16 bytes/param, ZeRO accounting) {memory / 2**20:,.1f} MiB; "
+            f"sent per rank and step {sent / 2**20:,.3f} MiB")
 
 
 @dataclass
@@ -833,7 +890,8 @@ def setup_distributed(args):
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.parallel == "none" and world_size > 1:
-        raise ConfigError("--parallel none under torchrun with several processes: choose ddp, fsdp or manual")
+        raise ConfigError("--parallel none under torchrun with several processes: choose one of ddp, fsdp, "
+                          "manual, " + ", ".join(MODEL_PARALLEL))
     device = pick_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -842,7 +900,7 @@ def setup_distributed(args):
     return Distributed(rank, world_size, local_rank, device)
 
 
-def wrap_model(model, strategy, ctx):
+def wrap_model(model, strategy, ctx, powersgd_rank=0, powersgd_start=10):
     """Wrap the model for data parallelism. Each wrapper's communication is spelled out."""
     if strategy == "ddp":
         # DDP: every rank keeps a full replica. During backward, gradients are grouped into
@@ -850,7 +908,10 @@ def wrap_model(model, strategy, ctx):
         # overlapping communication with the rest of the backward pass. Weights stay in sync
         # because every rank applies the same averaged gradient.
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        if powersgd_rank:
+            add_powersgd(ddp, powersgd_rank, powersgd_start)
+        return ddp
     if strategy == "fsdp":
         # FSDP2 (ZeRO-3): each rank stores 1/N of every parameter, gradient and Adam state.
         # Before a block's forward (and again before its backward) its parameters are
@@ -868,6 +929,33 @@ def wrap_model(model, strategy, ctx):
         return model
     # "manual" and "none": the plain module; manual averages gradients itself (below).
     return model
+
+
+def add_powersgd(ddp, rank, start_step):
+    """Gradient compression (seed 1.7, "PowerSGD"; Vogels et al. 2019) through DDP's communication hook.
+
+    Each gradient matrix M (n × m) is approximated by P·Qᵀ of rank r: P = M·Q, orthogonalised, all-reduced;
+    Q = Mᵀ·P, all-reduced — (n + m)·r values instead of n·m. What the approximation misses is kept on each rank
+    and added to the next step's gradient (error feedback), so nothing is lost for good, only delayed.
+    Vectors (biases, LayerNorms) and matrices too small to gain are all-reduced whole. The first `start_step`
+    steps all-reduce everything (PowerSGD's warm-up). Lossy: the run no longer equals one process. Its state
+    (error feedback, the warm-started Q) is not in the checkpoints: a resumed run starts it afresh."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+    state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                                   start_powerSGD_iter=max(2, start_step))
+    ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+    ddp.powersgd_state = state  # for compression_summary
+
+
+def compression_summary(ddp, world_size):
+    """(text, record) on what PowerSGD sent: gradient values all-reduced per compressed step, before and after."""
+    rate, before, after = ddp.powersgd_state.compression_stats()
+    steps = max(1, ddp.powersgd_state.iter - ddp.powersgd_state.start_powerSGD_iter)
+    ring = 2 * (world_size - 1) / world_size * 4  # bytes sent per fp32 value in a ring all-reduce
+    record = {"compression_rate": rate, "values_per_step": before / steps, "compressed_values_per_step": after / steps}
+    return (f"PowerSGD: {after / steps:,.0f} of {before / steps:,.0f} gradient values all-reduced per compressed "
+            f"step ({rate:.1f}× fewer bytes: {ring * after / steps / 2**20:.3f} MiB sent per rank instead of "
+            f"{ring * before / steps / 2**20:.3f})"), record
 
 
 def all_reduce_gradients_by_hand(model, world_size):
@@ -960,6 +1048,26 @@ def evaluate_loss(model, data, max_windows, batch_size, device, autocast):
     return total / count
 
 
+def accumulate_gradients(model, micro_batches, strategy, autocast, ctx, poison=False):
+    """Forward and backward over one step's micro-batches [(x, y), …], the gradients accumulating (each loss
+    divided by their number). Returns (the mean loss over micro-batches and ranks, None), or (nan, reason)
+    for a non-finite loss; `poison` makes the losses NaN (fault injection)."""
+    loss_sum = 0.0
+    for micro_step, (x, y) in enumerate(micro_batches):
+        with gradient_sync(model, strategy, last_micro_step=micro_step == len(micro_batches) - 1):
+            with autocast:
+                _, loss = model(x.to(ctx.device), y.to(ctx.device))
+            if poison:
+                loss = loss * float("nan")
+            # NaN/Inf is caught before backward — one bad backward would poison every weight —
+            # and agreed on by all ranks, so they all skip the step together.
+            if any_rank(not torch.isfinite(loss).item(), ctx):
+                return float("nan"), "non-finite loss"
+            (loss / len(micro_batches)).backward()
+        loss_sum += loss.item()
+    return all_reduce_mean(loss_sum / len(micro_batches), ctx), None
+
+
 def trainer_state(config, step, state, args, tokenizer):
     """Everything but weights and optimizer that a resume or a rollback needs (plain values)."""
     return {"config": asdict(config), "step": step, "rng": {"torch": torch.get_rng_state()},
@@ -968,10 +1076,11 @@ def trainer_state(config, step, state, args, tokenizer):
             "tokenizer": tokenizer, "args": {k: v for k, v in vars(args).items() if k != "func"}}
 
 
-def save_checkpoint(model, optimizer, extra, strategy, out_dir, keep_last, ctx):
+def save_checkpoint(model, optimizer, extra, strategy, out_dir, keep_last, ctx, plan=None):
     """Write ckpt_<step>: one file from rank 0, or under FSDP a sharded directory written by all
     ranks through torch.distributed.checkpoint (each rank writes its shards; the metadata
-    says which slice of which tensor is where, so any world size can read it back)."""
+    says which slice of which tensor is where, so any world size can read it back). Under the
+    strategies of parallel/ the pieces are gathered to rank 0 into the single-process file."""
     path = os.path.join(out_dir, f"ckpt_{extra['step']:07d}")
     if strategy == "fsdp":
         import torch.distributed.checkpoint as dcp
@@ -987,6 +1096,10 @@ def save_checkpoint(model, optimizer, extra, strategy, out_dir, keep_last, ctx):
         if ctx.master:
             torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
             os.replace(tmp, path)  # rename: the directory appears complete or not at all
+    elif plan is not None:
+        weights, optimizer_state = plan.gather()  # a collective; None on every rank but 0
+        if ctx.master:
+            atomic_save({"model": weights, "optimizer": optimizer_state, **extra}, path + ".pt")
     elif ctx.master:
         atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **extra}, path + ".pt")
     barrier(ctx)
@@ -996,9 +1109,13 @@ def save_checkpoint(model, optimizer, extra, strategy, out_dir, keep_last, ctx):
     barrier(ctx)
 
 
-def restore_checkpoint(path, model, optimizer, strategy, config, device):
+def restore_checkpoint(path, model, optimizer, strategy, config, device, plan=None):
     """Load weights and optimizer state from either kind of checkpoint; return its trainer state.
-    A sharded checkpoint is resharded to the current world size by torch.distributed.checkpoint."""
+    A sharded checkpoint is resharded to the current world size by torch.distributed.checkpoint;
+    a plan (parallel/) takes its rank's piece of a single file."""
+    if os.path.isdir(path) and plan is not None:
+        raise ConfigError(f"{path}: a sharded FSDP checkpoint; --parallel {strategy} resumes from single files "
+                          f"(gather it with `train_gpt.py convert`)")
     if os.path.isdir(path):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import state_dict as sd
@@ -1017,15 +1134,20 @@ def restore_checkpoint(path, model, optimizer, strategy, config, device):
     if strategy == "fsdp":
         raise ConfigError(f"{path}: a single-file checkpoint; resume FSDP from its sharded checkpoints "
                           f"(or start from these weights with --init-from)")
-    saved = load_checkpoint(path, map_location=device)
+    saved = load_checkpoint(path, map_location="cpu" if plan else device)
     check_same_config(config, saved["config"], path)
+    if plan is not None:
+        plan.load(saved["model"], saved["optimizer"])
+        return saved
     unwrap(model).load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     return saved
 
 
-def full_state_dict(model, strategy):
-    """The whole, unsharded model state dict (on CPU), as every other script loads it."""
+def full_state_dict(model, strategy, plan=None):
+    """The whole, unsharded model state dict (on CPU, on rank 0 at least), as every other script loads it."""
+    if plan is not None:
+        return plan.gather()[0]
     if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -1054,6 +1176,42 @@ def validate_train_args(args):
         raise ConfigError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
     if args.attention == "flash" and not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
         raise ConfigError("--attention flash needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernel on CPU, slowly)")
+    validate_parallel_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def validate_parallel_args(args, world_size):
+    """The flags of tp, dp-tp, pp and PowerSGD against the number of ranks and the model's shape. Fills in
+    --tp (tp: every rank) and, under pp, the micro-batch size from --micro-batches."""
+    strategy = args.parallel
+    for flag, value, allowed in [("tp", args.tp, ("tp", "dp-tp")), ("pp", args.pp, ("pp",)),
+                                 ("micro-batches", args.micro_batches, ("pp",)),
+                                 ("powersgd-rank", args.powersgd_rank, ("ddp",))]:
+        if value and strategy not in allowed:
+            raise ConfigError(f"--{flag} is for --parallel {' or '.join(allowed)} (got --parallel {strategy})")
+        if value is not None and value < 0:
+            raise ConfigError(f"--{flag} must be ≥ 0 (got {value})")
+    if strategy in ("tp", "dp-tp"):
+        if strategy == "dp-tp" and not args.tp:
+            raise ConfigError("--parallel dp-tp needs --tp: the ranks of one tensor-parallel group "
+                              "(a divisor of the world size)")
+        args.tp = args.tp or world_size
+        if strategy == "tp" and args.tp != world_size:
+            raise ConfigError(f"--parallel tp puts all {world_size} ranks in one TP group (--tp {args.tp}); "
+                              f"for TP groups × data parallelism use --parallel dp-tp")
+        if world_size % args.tp or args.n_head % args.tp:
+            raise ConfigError(f"--tp {args.tp} must divide the {world_size} ranks and --n-head {args.n_head}")
+    if strategy == "pp":
+        args.pp = args.pp or world_size
+        if args.pp != world_size or not 2 <= args.pp <= args.n_layer:
+            raise ConfigError(f"--pp {args.pp}: one stage per rank, so launch {args.pp} processes; at least 2 stages, "
+                              f"at most --n-layer {args.n_layer} (got {world_size} ranks)")
+        if args.compile:
+            raise ConfigError("--compile is not supported with --parallel pp")
+        if args.micro_batches:
+            if args.global_batch_size % args.micro_batches:
+                raise ConfigError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                                  f"--micro-batches {args.micro_batches}")
+            args.micro_batch_size = args.global_batch_size // args.micro_batches
 
 
 def gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size):
@@ -1074,7 +1232,8 @@ def pick_device(name):
 # Flags that change only speed, memory, logging or bookkeeping, not the trained model: left out of
 # the stage fingerprint, so changing them neither re-trains nor blocks a resume.
 TRAIN_RUNTIME_FLAGS = {"command", "device", "parallel", "micro_batch_size", "compile", "compile_backend", "log_every",
-                       "eval_every", "checkpoint_every", "keep_checkpoints", "resume", "force", "peak_flops"}
+                       "eval_every", "checkpoint_every", "keep_checkpoints", "resume", "force", "peak_flops", "tp", "pp",
+                       "micro_batches"}
 
 
 def train(args):
@@ -1098,19 +1257,31 @@ def run_training(args, ctx):
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
                        attention=args.attention or ("flash" if device.type == "cuda" else "sdpa"))
     data = TokenData(args.data, config.block_size, config.vocab_size)
-    grad_accum = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, ctx.world_size)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(config).to(device)
     if args.init_from:
         source, _ = model_from_checkpoint(args.init_from)
         check_same_config(config, asdict(source.config), args.init_from)
         model.load_state_dict(source.state_dict())
-    n_params = count_params(model)
-    model = wrap_model(model, strategy, ctx)
-    # After fully_shard the model is still a GPT whose parameters are shards (DTensors), so the
-    # same optimizer set-up serves every strategy: under FSDP, Adam's state is sharded too.
-    optimizer = unwrap(model).configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
-    torch.manual_seed(args.seed + ctx.rank)  # different dropout masks on different ranks
+    n_params, n_all = count_params(model), count_params(model, non_embedding=False)
+    plan = None
+    if strategy in MODEL_PARALLEL:
+        # tp, dp-tp, pp, zero1 (parallel/): the plan cuts this rank's piece out of the whole model and knows
+        # how its gradients are synchronised and clipped, and how its checkpoints are gathered.
+        import parallel
+        plan = parallel.setup(strategy, model, ctx, lambda module: adamw(
+            module, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type), tp=args.tp)
+        model, optimizer = plan.model, plan.optimizer
+    else:
+        model = wrap_model(model, strategy, ctx, args.powersgd_rank, args.powersgd_start_step)
+        # After fully_shard the model is still a GPT whose parameters are shards (DTensors), so the
+        # same optimizer set-up serves every strategy: under FSDP, Adam's state is sharded too.
+        optimizer = unwrap(model).configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
+    # The ranks that read different rows of the batch (under TP, one TP group reads the same rows).
+    data_rank, data_world = (plan.data_rank, plan.data_world) if plan else (ctx.rank, ctx.world_size)
+    grad_accum = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, data_world)
+    dropout_rank = plan.dropout_rank if plan else ctx.rank
+    torch.manual_seed(args.seed + dropout_rank)  # different dropout masks on different ranks
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     state = {"skipped_batches": [], "lr_scale": 1.0, "rollbacks": 0,
              "spikes": SpikeDetector(args.spike_window, args.spike_sigmas)}
@@ -1120,11 +1291,11 @@ def run_training(args, ctx):
     barrier(ctx)
 
     def restore(path):
-        saved = restore_checkpoint(path, model, optimizer, strategy, config, device)
+        saved = restore_checkpoint(path, model, optimizer, strategy, config, device, plan)
         if ctx.world_size == 1:
             torch.set_rng_state(saved["rng"]["torch"])
         else:  # one saved RNG state cannot serve several ranks: reseed from (seed, rank, step)
-            torch.manual_seed(args.seed + 1000 * saved["step"] + ctx.rank)
+            torch.manual_seed(args.seed + 1000 * saved["step"] + dropout_rank)
         state["spikes"].history = list(saved["loss_history"])
         return saved
 
@@ -1160,13 +1331,12 @@ def run_training(args, ctx):
     compute = training_flops(n_params, total_tokens)
     n_opt, d_opt = chinchilla_optimal(compute)
     unigram = unigram_loss(data.train[0][:2_000_000], data.val[0], config.vocab_size)
-    n_all = count_params(unwrap(model) if strategy != "fsdp" else GPT(config), non_embedding=False)
     say(f"model: N={n_params:,} non-embedding parameters (12·L·d² = {approx_params(config.n_layer, config.n_embd):,}); "
         f"data: {meta['train_tokens']:,} train tokens")
     say(f"run: D={total_tokens:,} tokens, C=6ND={compute:.3g} FLOPs, {total_tokens / n_params:.1f} tokens/parameter "
         f"(Chinchilla-optimal at this C: N*={n_opt:,.0f}, D*={d_opt:,.0f})")
-    say(f"parallel: {strategy} on {ctx.world_size} rank(s), grad accumulation {grad_accum}; model state per GPU "
-        f"(16 bytes/param, ZeRO accounting): {memory_per_gpu(n_all, ctx.world_size, 'fsdp' if strategy == 'fsdp' else 'ddp') / 2**20:,.1f} MiB")
+    say(f"parallel: {strategy} on {ctx.world_size} rank(s), grad accumulation {grad_accum}; "
+        f"{parallel_costs(strategy, config, model, n_all, ctx.world_size, args.tp, tokens_per_step // data_world)}")
     say(f"unigram baseline val loss {unigram:.3f}; device {device}, attention {config.attention}")
     if args.compile:
         model = torch.compile(model, backend=args.compile_backend)
@@ -1176,7 +1346,7 @@ def run_training(args, ctx):
 
     def save(step):
         extra = trainer_state(config, step, state, args, data.tokenizer)
-        save_checkpoint(model, optimizer, extra, strategy, args.out, args.keep_checkpoints, ctx)
+        save_checkpoint(model, optimizer, extra, strategy, args.out, args.keep_checkpoints, ctx, plan)
 
     metrics = open(metrics_path, "a") if ctx.master else None
     log = (lambda record: log_line(metrics, record)) if ctx.master else (lambda record: None)
@@ -1200,26 +1370,18 @@ def run_training(args, ctx):
             group["lr"] = lr
         batch_number = batch_number_for_step(step, state["skipped_batches"])
         windows = data.batch_windows(args.seed, batch_number, args.global_batch_size)
-        loss_sum, problem = 0.0, None
-        for micro_step in range(grad_accum):
-            rows = micro_batch_rows(ctx.rank, ctx.world_size, micro_step, args.micro_batch_size, grad_accum)
-            x, y = data.train_batch(windows[rows])
-            if injected_here and batch_number in args.inject_garbage_at:
-                y = torch.randint_like(y, config.vocab_size)  # fault injection: unpredictable targets
-            last = micro_step == grad_accum - 1
-            with gradient_sync(model, strategy, last):
-                with autocast:
-                    _, loss = model(x.to(device), y.to(device))
-                if injected_here and batch_number in args.inject_nan_at:
-                    loss = loss * float("nan")  # fault injection: a non-finite loss
-                # NaN/Inf is caught before backward — one bad backward would poison every weight —
-                # and agreed on by all ranks, so they all skip the step together.
-                if any_rank(not torch.isfinite(loss).item(), ctx):
-                    problem = "non-finite loss"
-                    break
-                (loss / grad_accum).backward()
-            loss_sum += loss.item()
-        train_loss = all_reduce_mean(loss_sum / grad_accum, ctx) if problem is None else float("nan")
+        micro_batches = [data.train_batch(windows[micro_batch_rows(data_rank, data_world, micro_step,
+                                                                   args.micro_batch_size, grad_accum)])
+                         for micro_step in range(grad_accum)]
+        if injected_here and batch_number in args.inject_garbage_at:  # fault injection: unpredictable targets
+            micro_batches = [(x, torch.randint_like(y, config.vocab_size)) for x, y in micro_batches]
+        poison = injected_here and batch_number in args.inject_nan_at  # fault injection: a non-finite loss
+        if plan:
+            plan.start_step()
+        if strategy == "pp":  # the micro-batches go through the pipeline together (GPipe): parallel/pipeline.py
+            train_loss, problem = plan.train_step(micro_batches, autocast, lambda flag: any_rank(flag, ctx), poison)
+        else:
+            train_loss, problem = accumulate_gradients(model, micro_batches, strategy, autocast, ctx, poison)
         if problem is None and state["spikes"].is_spike(train_loss):
             problem = f"loss spike ({train_loss:.3f} > rolling mean + {args.spike_sigmas}σ)"
         if problem is not None:
@@ -1239,8 +1401,12 @@ def run_training(args, ctx):
         if strategy == "manual":
             all_reduce_gradients_by_hand(model, ctx.world_size)
         # Clip only now: after synchronisation every rank holds the same averaged gradient.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if plan:  # no rank holds all the gradients: the plan sums the norm from pieces
+            plan.sync_gradients()
+            grad_norm = plan.clip_grad_norm_(args.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["spikes"].record(train_loss)
@@ -1249,6 +1415,8 @@ def run_training(args, ctx):
         tokens_per_sec = tokens_per_step / (time.time() - t0)
         record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                   "mfu": mfu(tokens_per_sec, flops_per_tok, peak) if peak else None}
+        if plan:  # what the step sent, and under pp each rank's idle time
+            record.update(plan.step_record())
         log(record)
         if step % args.log_every == 0 or step == args.max_steps:
             eta = (time.time() - started) / (step - start_step) * (args.max_steps - step)
@@ -1261,8 +1429,14 @@ def run_training(args, ctx):
             save(step)
     if last_val is None:
         last_val = evaluate(step)
-    # The single-file checkpoint every later stage loads (under FSDP: gathered from the shards).
-    weights = full_state_dict(model, strategy)
+    summaries = [plan.summary()] if plan else []  # what the strategy measured: communication, bubble, memory
+    if args.powersgd_rank:
+        summaries.append(compression_summary(model, ctx.world_size))
+    for text, record in summaries:
+        log({"step": step, "event": "parallel", "strategy": strategy, **record})
+        say(text)
+    # The single-file checkpoint every later stage loads (under FSDP and parallel/: gathered from the pieces).
+    weights = full_state_dict(model, strategy, plan)
     if ctx.master:
         extra = trainer_state(config, step, state, args, data.tokenizer)
         atomic_save({"model": weights, **extra, "val_loss": last_val}, os.path.join(args.out, "model.pt"))
@@ -1476,8 +1650,19 @@ def build_parser():
     t.add_argument("--no-bias", action="store_true", help="no biases in Linear/LayerNorm layers")
     t.add_argument("--attention", choices=["naive", "sdpa", "flash"], default=None,
                    help="attention implementation (default: flash on CUDA, sdpa on CPU)")
-    t.add_argument("--parallel", choices=["none", "ddp", "fsdp", "manual"], default="none",
-                   help="data parallelism under torchrun: DDP, FSDP2 (ZeRO-3), or DDP's all-reduce written by hand")
+    t.add_argument("--parallel", choices=["none", "ddp", "fsdp", "manual", *MODEL_PARALLEL], default="none",
+                   help="under torchrun: data parallelism (DDP, FSDP2 = ZeRO-3, DDP's all-reduce written by hand), "
+                   "or from parallel/: tensor (tp), pipeline (pp), ZeRO-1 by hand (zero1), data × tensor (dp-tp)")
+    t.add_argument("--tp", type=int, default=None, help="ranks per tensor-parallel group (tp: all of them; "
+                   "dp-tp: a divisor of the world size, the rest is data parallelism)")
+    t.add_argument("--pp", type=int, default=None, help="pipeline stages under --parallel pp (one per rank: "
+                   "the world size)")
+    t.add_argument("--micro-batches", type=int, default=None, help="pp: micro-batches per step through the "
+                   "pipeline (sets the micro-batch size to global batch / M; default global / --micro-batch-size)")
+    t.add_argument("--powersgd-rank", type=int, default=0, help="ddp: compress gradients with PowerSGD of this "
+                   "rank (0: off; lossy)")
+    t.add_argument("--powersgd-start-step", type=int, default=10, help="ddp with PowerSGD: all-reduce uncompressed "
+                   "for this many steps first (at least 2)")
     t.add_argument("--init-from", default=None, help="start from this checkpoint's weights (same config)")
     t.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
     t.add_argument("--global-batch-size", type=int, default=16, help="sequences per optimizer step (accumulated)")

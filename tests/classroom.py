@@ -52,8 +52,11 @@ GRADERS = {
     "get_lr": ["tests/test_train_gpt.py::test_lr_schedule_endpoints_and_shape"],
     "perplexity": ["tests/test_train_gpt.py::test_perplexity_and_bits_per_byte"],
     "training_flops": ["tests/test_train_gpt.py::test_flop_formulas"],
-    # kernels (seed 1.7)
+    # kernels and model parallelism (seed 1.7)
     "forward_over_key_tiles": ["tests/test_flash_attention.py::test_flash_forward_matches_loops"],
+    "column_parallel_linear": ["tests/test_parallel.py::test_column_parallel_linear_matches_the_whole_layer"],
+    "row_parallel_linear": ["tests/test_parallel.py::test_row_parallel_linear_matches_the_whole_layer"],
+    "bubble_fraction": ["tests/test_parallel.py::test_bubble_fraction_matches_a_simulated_schedule"],
     # SFT and the reward model (seed 2.3, 3.3)
     "shift_targets": ["tests/test_sft.py::test_shift_targets_by_hand"],
     "bradley_terry_loss": ["tests/test_reward.py::test_loss_and_probability_match_hand_computation",

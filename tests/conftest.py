@@ -13,6 +13,8 @@ if shutil.which("nvidia-smi") is None:
 
 
 import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -68,3 +70,22 @@ def without_timings(records):
     def is_timing(key):
         return key == "seconds" or key == "mfu" or key.startswith("time_") or key.endswith("per_sec")
     return [{k: v for k, v in r.items() if not is_timing(k)} for r in records]
+
+
+def torchrun(nproc, argv, timeout=240, script="train_gpt.py"):
+    """`torchrun --standalone --nproc_per_node=nproc script argv` on CPU (gloo, one thread per process); its
+    stdout. A failure or a hang fails the test with the output's tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, script), *argv]
+    # A session of its own, so that on a hang the workers die with torchrun instead of lingering.
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout}s: {stdout[-2000:]}{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout

@@ -13,7 +13,8 @@ import pytest
 import classroom
 
 ROOT = classroom.ROOT
-MODULES = "train_gpt, sft, reward, ppo, dpo, data.dedup, data.tokenizer, kernels.flash_attention"
+MODULES = ("train_gpt, sft, reward, ppo, dpo, data.dedup, data.tokenizer, kernels.flash_attention, "
+           "parallel.tensor, parallel.pipeline")
 
 
 def run_classroom(*args, cwd=ROOT, env=None):
@@ -210,6 +211,15 @@ WRONG_BODIES = {
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # acc not rescaled by α
             m_i = m_new
         return acc, m_i, l_i
+        """,
+    "column_parallel_linear": """
+        return F.linear(x, weight, bias)  # the forward is right; without f, ∂L/∂X is this rank's term alone
+        """,
+    "row_parallel_linear": """
+        return SumOverTensorParallel.apply(F.linear(x, weight, bias), group)  # the bias summed k times
+        """,
+    "bubble_fraction": """
+        return (stages - 1) / micro_batches  # the idle time relative to the compute, not to the whole step
         """,
     "shift_targets": """
         targets = torch.where(mask[:, :-1].bool(), ids[:, 1:], IGNORE_INDEX)  # the mask of the input, not the target

@@ -6,17 +6,14 @@ reference and the three strategies once, and the tests read their metrics.
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
+from conftest import torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
@@ -25,23 +22,6 @@ def run_args(data, out, *extra):
             "--n-embd", "32", "--global-batch-size", "8", "--max-steps", str(STEPS), "--warmup-steps", "2",
             "--eval-every", "100", "--eval-windows", "4", "--checkpoint-every", "3", "--log-every", "100",
             "--device", "cpu", *extra]
-
-
-def torchrun(nproc, argv, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "train_gpt.py"), *argv]
-    # A session of its own, so that on a hang the workers die with torchrun instead of lingering.
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun hung for {timeout}s: {stdout[-2000:]}{stderr[-2000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stdout
 
 
 def metrics(out, key):
