@@ -191,7 +191,7 @@ def load_models(args, device):
 
     Refuses a reward model whose tokenizer or vocabulary differs from the policy's: it would score
     token ids that mean something else to it. With --reward-source judge there is no reward model
-    (r_φ is None) and the critic starts from the SFT model with a fresh scalar head.
+    (r_φ is None) and the critic starts from the SFT model with a zero head: V = 0 until it learns.
     """
     sft_checkpoint = flagged(load_checkpoint, "--sft", args.sft)
     if sft_checkpoint.get("stage") == "reward":

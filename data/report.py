@@ -149,6 +149,7 @@ def _tokenizer(ax, report):
 # -----------------------------------------------------------------------------
 
 STAGES = ("data", "pretrain", "sft", "reward", "ppo", "ppo_judge", "dpo", "eval", "bon")
+OPTIONAL_STAGES = {"ppo_judge"}
 SMOOTHING = 5  # iterations averaged per point of PPO's trajectory in the frontier plot
 
 
@@ -334,7 +335,9 @@ def machine_line():
 def write_run_report(run, preset=None):
     """runs/NAME/report.md (and frontier.png, final.png beside it) from the stages' outputs."""
     stages = {name: read_json(os.path.join(run, name, "stage.json")) for name in STAGES}
-    missing = [name for name, s in stages.items() if not (s or {}).get("complete")]
+    # ppo_judge runs only with `make run JUDGE=1`: absent, it is not part of this run, not unfinished
+    missing = [name for name, s in stages.items() if not (s or {}).get("complete")
+               and not (name in OPTIONAL_STAGES and s is None)]
     evaluation = read_json(os.path.join(run, "eval", "eval.json"))
     total = sum((s or {}).get("seconds") or 0 for s in stages.values())
     lines = [f"# Run report: {run}", "",

@@ -417,6 +417,23 @@ def test_command_line_run_writes_metrics_plots_eval_and_a_loadable_checkpoint(tm
     assert isinstance(model, GPT)
 
 
+def test_the_judge_rewards_critic_starts_at_zero_and_the_rm_critic_from_r_phi(tmp_path):
+    """Without r_φ a random value head put explained variance at −9 in the first iteration; the
+    critic must start at V = 0 on every state. With r_φ it starts as r_φ (same scores)."""
+    sft_path, rm_path = save_tiny_checkpoints(tmp_path)
+    prompts = [[1, 2, 3], [4, 5]]
+    for source in ("judge", "rm"):
+        args = ppo.build_parser().parse_args(["--sft", sft_path, "--reward-model", rm_path, "--reward-source", source])
+        policy, _, reward_model, critic, _, _ = ppo.load_models(args, torch.device("cpu"))
+        rollout = ppo.sample_rollouts(policy, prompts, chat_tokens(ENC), 5, 1.0, torch.Generator().manual_seed(0))
+        values = ppo.response_values(critic, rollout)
+        if source == "judge":
+            assert reward_model is None and torch.count_nonzero(values) == 0
+        else:
+            assert torch.count_nonzero(values) > 0
+            assert critic.head.weight.data_ptr() != reward_model.head.weight.data_ptr()  # a copy, not r_φ itself
+
+
 def test_beta_sweep_writes_the_reward_hacking_plot(tmp_path):
     sft_path, rm_path = save_tiny_checkpoints(tmp_path)
     out = str(tmp_path / "sweep")
