@@ -9,15 +9,19 @@ action a_t = y_t is the next token, and the policy π_θ(a_t | s_t) is our GPT. 
 
 with four networks: the policy π_θ (initialised from SFT, trained), the reference π_ref (the SFT
 model, frozen), the reward model r_φ (reward.py, frozen) and the value model V (the critic,
-initialised from r_φ, trained). One iteration of the loop:
+initialised from r_φ, trained). The loop follows seed 3.4's six steps:
 
-    1. Rollout      y ∼ π_θ(·|x) for a batch of task prompts (KV-cached, left-padded prompts)
-    2. Experience   log π_old(y_t|s_t), log π_ref(y_t|s_t), V(s_t) on every response token;
-                    r_φ(x, y) once per response, read at its last real token
-    3. Rewards      r_t = −β·(log π_θ − log π_ref)(y_t|s_t) + [t = last]·r_φ(x, y)   (blog, "LLM-specific PPO")
-    4. Advantages   GAE: δ_t = r_t + γ·V(s_{t+1}) − V(s_t),  A_t = Σ_l (γλ)^l δ_{t+l}         (seed 3.4)
-    5. Update       a few epochs of minibatch steps on the clipped objective and the value loss
-                    L = −E_t[min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)] + L_value − c₂·H       (seed 3.4; blog)
+    1. Prompts      a batch of train-split task prompts                              (training_prompts)
+    2. Rollout      y ∼ π_θ(·|x) (KV-cached, left-padded prompts)                    (sample_rollouts)
+    3. Score        r_φ(x, y) once per response, read at its last real token; log π_old, log π_ref and
+                    V(s_t) on every response token, and the per-token reward
+                    r_t = −β·(log π_θ − log π_ref)(y_t|s_t) + [t = last]·r_φ(x, y)    (make_experience; blog)
+    4. Advantages   GAE: δ_t = r_t + γ·V(s_{t+1}) − V(s_t),  A_t = Σ_l (γλ)^l δ_{t+l}  (make_experience)
+    5. Update       a few epochs of minibatch steps on the clipped objective (ppo_update). The seed's
+                    L_PPO = E_t[min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)] is maximised, so the loss we
+                    minimise is its negative, −L_PPO (ppo_policy_loss); the value loss and the entropy
+                    term come from the blog, not the seed:  loss = −L_PPO + L_value − c₂·H
+    6. Repeat                                                                        (run_iterations)
 
 GRPO (`--algo grpo`, the other algorithm the blog names) drops the critic: it samples k responses
 per prompt and uses A = (R − mean_group)/(std_group + ε) for every token of a response, with the
@@ -321,7 +325,7 @@ def response_mask_and_ended(responses, end_token):
 @torch.no_grad()
 def sample_rollouts(policy, prompts, special, max_new_tokens, temperature, generator=None,
                     autocast=contextlib.nullcontext()):
-    """Step 1 of an iteration: y ∼ π_θ(·|x) for each prompt (token lists), as a Rollout.
+    """Seed 3.4, step 2 (the rollout): y ∼ π_θ(·|x) for each prompt (token lists), as a Rollout.
 
     train_gpt's KV-cached `generate` samples all rows in step; a row that emits <|end|> is
     finished and later slots hold <|pad|>. A row that never emits it stops at max_new_tokens
@@ -522,7 +526,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=CLIP_EPS)
     """The clipped surrogate objective, as a loss to minimise (seed 3.4):
 
         ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
-        L_policy = −mean_t [ min(ρ_t·A_t, clip(ρ_t, 1−ε, 1+ε)·A_t) ]
+        L_policy = −L_PPO = −mean_t [ min(ρ_t·A_t, clip(ρ_t, 1−ε, 1+ε)·A_t) ]
+
+    The seed's L_PPO is an objective to maximise; the optimiser minimises, so we return its negative.
 
     The min is pessimistic: once ρ has moved ε in the direction A favours, the clipped term is
     smaller, has no gradient, and the token stops pulling. The mean runs over the valid tokens of
@@ -593,7 +599,7 @@ def per_token_in_chunks(fn, rollout, chunks):
 
 @torch.no_grad()
 def make_experience(rollout, policy, reference, critic, score_fn, beta, args, autocast=contextlib.nullcontext()):
-    """Step 2–4 of an iteration: fill `rollout` with what the update needs (in place).
+    """Seed 3.4, steps 3–4 (score, advantages): fill `rollout` with what the update needs (in place).
 
     log π_old and log π_ref on every response token; the reward model's score (minus the penalty
     if the response never ended); the KL estimates; then for PPO the values, the KL-penalised
@@ -629,7 +635,7 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
 
 
 def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextlib.nullcontext()):
-    """Step 5: `args.ppo_epochs` passes over the rollouts in minibatches (seed 3.4) — rows of similar
+    """Seed 3.4, step 5 (the update): `args.ppo_epochs` passes over the rollouts in minibatches (seed 3.4) — rows of similar
     length together, the minibatches in random order.
 
     PPO:   loss = L_policy + L_value − c₂·H
@@ -688,7 +694,7 @@ def make_optimizer(policy, critic, args):
 def train_iteration(policy, reference, critic, optimizer, prompts, score_fn, special, beta, args,
                     generator=None, autocast=contextlib.nullcontext()):
     """One PPO/GRPO iteration on `prompts`: rollout, experience, update. Returns (rollout, stats),
-    stats with the seconds spent generating, scoring (the no-grad forwards of step 2) and optimising."""
+    stats with the seconds spent generating, scoring (the no-grad forwards of step 3) and optimising."""
     t0 = time.time()
     rollout = sample_rollouts(policy, prompts, special, args.max_new_tokens, args.temperature, generator, autocast)
     t1 = time.time()

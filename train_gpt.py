@@ -422,16 +422,6 @@ class GPT(nn.Module):
         return out
 
 
-def adamw(module, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
-    """AdamW over a module's trainable parameters, with weight decay only on matrices (≥ 2-D):
-    decaying biases and LayerNorm gains has no regularising purpose and hurts. Serves the GPT
-    and the models built around it (reward model, value model)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
-
-
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from logits (B, vocab).
 
@@ -1007,6 +997,16 @@ def barrier(ctx):
 # =============================================================================
 # 9. The training loop
 # =============================================================================
+
+def adamw(module, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    """AdamW over a module's trainable parameters, with weight decay only on matrices (≥ 2-D):
+    decaying biases and LayerNorm gains has no regularising purpose and hurts. Serves the GPT
+    and the models built around it (reward model, value model)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
 
 def log_line(metrics_file, record):
     metrics_file.write(json.dumps(record) + "\n")

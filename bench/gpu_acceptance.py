@@ -56,7 +56,7 @@ import attention as attention_bench  # noqa: E402  (bench/attention.py)
 import train_throughput  # noqa: E402  (bench/train_throughput.py)
 
 import train_gpt as tg  # noqa: E402
-from kernels.flash_attention import attention_mask, flash_attention  # noqa: E402
+from kernels.flash_attention import flash_attention, reference_attention_mask  # noqa: E402
 
 PARTS = {
     "a": "accuracy against fp64 (ours and SDPA)",
@@ -310,7 +310,7 @@ def sdpa_on_same_inputs(doc_ids):
     def sdpa(q, k, v):
         if doc_ids is None:
             return attention_bench.sdpa_flash(q, k, v, True)
-        allowed = attention_mask(q.shape[2], True, doc_ids, q.device)
+        allowed = reference_attention_mask(q.shape[2], True, doc_ids, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     return sdpa
 

@@ -76,7 +76,7 @@ MAX_HEAD_DIM = 256  # one tile holds a whole head; 16 … 128 are the sizes we t
 # The reference: attention with the T×T matrix materialised
 # ----------------------------------------------------------------------------------------------------------
 
-def attention_mask(T, causal=True, doc_ids=None, device=None):
+def reference_attention_mask(T, causal=True, doc_ids=None, device=None):
     """Boolean mask, (1 or batch, 1, T, T): allowed[b, 0, i, j] is True when query i may attend to key j.
 
         causal:   j ≤ i                       (no peeking at later tokens)
@@ -112,7 +112,7 @@ def naive_attention(q, k, v, causal=True, doc_ids=None, sm_scale=None, return_ls
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) * sm_scale
-    scores = scores.masked_fill(~attention_mask(T, causal, doc_ids, q.device), float("-inf"))
+    scores = scores.masked_fill(~reference_attention_mask(T, causal, doc_ids, q.device), float("-inf"))
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
     out = torch.softmax(scores, dim=-1).to(q.dtype) @ v
     if return_lse:

@@ -173,7 +173,7 @@ WRONG_BODIES = {
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-2, -1)) * sm_scale
-        scores = scores.masked_fill(~attention_mask(T, causal, doc_ids, q.device), float("-inf"))
+        scores = scores.masked_fill(~reference_attention_mask(T, causal, doc_ids, q.device), float("-inf"))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         out = torch.softmax(scores, dim=-1).to(q.dtype) @ v
         if return_lse:
