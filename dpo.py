@@ -550,6 +550,28 @@ def training_schedule(n_examples, args):
             "eval_every": max(1, math.ceil(steps_per_epoch / args.evals_per_epoch))}
 
 
+def epoch_order(n_examples, seed, epoch):
+    """The shuffled order of the training examples in one epoch (seeded per epoch, so a resumed run
+    and examples_used see the same batches)."""
+    order = list(range(n_examples))
+    random.Random(seed + epoch).shuffle(order)
+    return order
+
+
+def examples_used(n_examples, args):
+    """Indices of the training examples the schedule's steps will see, in the batches fit() makes.
+    With --max-steps short of the epochs only these need π_ref's log-probs (the cpu preset's 700
+    steps of 16 pairs see 11,200 of its 57,401)."""
+    total_steps, step, used = training_schedule(n_examples, args)["total_steps"], 0, set()
+    for epoch in range(1, args.epochs + 1):
+        for chunk in batches(epoch_order(n_examples, args.seed, epoch), args.batch_size):
+            if step == total_steps:
+                return sorted(used)
+            used.update(chunk)
+            step += 1
+    return sorted(used)
+
+
 def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics, resume=None, save_point=None):
     """The training loop: epochs of shuffled batches, LR from warmup + cosine (train_gpt.get_lr),
     held-out preference metrics every schedule["eval_every"] steps and at the end.
@@ -582,8 +604,7 @@ def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics, 
     step = 0
     policy.train()
     for epoch in range(1, args.epochs + 1):
-        order = list(range(len(train_examples)))
-        random.Random(args.seed + epoch).shuffle(order)
+        order = epoch_order(len(train_examples), args.seed, epoch)
         for chunk in batches([train_examples[i] for i in order], args.batch_size):
             if step == schedule["total_steps"]:
                 break
@@ -858,11 +879,14 @@ def prepare(args, fingerprint=None):
             vars(example).update(cached)
     else:
         t0 = time.time()
-        cache_reference_logprobs(reference, examples, run["pad"], args.batch_size, device, autocast)
+        used = [examples[i] for i in examples_used(len(examples), args)]
+        cache_reference_logprobs(reference, used, run["pad"], args.batch_size, device, autocast)
         # Held-out pairs in evaluate_pairs' batches: the same shapes give bit-identical log-probs, so
         # at step 0 (π_θ = π_ref) every h is exactly 0 — accuracy 0, loss ln 2 — not float noise.
         cache_reference_logprobs(reference, val_pairs, run["pad"], args.batch_size, device, autocast)
-        print(f"π_ref log-probs cached for {len(examples) + len(val_pairs)} examples in {time.time() - t0:.1f}s")
+        print(f"π_ref log-probs cached for {len(used)} of {len(examples)} training examples (those the "
+              f"{training_schedule(len(examples), args)['total_steps']} steps use) and {len(val_pairs)} held-out "
+              f"in {time.time() - t0:.1f}s")
     run.update(examples=examples, val_pairs=val_pairs, data_info=data_info, tasks=heldout_tasks(args))
     if resume is not None:
         run["baseline"] = resume["prelude"]["baseline"]

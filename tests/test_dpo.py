@@ -393,6 +393,23 @@ def test_a_few_steps_raise_held_out_preference_accuracy(loss):
     assert last["val_logratio_accuracy"] > 0.9 and last["val_logratio_margin"] > 0
 
 
+@pytest.mark.parametrize("max_steps, n_seen, n_used", [(2, 32, 32), (5, 66, 50)])
+def test_examples_used_are_exactly_the_ones_the_steps_train_on(monkeypatch, max_steps, n_seen, n_used):
+    """--max-steps short of the epochs: examples_used names the examples fit() will batch, no more, no
+    fewer (within epoch 1, and across its short last batch into epoch 2), so π_ref need only be cached
+    for those."""
+    examples = synthetic_pairs(50, seed=3)
+    args = train_args("dpo", ["--max-steps", str(max_steps), "--epochs", "3", "--batch-size", "16"])
+    seen = []
+    monkeypatch.setattr(dpo, "train_step", lambda policy, opt, chunk, *a: seen.extend(chunk) or {"loss": 0.0})
+    run = {"device": torch.device("cpu"), "autocast": contextlib.nullcontext(), "pad": PAD}
+    with open(os.devnull, "w") as metrics:
+        steps, _ = dpo.fit(tiny_model(), examples, [], "dpo", 0.1, args, run, metrics)
+    assert steps == max_steps and len(seen) == n_seen  # epoch 1 is 16 + 16 + 16 + 2
+    used = dpo.examples_used(len(examples), args)
+    assert len(used) == n_used and sorted({id(e) for e in seen}) == sorted(id(examples[i]) for i in used)
+
+
 def test_swapped_preferences_train_the_other_way():
     """The same test with chosen and rejected swapped must fail: the signal really drives training."""
     swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in synthetic_records(160, seed=10)]
