@@ -71,7 +71,8 @@ import reward
 from data.errors import DataError
 from data.tasks import generate_tasks, judge
 from data.tokenizer import load_tokenizer
-from reward import load_reward_model, load_sft, reward_model_from_gpt, score, task_messages
+from reward import (load_reward_model, load_reward_models, load_sft, reward_model_from_gpt, reward_model_paths, score,
+                    task_messages)
 from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_response, evaluate_tasks, heldout_tasks,
                  left_pad, render_prompt, token_logprobs)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
@@ -87,6 +88,7 @@ REWARD_MODEL = "runs/default/reward/model.pt"  # r_φ, written by reward.py; als
 OUT = "runs/default/ppo"                     # output: model.pt, metrics.jsonl, ppo.png, eval.json
 ALGO = "ppo"                                 # ppo (clipped objective + critic + GAE) or grpo (group baseline)
 REWARD_SOURCE = "rm"                         # rm: r_φ from reward.py (RLHF); judge: the gold judge, a verifiable reward
+ENSEMBLE_REDUCE = "mean"                     # several --reward-model checkpoints: their mean or min (seed 3.5, prevention 3)
 ITERATIONS = 40                              # rollout → update cycles
 ROLLOUTS = 64                                # responses sampled per iteration (the experience batch)
 GROUP_SIZE = 4                               # GRPO: responses per prompt, k (the group is the baseline)
@@ -212,8 +214,8 @@ def load_models(args, device):
         reward_model = load_compatible_reward_model(args, policy, tokenizer_ref, device)
     critic = None
     if args.algo == "ppo":
-        if reward_model is not None:
-            critic = ValueModel(reward_model).train()
+        if reward_model is not None:  # an ensemble's critic starts from its first member
+            critic = ValueModel(getattr(reward_model, "members", [reward_model])[0]).train()
         else:  # no r_φ to start from: the SFT backbone with a zero head, V(s) = 0 everywhere at first
             critic = ValueModel(reward_model_from_gpt(policy)).train()
             nn.init.zeros_(critic.head.weight)
@@ -222,19 +224,22 @@ def load_models(args, device):
 
 
 def load_compatible_reward_model(args, policy, tokenizer_ref, device):
-    """r_φ from --reward-model, frozen, checked to read the policy's tokens."""
-    rm_checkpoint = flagged(load_checkpoint, "--reward-model", args.reward_model)
-    reward_model = flagged(load_reward_model, "--reward-model", args.reward_model, device)
-    if reward_model.config.vocab_size != policy.config.vocab_size:
-        raise ConfigError(f"--reward-model {args.reward_model}: vocabulary of {reward_model.config.vocab_size} tokens, "
-                          f"but the policy ({args.sft}) has {policy.config.vocab_size}")
-    try:
-        compatible = same_tokenizer(tokenizer_ref, rm_checkpoint.get("tokenizer") or "")
-    except (DataError, ConfigError, OSError) as e:
-        raise ConfigError(f"--reward-model {args.reward_model}: cannot load its tokenizer ({e})") from None
-    if not compatible:
-        raise ConfigError(f"--reward-model {args.reward_model}: tokenizer {rm_checkpoint.get('tokenizer')!r} differs "
-                          f"from the policy's {tokenizer_ref!r} ({args.sft})")
+    """r_φ from --reward-model (several comma-separated checkpoints: an ensemble reduced by
+    --ensemble-reduce), frozen, each checked to read the policy's tokens."""
+    for path in reward_model_paths(args.reward_model):
+        rm_checkpoint = flagged(load_checkpoint, "--reward-model", path)
+        member = flagged(load_reward_model, "--reward-model", path, device)
+        if member.config.vocab_size != policy.config.vocab_size:
+            raise ConfigError(f"--reward-model {path}: vocabulary of {member.config.vocab_size} tokens, "
+                              f"but the policy ({args.sft}) has {policy.config.vocab_size}")
+        try:
+            compatible = same_tokenizer(tokenizer_ref, rm_checkpoint.get("tokenizer") or "")
+        except (DataError, ConfigError, OSError) as e:
+            raise ConfigError(f"--reward-model {path}: cannot load its tokenizer ({e})") from None
+        if not compatible:
+            raise ConfigError(f"--reward-model {path}: tokenizer {rm_checkpoint.get('tokenizer')!r} differs "
+                              f"from the policy's {tokenizer_ref!r} ({args.sft})")
+    reward_model = flagged(load_reward_models, "--reward-model", args.reward_model, device, args.ensemble_reduce)
     return reward_model.eval().requires_grad_(False)
 
 
@@ -911,7 +916,7 @@ def train(args, sft_evaluation=None):
     and these inputs, resumed from its last resume point when it holds an interrupted one."""
     validate_args(args)
     started = time.time()
-    inputs = [args.sft, args.reward_model if args.reward_source == "rm" else None]
+    inputs = [args.sft, *(reward_model_paths(args.reward_model) if args.reward_source == "rm" else [None])]
     fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, inputs)
     if finished_stage(args.out, "ppo", fingerprint, args.force):
         with open(os.path.join(args.out, "eval.json")) as f:
@@ -1176,7 +1181,10 @@ def build_parser():
     p.add_argument("--sft", default=SFT, help="the SFT checkpoint: initialises π_θ and is the frozen reference π_ref")
     p.add_argument("--reward-model", default=None,
                    help=f"reward model checkpoint from reward.py (r_φ; also initialises the critic). Default "
-                        f"{REWARD_MODEL}; with --beta-sweep and no value, a length-biased one is trained first")
+                        f"{REWARD_MODEL}; with --beta-sweep and no value, a length-biased one is trained first. "
+                        f"Several, comma-separated: an ensemble (--ensemble-reduce)")
+    p.add_argument("--ensemble-reduce", choices=["mean", "min"], default=ENSEMBLE_REDUCE,
+                   help="an ensemble of reward models scores a response by the members' mean or their min")
     p.add_argument("--out", default=OUT, help="output directory: model.pt, metrics.jsonl, ppo.png, eval.json")
     p.add_argument("--algo", choices=["ppo", "grpo"], default=ALGO,
                    help="ppo: clipped objective, critic, GAE; grpo: group-relative advantages, no critic")

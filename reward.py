@@ -440,6 +440,46 @@ def load_reward_model(path, device="cpu"):
     return model.to(device).eval()
 
 
+class RewardEnsemble(nn.Module):
+    """r(x, y) of M reward models trained on the same comparisons with different seeds (head init,
+    data order), combined per response (seed 3.5, prevention 3, "use multiple reward models and
+    take minimum or average"):
+
+        mean:  r(x, y) = (1/M) Σ_m r_φm(x, y)      — averages away each member's own errors
+        min:   r(x, y) = min_m r_φm(x, y)          — pessimistic: a response must please every member
+
+    A policy that exploits one member's blind spot gains little when the others disagree. Each
+    member is centred on SFT samples (its reward_shift), so their scales are comparable and min
+    is not just the member with the lowest offset. Same interface as RewardModel.
+    """
+
+    def __init__(self, members, reduce="mean"):
+        super().__init__()
+        if reduce not in ("mean", "min"):
+            raise ValueError(f"reduce must be mean or min, got {reduce!r}")
+        if len({(m.config.vocab_size, m.config.block_size) for m in members}) != 1:
+            raise ValueError("ensemble members must share one vocabulary and context length")
+        self.members, self.reduce, self.config = nn.ModuleList(members), reduce, members[0].config
+
+    def forward(self, ids, end_index, position_ids=None, doc_ids=None):
+        rewards = torch.stack([m(ids, end_index, position_ids, doc_ids) for m in self.members])
+        return rewards.mean(0) if self.reduce == "mean" else rewards.min(0).values
+
+
+def reward_model_paths(value):
+    """--reward-model's value: one checkpoint, or several separated by commas (an ensemble)."""
+    paths = [p for p in value.split(",") if p]
+    if not paths:
+        raise ConfigError(f"--reward-model {value!r}: no checkpoint named")
+    return paths
+
+
+def load_reward_models(value, device="cpu", reduce="mean"):
+    """--reward-model a.pt or a.pt,b.pt,c.pt: one RewardModel, or a RewardEnsemble of several."""
+    members = [load_reward_model(path, device) for path in reward_model_paths(value)]
+    return members[0] if len(members) == 1 else RewardEnsemble(members, reduce).eval()
+
+
 @torch.no_grad()
 def score(model, prompt_ids_list, response_ids_list, batch_size=64, pad_token=0):
     """r_φ(x, y) (shift applied) for each pair of token lists: a (N,) fp32 tensor on the model's device.
@@ -974,7 +1014,8 @@ def best_of_n_command(args):
     started = time.time()
     policies = named_policy_paths(args)
     named = argparse.Namespace(**{**vars(args), "policy": sorted(policies)})  # names count; files by their contents
-    fingerprint = stage_fingerprint(named, RUNTIME_FLAGS, [args.sft, args.reward_model, *policies.values()])
+    fingerprint = stage_fingerprint(named, RUNTIME_FLAGS, [args.sft, *reward_model_paths(args.reward_model),
+                                                          *policies.values()])
     if finished_stage(args.out, "bon", fingerprint, args.force):
         with open(os.path.join(args.out, "bon.json")) as f:
             return json.load(f)
@@ -983,7 +1024,7 @@ def best_of_n_command(args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     sft_model, checkpoint = load_sft(args.sft, device)
     enc = load_tokenizer(checkpoint.get("tokenizer") or "")
-    reward_model = load_reward_model(args.reward_model, device)
+    reward_model = load_reward_models(args.reward_model, device, args.ensemble_reduce)
     begin_stage(args.out, "bon", fingerprint, args.force)
     try:
         tasks = generate_tasks(args.eval_prompts, "test", seed=HELDOUT_SEED, families=args.families, levels=args.levels)
@@ -1387,7 +1428,10 @@ def build_parser():
     bon.add_argument("--best-of-n", type=comma_list(int), default=None,
                      help="evaluate best-of-n sampling from --sft for these n (e.g. 1,2,4,8,16,32) with "
                           "--reward-model, write bon.json and overoptimization.png to --out")
-    bon.add_argument("--reward-model", default=None, help="with --best-of-n: the trained r_φ that picks the best")
+    bon.add_argument("--reward-model", default=None, help="with --best-of-n: the trained r_φ that picks the best "
+                                                          "(several, comma-separated: an ensemble)")
+    bon.add_argument("--ensemble-reduce", choices=["mean", "min"], default="mean",
+                     help="with several --reward-model checkpoints: score by the members' mean or their min")
     bon.add_argument("--policy", action="append", default=None, metavar="NAME=CKPT",
                      help="with --best-of-n: a policy (e.g. dpo=runs/default/dpo/model.pt) to place on the chart; "
                           "repeatable")

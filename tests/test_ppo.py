@@ -434,6 +434,22 @@ def test_the_judge_rewards_critic_starts_at_zero_and_the_rm_critic_from_r_phi(tm
             assert critic.head.weight.data_ptr() != reward_model.head.weight.data_ptr()  # a copy, not r_φ itself
 
 
+def test_an_ensemble_of_reward_models_is_loaded_and_its_first_member_starts_the_critic(tmp_path, capsys):
+    sft_path, rm_path = save_tiny_checkpoints(tmp_path)
+    other = str(tmp_path / "rm2.pt")
+    rm2 = reward.reward_model_from_gpt(tiny_gpt(ENC.n_vocab, block_size=128, seed=7))
+    atomic_save({"model": rm2.state_dict(), "config": asdict(rm2.config), "step": 0,
+                 "tokenizer": str(tmp_path / "tokenizer"), "stage": "reward"}, other)
+    args = ppo.build_parser().parse_args(["--sft", sft_path, "--reward-model", f"{rm_path},{other}",
+                                          "--ensemble-reduce", "min"])
+    _, _, reward_model, critic, _, _ = ppo.load_models(args, torch.device("cpu"))
+    assert isinstance(reward_model, reward.RewardEnsemble) and reward_model.reduce == "min"
+    first = reward_model.members[0]
+    assert torch.equal(critic.head.weight, first.head.weight) and critic.head.weight.data_ptr() != first.head.weight.data_ptr()
+    error = run_expecting_error(capsys, ["--sft", sft_path, "--reward-model", f"{rm_path},{tmp_path}/nope.pt"])
+    assert "--reward-model" in error and "nope.pt" in error
+
+
 def test_beta_sweep_writes_the_reward_hacking_plot(tmp_path):
     sft_path, rm_path = save_tiny_checkpoints(tmp_path)
     out = str(tmp_path / "sweep")

@@ -218,6 +218,30 @@ def test_reward_shift_makes_the_mean_zero_and_keeps_differences():
     assert torch.allclose(after[:, None] - after[None], before[:, None] - before[None], atol=1e-5)
 
 
+def test_an_ensemble_scores_by_the_members_mean_or_min(tmp_path):
+    """Seed 3.5, prevention 3: r = mean_m r_φm or min_m r_φm, per response, each member's shift applied."""
+    members = [tiny_reward_model(seed=s).eval() for s in (0, 1, 2)]
+    with torch.no_grad():
+        members[1].reward_shift.fill_(0.5)
+    pairs = [ids_of(f"Question {i}?", "answer " * (i % 3)) for i in range(6)]
+    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+    each = torch.stack([reward.score(m, prompts, responses) for m in members])
+    assert (each.max(0).values - each.min(0).values).min() > 1e-3   # the members disagree
+    for reduce, expected in (("mean", each.mean(0)), ("min", each.min(0).values)):
+        ensemble = reward.RewardEnsemble(members, reduce)
+        assert torch.allclose(reward.score(ensemble, prompts, responses, batch_size=4), expected, atol=1e-6)
+    paths = []
+    for i, m in enumerate(members):
+        paths.append(str(tmp_path / f"rm{i}.pt"))
+        atomic_save({"model": m.state_dict(), "config": asdict(m.config), "stage": "reward"}, paths[-1])
+    loaded = reward.load_reward_models(",".join(paths), reduce="min")
+    assert isinstance(loaded, reward.RewardEnsemble) and len(loaded.members) == 3
+    assert torch.allclose(reward.score(loaded, prompts, responses), each.min(0).values, atol=1e-6)
+    assert isinstance(reward.load_reward_models(paths[0]), reward.RewardModel)
+    with pytest.raises(ValueError, match="mean or min"):
+        reward.RewardEnsemble(members, "median")
+
+
 # ----------------------------------------------------------------------------- batches
 
 def test_batches_keep_a_prompts_pairs_together_and_score_each_response_once():
