@@ -358,6 +358,7 @@ def plot_optima(fit, png_path):
                     label=f"approach 3: {name} ∝ C^{p['a' if key == 'n_opt' else 'b']:.2f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap within a decade
         ax.set_xlabel("compute C = 6ND (FLOPs)")
         ax.set_ylabel(f"{name} ({'parameters' if key == 'n_opt' else 'tokens'})")
         ax.legend(fontsize=7)
