@@ -108,6 +108,14 @@ bench: $(INSTALL)
 clean:
 	rm -rf $(OUT)
 
+# Scaling laws (README, "Scaling laws, measured"): Chinchilla's IsoFLOP sweep of small GPTs, refitted. Its own corpus:
+# the same text under a 512-token vocabulary (with 4,096 tokens the embedding is most of every model this small and
+# its softmax most of the time). SCALING_ARGS="--budgets 1e11,3e11 --sizes 1:24:2,2:32:2,2:48:3" for another sweep.
+.PHONY: scaling
+scaling: $(INSTALL)
+	$(PY) -m data.prepare --out $(RUNS)/scaling/data --vocab-size 512 $(SCALING_DATA_ARGS)
+	$(PY) -m experiments.scaling_laws --data-dir $(RUNS)/scaling/data --run-dir $(RUNS)/scaling $(SCALING_ARGS)
+
 # Classroom assignments (README, "For teachers"): a student copy of the project with the marked function
 # bodies removed, and the grader's score table.  make student DEST=../hw1 [ASSIGN=get_lr,perplexity]
 .PHONY: student grade

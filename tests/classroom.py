@@ -52,6 +52,9 @@ GRADERS = {
     "get_lr": ["tests/test_train_gpt.py::test_lr_schedule_endpoints_and_shape"],
     "perplexity": ["tests/test_train_gpt.py::test_perplexity_and_bits_per_byte"],
     "training_flops": ["tests/test_train_gpt.py::test_flop_formulas"],
+    "isoflop_minimum": ["tests/test_scaling_laws.py::test_isoflop_minimum_by_hand",
+                        "tests/test_scaling_laws.py::test_isoflop_minimum_recovers_the_vertex_of_a_parabola_in_log_n",
+                        "tests/test_scaling_laws.py::test_isoflop_minimum_refuses_a_curve_without_a_minimum"],
     # kernels and model parallelism (seed 1.7)
     "forward_over_key_tiles": ["tests/test_flash_attention.py::test_flash_forward_matches_loops"],
     "column_parallel_linear": ["tests/test_parallel.py::test_column_parallel_linear_matches_the_whole_layer"],

@@ -192,6 +192,16 @@ WRONG_BODIES = {
     "training_flops": """
         return 2 * n_params * n_tokens  # the forward pass only
         """,
+    "isoflop_minimum": """
+        x = np.asarray(n_params, dtype=np.float64)  # the parabola in N, not in ln N
+        y = np.asarray(losses, dtype=np.float64)
+        if len(x) < 3:
+            raise ValueError(f"an IsoFLOP parabola needs at least 3 runs, got {len(x)}")
+        c2, c1, c0 = np.polyfit(x, y, 2)
+        if c2 <= 0:
+            raise ValueError("the losses do not curve upward in ln N: no minimum inside these sizes")
+        return float(-c1 / (2 * c2)), float(c0 - c1 * c1 / (4 * c2))
+        """,
     "forward_over_key_tiles": """
         for n0 in range(start, end, BLOCK_N):
             k_rows = n0 + tl.arange(0, BLOCK_N)
