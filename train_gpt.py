@@ -44,10 +44,96 @@ from data.shards import ShardError, read_shard
 from data.stages import (RESUME_FILE, finish_stage, read_stage, stage_decision, stage_fingerprint,
                          write_stage)
 from kernels.flash_attention import naive_attention
+from settings import ConfigError, add_settings, check_ranges, runtime_flags, setting
 
 
-class ConfigError(ValueError):
-    """Bad input the user can fix: a flag out of range, a missing file, a mismatched checkpoint."""
+# =============================================================================
+# 0. Hyperparameters of pretraining: one line each — value, what it does, allowed range. The model's
+#    own (--n-layer, --n-head, --n-embd, --block-size, --dropout) are GPTConfig's fields (section 2);
+#    settings.py turns both into the `train` command's flags, range checks and runtime-flag list.
+# =============================================================================
+
+MODEL_PARALLEL = ("tp", "dp-tp", "pp", "zero1")  # --parallel strategies implemented in parallel/
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+@dataclass
+class Hyperparameters:
+    # data and output
+    data: str = setting("runs/default/data", "directory written by `python -m data.prepare`", group="data and output")
+    out: str = setting("runs/default/pretrain", "output directory: checkpoints, metrics, plot", group="data and output")
+    init_from: str = setting(None, "start from this checkpoint's weights (same config)", group="data and output")
+    # the model, beyond GPTConfig's sizes
+    no_bias: bool = setting(False, "no biases in Linear/LayerNorm layers (GPTConfig.bias = False)", group="model")
+    attention: str = setting(None, "attention implementation (default: flash on CUDA, sdpa on CPU)",
+                             choices=["naive", "sdpa", "flash"], group="model")
+    # optimisation (seed 1.8: AdamW, warmup + cosine, clipping)
+    micro_batch_size: int = setting(16, "sequences per forward/backward", check="> 0", runtime=True,
+                                    group="optimisation")
+    global_batch_size: int = setting(16, "sequences per optimizer step (accumulated)", check="> 0",
+                                     group="optimisation")
+    max_steps: int = setting(1000, "optimizer steps", check="> 0", group="optimisation")
+    lr: float = setting(3e-3, "peak learning rate", check="> 0", group="optimisation")
+    min_lr: float = setting(None, "final learning rate (default lr/10)", group="optimisation")
+    warmup_steps: int = setting(50, "linear warmup steps", group="optimisation")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices", group="optimisation")
+    beta1: float = setting(0.9, "AdamW β1", group="optimisation")
+    beta2: float = setting(0.95, "AdamW β2", group="optimisation")
+    grad_clip: float = setting(1.0, "max global gradient norm", check="> 0", group="optimisation")
+    seed: int = setting(1337, "random seed (model init and batch sampling)", group="optimisation")
+    # stability (seed 1.8): spikes, NaN, rollback, and fault injection to exercise them
+    spike_window: int = setting(50, "losses in the rolling spike-detection window", check="> 0", group="stability")
+    spike_sigmas: float = setting(3.0, "a spike is a loss above mean + this many σ", group="stability")
+    max_rollbacks: int = setting(5, "give up after this many rollbacks", group="stability")
+    rollback_lr_factor: float = setting(1.0, "multiply the LR by this after a rollback", group="stability")
+    inject_nan_at: list = setting([], "fault injection: batch numbers whose loss is NaN", type=int_list,
+                                  group="stability")
+    inject_garbage_at: list = setting([], "fault injection: batch numbers with random targets", type=int_list,
+                                      group="stability")
+    inject_rank: int = setting(-1, "fault injection only on this rank (-1: all)", group="stability")
+    # evaluation, logging, checkpoints — bookkeeping: none of these changes the trained model
+    eval_every: int = setting(100, "steps between validation evaluations", check="> 0", runtime=True,
+                              group="evaluation, logging, checkpoints")
+    eval_windows: int = setting(64, "validation windows per evaluation", check="> 0",
+                                group="evaluation, logging, checkpoints")
+    log_every: int = setting(10, "steps between progress lines", runtime=True, group="evaluation, logging, checkpoints")
+    checkpoint_every: int = setting(100, "steps between checkpoints", check="> 0", runtime=True,
+                                    group="evaluation, logging, checkpoints")
+    keep_checkpoints: int = setting(3, "how many recent checkpoints to keep", check="> 0", runtime=True,
+                                    group="evaluation, logging, checkpoints")
+    resume: bool = setting(False, "continue from the latest checkpoint in --out (an unfinished run of the same "
+                                  "configuration is resumed even without it)", runtime=True,
+                           group="evaluation, logging, checkpoints")
+    force: bool = setting(False, "train again even if --out holds a finished run of this configuration", runtime=True,
+                          group="evaluation, logging, checkpoints")
+    peak_flops: float = setting(None, "peak FLOP/s for MFU (default: from the GPU's name)", runtime=True,
+                                group="evaluation, logging, checkpoints")
+    # parallelism and speed (seed 1.7) — how the same step is computed, not what it computes
+    parallel: str = setting("none", "under torchrun: data parallelism (DDP, FSDP2 = ZeRO-3, DDP's all-reduce written "
+                                    "by hand), or from parallel/: tensor (tp), pipeline (pp), ZeRO-1 by hand (zero1), "
+                                    "data × tensor (dp-tp)", choices=["none", "ddp", "fsdp", "manual", *MODEL_PARALLEL],
+                            runtime=True, group="parallelism and speed")
+    tp: int = setting(None, "ranks per tensor-parallel group (tp: all of them; dp-tp: a divisor of the world size, "
+                            "the rest is data parallelism)", runtime=True, group="parallelism and speed")
+    pp: int = setting(None, "pipeline stages under --parallel pp (one per rank: the world size)", runtime=True,
+                      group="parallelism and speed")
+    micro_batches: int = setting(None, "pp: micro-batches per step through the pipeline (sets the micro-batch size "
+                                       "to global batch / M; default global / --micro-batch-size)", runtime=True,
+                                 group="parallelism and speed")
+    powersgd_rank: int = setting(0, "ddp: compress gradients with PowerSGD of this rank (0: off; lossy)",
+                                 group="parallelism and speed")
+    powersgd_start_step: int = setting(10, "ddp with PowerSGD: all-reduce uncompressed for this many steps first "
+                                           "(at least 2)", group="parallelism and speed")
+    compile: bool = setting(False, "torch.compile the model", runtime=True, group="parallelism and speed")
+    compile_backend: str = setting("inductor", "torch.compile backend with --compile: inductor (generates fused "
+                                               "kernels), or e.g. aot_eager (traces forward and backward, generates "
+                                               "nothing: a quick check that the model compiles)", runtime=True,
+                                   group="parallelism and speed")
+    device: str = setting("auto", "cpu, cuda, cuda:1, … (auto: cuda if available)", runtime=True,
+                          group="parallelism and speed")
 
 
 # =============================================================================
@@ -170,13 +256,15 @@ def unigram_loss(train_tokens, val_tokens, vocab_size):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 4102     # tokens in the vocabulary (our 4,096 BPE tokens + 6 special tokens)
-    block_size: int = 256      # longest context the position embedding covers
-    n_layer: int = 4           # transformer blocks
-    n_head: int = 4            # attention heads per block
-    n_embd: int = 128          # residual stream width d
-    dropout: float = 0.0       # dropout on attention output and MLP output (0 for pretraining)
-    bias: bool = True          # biases in Linear and LayerNorm, as in GPT-2
+    vocab_size: int = 4102     # tokens in the vocabulary (our 4,096 BPE tokens + 6 special tokens); from the data
+    block_size: int = setting(256, "context length T: the longest context the position embedding covers", check="> 0",
+                              group="model")
+    n_layer: int = setting(4, "transformer blocks L", check="> 0", group="model")
+    n_head: int = setting(4, "attention heads per block", check="> 0", group="model")
+    n_embd: int = setting(128, "residual stream width d", check="> 0", group="model")
+    dropout: float = setting(0.0, "dropout on attention and MLP outputs (0 for pretraining)", check="[0, 1)",
+                             group="model")
+    bias: bool = True          # biases in Linear and LayerNorm, as in GPT-2 (the flag is --no-bias)
     attention: str = "sdpa"    # naive | sdpa | flash — how attention is computed; not part of the maths
 
     # Fields that change how the model computes but not what its weights mean.
@@ -785,8 +873,6 @@ class SpikeDetector:
 # strategy per file; the loop below reaches them through a "plan" (parallel/common.py).
 # =============================================================================
 
-MODEL_PARALLEL = ("tp", "dp-tp", "pp", "zero1")  # --parallel strategies implemented in parallel/
-
 def memory_per_gpu(n_params, world_size, strategy):
     """Bytes of model state per GPU for mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020).
 
@@ -1162,14 +1248,7 @@ def unwrap(model):
 
 def validate_train_args(args):
     """One clear error per out-of-range flag, before any work starts."""
-    positive = ["n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "global_batch_size",
-                "max_steps", "lr", "eval_every", "eval_windows", "checkpoint_every", "keep_checkpoints",
-                "spike_window", "grad_clip"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    if not 0 <= args.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    check_ranges(args, GPTConfig, Hyperparameters)
     if not 0 <= args.warmup_steps <= args.max_steps:
         raise ConfigError(f"--warmup-steps must be in [0, --max-steps] (got {args.warmup_steps})")
     if args.n_embd % args.n_head:
@@ -1231,9 +1310,7 @@ def pick_device(name):
 
 # Flags that change only speed, memory, logging or bookkeeping, not the trained model: left out of
 # the stage fingerprint, so changing them neither re-trains nor blocks a resume.
-TRAIN_RUNTIME_FLAGS = {"command", "device", "parallel", "micro_batch_size", "compile", "compile_backend", "log_every",
-                       "eval_every", "checkpoint_every", "keep_checkpoints", "resume", "force", "peak_flops", "tp", "pp",
-                       "micro_batches"}
+TRAIN_RUNTIME_FLAGS = runtime_flags(GPTConfig, Hyperparameters) | {"command"}
 
 
 def train(args):
@@ -1630,72 +1707,14 @@ def verify_hf_export(out_dir, model, enc):
         sys.exit(f"error: export-hf --verify: {out_dir} differs from the checkpoint ({failures[0]})")
 
 
-def int_list(text):
-    return [int(x) for x in text.split(",") if x]
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="pretrain a GPT on token shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", default="runs/default/data", help="directory written by `python -m data.prepare`")
-    t.add_argument("--out", default="runs/default/pretrain", help="output directory: checkpoints, metrics, plot")
-    t.add_argument("--n-layer", type=int, default=4, help="transformer blocks L")
-    t.add_argument("--n-head", type=int, default=4, help="attention heads per block")
-    t.add_argument("--n-embd", type=int, default=128, help="residual stream width d")
-    t.add_argument("--block-size", type=int, default=256, help="context length T")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
-    t.add_argument("--no-bias", action="store_true", help="no biases in Linear/LayerNorm layers")
-    t.add_argument("--attention", choices=["naive", "sdpa", "flash"], default=None,
-                   help="attention implementation (default: flash on CUDA, sdpa on CPU)")
-    t.add_argument("--parallel", choices=["none", "ddp", "fsdp", "manual", *MODEL_PARALLEL], default="none",
-                   help="under torchrun: data parallelism (DDP, FSDP2 = ZeRO-3, DDP's all-reduce written by hand), "
-                   "or from parallel/: tensor (tp), pipeline (pp), ZeRO-1 by hand (zero1), data × tensor (dp-tp)")
-    t.add_argument("--tp", type=int, default=None, help="ranks per tensor-parallel group (tp: all of them; "
-                   "dp-tp: a divisor of the world size, the rest is data parallelism)")
-    t.add_argument("--pp", type=int, default=None, help="pipeline stages under --parallel pp (one per rank: "
-                   "the world size)")
-    t.add_argument("--micro-batches", type=int, default=None, help="pp: micro-batches per step through the "
-                   "pipeline (sets the micro-batch size to global batch / M; default global / --micro-batch-size)")
-    t.add_argument("--powersgd-rank", type=int, default=0, help="ddp: compress gradients with PowerSGD of this "
-                   "rank (0: off; lossy)")
-    t.add_argument("--powersgd-start-step", type=int, default=10, help="ddp with PowerSGD: all-reduce uncompressed "
-                   "for this many steps first (at least 2)")
-    t.add_argument("--init-from", default=None, help="start from this checkpoint's weights (same config)")
-    t.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
-    t.add_argument("--global-batch-size", type=int, default=16, help="sequences per optimizer step (accumulated)")
-    t.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    t.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
-    t.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
-    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    t.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
-    t.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
-    t.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
-    t.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
-    t.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
-    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    t.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (an unfinished "
-                   "run of the same configuration is resumed even without it)")
-    t.add_argument("--force", action="store_true", help="train again even if --out holds a finished run of this configuration")
-    t.add_argument("--spike-window", type=int, default=50, help="losses in the rolling spike-detection window")
-    t.add_argument("--spike-sigmas", type=float, default=3.0, help="a spike is a loss above mean + this many σ")
-    t.add_argument("--max-rollbacks", type=int, default=5, help="give up after this many rollbacks")
-    t.add_argument("--rollback-lr-factor", type=float, default=1.0, help="multiply the LR by this after a rollback")
-    t.add_argument("--inject-nan-at", type=int_list, default=[], help="fault injection: batch numbers whose loss is NaN")
-    t.add_argument("--inject-garbage-at", type=int_list, default=[], help="fault injection: batch numbers with random targets")
-    t.add_argument("--inject-rank", type=int, default=-1, help="fault injection only on this rank (-1: all)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend with --compile: inductor (generates fused kernels), or e.g. aot_eager "
-                        "(traces forward and backward, generates nothing: a quick check that the model compiles)")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
-    t.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: from the GPU's name)")
-    t.add_argument("--seed", type=int, default=1337, help="random seed (model init and batch sampling)")
+    add_settings(t, GPTConfig)
+    add_settings(t, Hyperparameters)
     t.set_defaults(func=train)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
