@@ -91,7 +91,7 @@ def add_settings(parser, cls, names=None):
             if meta["group"] not in groups:
                 groups[meta["group"]] = parser.add_argument_group(meta["group"])
             target = groups[meta["group"]]
-        kwargs = {"default": default_of(f), "help": meta["help"]}
+        kwargs = {"default": default_of(f), "help": meta["help"].replace("%", "%%")}  # argparse formats help with %
         if meta["flag"]:
             kwargs["dest"] = f.name
         if meta["action"]:
