@@ -32,7 +32,10 @@ The file reads top to bottom:
     5. Evaluation      held-out reward accuracy, KL(π_θ ‖ π_ref) on the policy's own samples,
                        gold score and win rate against the SFT model                    (4.6)
     6. The frontier    gold score against KL, DPO's β sweep beside PPO's run             (4.4)
-    7. Command line
+    7. Putting it together   the stage (preferences found or built, train, evaluate), the β sweep,
+                       the command line
+
+Its settings are declared once, in `Hyperparameters` at the top (value, help, range; settings.py).
 
 Usage:
     python dpo.py --sft runs/default/sft/model.pt --out runs/default/dpo
@@ -292,6 +295,7 @@ def kto_loss(policy_logps, reference_logps, is_desirable, reference_point, beta=
 # =============================================================================
 # 2. Data: preference pairs and unpaired examples
 # =============================================================================
+# ── first reading: skip to section 3 (preference files, KTO examples) ──
 #
 # Paired: the reward model's files, read by reward.load_preferences (same formats, same FILE:LINE
 # errors): {"prompt", "chosen", "rejected"}, {"prompt", "responses", "ranking"}, or HH-RLHF-style
@@ -711,6 +715,7 @@ def evaluate_policy(policy, reference, enc, tasks, baseline, args, run):
 # =============================================================================
 # 6. The frontier: gold score against KL, DPO beside PPO (seed 4.4; DPO paper, figure 2)
 # =============================================================================
+# ── first reading: skip to section 7 (the frontier plot) ──
 #
 # A PPO run directory holds metrics.jsonl; every line with both keys below is one point (other
 # lines are ignored), in iteration order:

@@ -1092,6 +1092,7 @@ def beta_sweep(args):
 # =============================================================================
 # 10. Plots
 # =============================================================================
+# ── first reading: skip to the end (plots, the command line) ──
 
 def smooth(values, window=5):
     """Trailing moving average (rollout statistics are noisy from one iteration to the next)."""

@@ -23,7 +23,10 @@ The trained r_φ is what PPO maximises (ppo.py, 3.4). The file reads top to bott
     6. Training          AdamW, warmup + cosine, clipping, best checkpoint, reward shift
     7. Evaluation        accuracy vs noisy and clean labels, correlation with the gold
                          score, calibration, reward histograms
-    8. Command line
+    8. Best-of-n         r_φ at inference: best-of-n sampling, over-optimisation against KL  (3.5)
+    9. Command line
+
+Its settings are declared once, in `Hyperparameters` at the top (value, help, range; settings.py).
 
 Later stages import from here: `load_preferences`, `write_preferences`, `pair_ids`,
 `split_by_prompt`, `ranking_to_pairs`, `build_preference_data`, `load_reward_model`, `score`,
@@ -257,6 +260,7 @@ def build_preference_data(model, enc, tasks, k=Hyperparameters.k, label_noise=Hy
 # =============================================================================
 # 2. Preference files: the ecosystem's JSONL formats, validated (seed 3.2)
 # =============================================================================
+# ── first reading: skip to section 3 (reading and validating preference files) ──
 #
 #   {"prompt": x, "chosen": y_w, "rejected": y_l, …}            pairs (TRL; our own files)
 #   {"chosen": conversation, "rejected": conversation}         implicit prompt (HH-RLHF, TRL)
@@ -769,6 +773,7 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
 # =============================================================================
 # 7. Evaluation
 # =============================================================================
+# ── first reading: skip to section 8 (evaluation tables and plots: accuracy, calibration, reward vs gold) ──
 
 def pearson(a, b):
     """Pearson correlation Σ(a−ā)(b−b̄) / √(Σ(a−ā)² Σ(b−b̄)²); None if either is constant."""
@@ -1139,6 +1144,7 @@ def plot_overoptimization(result, png_path):
 # =============================================================================
 # 9. Command line
 # =============================================================================
+# ── first reading: skip to the end (the command line) ──
 
 def validate_args(args):
     """One clear error per out-of-range flag, before any work starts: the declared ranges, then the

@@ -19,6 +19,7 @@ top to bottom:
     7. Chat            an interactive terminal chat, tokens streamed
     8. Command line
 
+Its settings are declared once, in `Hyperparameters` at the top (value, help, range; settings.py).
 Later stages import from here: `render_chat`, `render_prompt`, `chat_tokens`, `sequence_logprobs`,
 `token_logprobs`, `shift_targets`, `collate_examples`, `generate_responses`, `evaluate_tasks`.
 
@@ -791,6 +792,8 @@ def train_sft(args):
     print(f"saved {model_path} (best val loss {best['val_loss']:.4f}), eval.json, sft.png in {wall:.0f}s")
     return summary
 
+
+# ── first reading: skip to the end (printing and plots; then evaluation, chat, the command line) ──
 
 def print_packing_and_schedule(batches, n_conversations, block_size, schedule, args):
     rows = sum(len(b.inputs) for b in batches)
