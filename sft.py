@@ -731,15 +731,7 @@ def train_sft(args):
     decision = begin_stage(args.out, "sft", fingerprint, args.force)
     resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
 
-    # Every epoch reshuffles and repacks; the batches are built up front so that the LR schedule
-    # knows the total number of steps.
-    epochs = [make_batches(train_examples, block_size, args.batch_size, pad, not args.no_packing, seed=args.seed + e)
-              for e in range(args.epochs)]
-    val_batches = make_batches(val_examples, block_size, args.batch_size, pad, not args.no_packing)
-    total_steps = min(sum(map(len, epochs)), args.max_steps or math.inf)
-    schedule = {"total_steps": total_steps, "warmup_steps": round(args.warmup_ratio * total_steps),
-                "eval_every": max(1, math.ceil(len(epochs[0]) / args.evals_per_epoch))}
-    print_packing_and_schedule(epochs[0], len(train_examples), block_size, schedule, args)
+    epochs, val_batches, schedule = epochs_and_schedule(train_examples, val_examples, block_size, pad, args)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     evaluation = {}
@@ -778,22 +770,41 @@ def train_sft(args):
             for name, result in evaluation.items():
                 log_line(metrics, {"event": "eval_tasks", "model": name, "step": best["step"] if name == "sft" else 0,
                                    **{k: v for k, v in result.items() if k != "examples"}})
+    return finish_sft(args, fingerprint, started, evaluation, len(heldout), best, steps, stop_reason, device)
+
+
+# ── first reading: skip to the end (printing and plots; then evaluation, chat, the command line) ──
+
+def epochs_and_schedule(train_examples, val_examples, block_size, pad, args):
+    """The packed batches of every epoch, the validation batches, and the LR/evaluation schedule.
+    Every epoch reshuffles and repacks; the batches are built up front so that the LR schedule
+    knows the total number of steps."""
+    epochs = [make_batches(train_examples, block_size, args.batch_size, pad, not args.no_packing, seed=args.seed + e)
+              for e in range(args.epochs)]
+    val_batches = make_batches(val_examples, block_size, args.batch_size, pad, not args.no_packing)
+    total_steps = min(sum(map(len, epochs)), args.max_steps or math.inf)
+    schedule = {"total_steps": total_steps, "warmup_steps": round(args.warmup_ratio * total_steps),
+                "eval_every": max(1, math.ceil(len(epochs[0]) / args.evals_per_epoch))}
+    print_packing_and_schedule(epochs[0], len(train_examples), block_size, schedule, args)
+    return epochs, val_batches, schedule
+
+
+def finish_sft(args, fingerprint, started, evaluation, n_heldout, best, steps, stop_reason, device):
+    """eval.json (the base and SFT scores, the best step), sft.png, and stage.json marked complete."""
     wall = time.time() - started
-    summary = {**evaluation, "heldout_tasks": len(heldout), "best_step": best["step"],
+    summary = {**evaluation, "heldout_tasks": n_heldout, "best_step": best["step"],
                "best_val_loss": best["val_loss"], "steps": steps, "stop_reason": stop_reason,
                "wall_seconds": round(wall, 1), "device": str(device)}
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_sft(metrics_path, os.path.join(args.out, "sft.png"))
+    plot_sft(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "sft.png"))
     finish_stage(args.out, "sft", fingerprint, started,
-                 {"base_gold": evaluation["base"]["mean_score"] if heldout else None,
-                  "sft_gold": evaluation["sft"]["mean_score"] if heldout else None,
+                 {"base_gold": evaluation["base"]["mean_score"] if n_heldout else None,
+                  "sft_gold": evaluation["sft"]["mean_score"] if n_heldout else None,
                   "best_val_loss": best["val_loss"], "best_step": best["step"], "steps": steps})
-    print(f"saved {model_path} (best val loss {best['val_loss']:.4f}), eval.json, sft.png in {wall:.0f}s")
+    print(f"saved {os.path.join(args.out, 'model.pt')} (best val loss {best['val_loss']:.4f}), eval.json, "
+          f"sft.png in {wall:.0f}s")
     return summary
-
-
-# ── first reading: skip to the end (printing and plots; then evaluation, chat, the command line) ──
 
 def print_packing_and_schedule(batches, n_conversations, block_size, schedule, args):
     rows = sum(len(b.inputs) for b in batches)
