@@ -83,12 +83,14 @@ from train_gpt import (ConfigError, atomic_save, load_checkpoint, load_resume_po
 # 1. Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags)
 # =============================================================================
 
-REWARD_MODEL = "runs/default/reward/model.pt"  # --reward-model's value when PPO trains on r_φ (None lets --beta-sweep train its own)
+# --reward-model's value when PPO trains on r_φ (left None, --beta-sweep trains a length-biased one of its own)
+REWARD_MODEL = "runs/default/reward/model.pt"
 
 
 @dataclass
 class Hyperparameters:
-    sft: str = setting("runs/default/sft/model.pt", "π_SFT: initialises the policy π_θ and is the frozen reference π_ref")
+    sft: str = setting("runs/default/sft/model.pt", "π_SFT: initialises the policy π_θ and is the frozen "
+                                                    "reference π_ref")
     reward_model: str = setting(None, f"r_φ from reward.py, also the critic's start (default {REWARD_MODEL}; with "
                                       f"--beta-sweep and no value, a length-biased one is trained first)")
     out: str = setting("runs/default/ppo", "output directory: model.pt, metrics.jsonl, ppo.png, eval.json")
@@ -128,8 +130,8 @@ class Hyperparameters:
                               group="update")
     value_clip: float = setting(0.2, "the critic's new values stay within ± this of the rollout's", check="> 0",
                                 group="update")
-    entropy_coef: float = setting(0.0, "c₂: entropy bonus (0: the KL to π_ref already keeps diversity)", check="≥ 0",
-                                  group="update")
+    entropy_coef: float = setting(0.0, "c₂: entropy bonus (0: the KL to π_ref already keeps diversity)",
+                                  check="≥ 0", group="update")
     lr: float = setting(3e-5, "policy learning rate (SFT used 1e-3: RL steps must be small)", check="> 0",
                         group="update")
     value_lr: float = setting(1e-4, "critic learning rate (PPO)", group="update")

@@ -117,8 +117,8 @@ class Hyperparameters:
     # parallelism and speed (seed 1.7) — how the same step is computed, not what it computes
     parallel: str = setting("none", "under torchrun: data parallelism (DDP, FSDP2 = ZeRO-3, DDP's all-reduce written "
                                     "by hand), or from parallel/: tensor (tp), pipeline (pp), ZeRO-1 by hand (zero1), "
-                                    "data × tensor (dp-tp)", choices=["none", "ddp", "fsdp", "manual", *MODEL_PARALLEL],
-                            runtime=True, group="parallelism and speed")
+                                    "data × tensor (dp-tp)",
+                            choices=["none", "ddp", "fsdp", "manual", *MODEL_PARALLEL], runtime=True, group="parallelism and speed")
     tp: int = setting(None, "ranks per tensor-parallel group (tp: all of them; dp-tp: a divisor of the world size, "
                             "the rest is data parallelism)", runtime=True, group="parallelism and speed")
     pp: int = setting(None, "pipeline stages under --parallel pp (one per rank: the world size)", runtime=True,
@@ -1289,7 +1289,8 @@ def set_up_run(args, ctx):
         run.optimizer = unwrap(run.model).configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2),
                                                               run.device.type)
     # The ranks that read different rows of the batch (under TP, one TP group reads the same rows).
-    run.data_rank, run.data_world = (run.plan.data_rank, run.plan.data_world) if run.plan else (ctx.rank, ctx.world_size)
+    run.data_rank, run.data_world = ((run.plan.data_rank, run.plan.data_world) if run.plan
+                                     else (ctx.rank, ctx.world_size))
     run.grad_accum = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, run.data_world)
     run.dropout_rank = run.plan.dropout_rank if run.plan else ctx.rank
     torch.manual_seed(args.seed + run.dropout_rank)  # different dropout masks on different ranks
@@ -1362,7 +1363,8 @@ def print_run_plan(args, ctx, run):
     say(f"run: D={total_tokens:,} tokens, C=6ND={compute:.3g} FLOPs, {total_tokens / run.n_params:.1f} "
         f"tokens/parameter (Chinchilla-optimal at this C: N*={n_opt:,.0f}, D*={d_opt:,.0f})")
     say(f"parallel: {run.strategy} on {ctx.world_size} rank(s), grad accumulation {run.grad_accum}; "
-        f"{parallel_costs(run.strategy, config, run.model, run.n_all, ctx.world_size, args.tp, run.tokens_per_step // run.data_world)}")
+        + parallel_costs(run.strategy, config, run.model, run.n_all, ctx.world_size, args.tp,
+                         run.tokens_per_step // run.data_world))
     say(f"unigram baseline val loss {run.unigram:.3f}; device {run.device}, attention {config.attention}")
     run.peak = args.peak_flops or device_peak_flops(run.device)
     run.flops_per_tok = flops_per_token(run.n_params, config.n_layer, config.block_size, config.n_embd)
@@ -1387,7 +1389,8 @@ def evaluate_step(args, run, step):
     record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
               "val_bpb": bits_per_byte(val_loss, 1, run.val_bytes_per_token), "unigram_loss": run.unigram}
     run.log(record)
-    run.say(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, bits/byte {record['val_bpb']:.3f}")
+    run.say(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, "
+            f"bits/byte {record['val_bpb']:.3f}")
     return val_loss
 
 

@@ -56,7 +56,8 @@ def all_surfaces():
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--record"]:
-        sys.exit("usage: python tests/cli_surface.py --record   (overwrites the fixture: only when a flag is meant to change)")
+        sys.exit("usage: python tests/cli_surface.py --record   "
+                 "(overwrites the fixture: only when a flag is meant to change)")
     with open(FIXTURE, "w") as f:
         json.dump(all_surfaces(), f, indent=1, sort_keys=True, ensure_ascii=False)
         f.write("\n")
