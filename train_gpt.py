@@ -73,7 +73,7 @@ class Hyperparameters:
     no_bias: bool = setting(False, "no biases in Linear/LayerNorm layers (GPTConfig.bias = False)", group="model")
     attention: str = setting(None, "attention implementation (default: flash on CUDA, sdpa on CPU)",
                              choices=["naive", "sdpa", "flash"], group="model")
-    # optimisation (seed 1.8: AdamW, warmup + cosine, clipping)
+    # optimisation: AdamW; warmup + cosine LR and gradient clipping are seed 1.8's
     micro_batch_size: int = setting(16, "sequences per forward/backward", check="> 0", runtime=True,
                                     group="optimisation")
     global_batch_size: int = setting(16, "sequences per optimizer step (accumulated)", check="> 0",
