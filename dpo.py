@@ -32,7 +32,10 @@ The file reads top to bottom:
     5. Evaluation      held-out reward accuracy, KL(π_θ ‖ π_ref) on the policy's own samples,
                        gold score and win rate against the SFT model                    (4.6)
     6. The frontier    gold score against KL, DPO's β sweep beside PPO's run             (4.4)
-    7. Command line
+    7. Putting it together   the stage (preferences found or built, train, evaluate), the β sweep,
+                       the command line
+
+Its settings are declared once, in `Hyperparameters` at the top (value, help, range; settings.py).
 
 Usage:
     python dpo.py --sft runs/default/sft/model.pt --out runs/default/dpo
@@ -57,37 +60,92 @@ import torch.nn.functional as F
 
 from data.errors import DataError
 from data.tasks import generate_tasks
-from reward import (K, LABEL_NOISE, NUM_PROMPTS, build_preference_data, load_preferences, prompt_messages,
-                    response_text, split_by_prompt, write_preferences)
+from reward import (Hyperparameters as RewardHyperparameters, build_preference_data, load_preferences,
+                    prompt_messages, response_text, split_by_prompt, write_preferences)
 from sft import (chat_tokens, collate_examples, comma_list, evaluate_tasks, heldout_tasks, jsonl_records,
                  load_chat_model, render_chat, render_prompt, sampled_evaluation, sequence_logprobs)
 from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_decision, stage_fingerprint
+from settings import build_parser_from, check_ranges, runtime_flags, setting
 from train_gpt import (ConfigError, atomic_save, get_lr, load_resume_point, log_line, pick_device, random_state,
                        read_metrics, save_resume_point, set_random_state, truncate_metrics)
 
-# Defaults (all overridable on the command line; see build_parser).
-SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: the starting policy π_θ and the frozen π_ref
-OUT = "runs/default/dpo"            # run directory: model.pt, metrics.jsonl, eval.json, dpo.png
+# Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")  # --loss choices: DPO and the variants of seed 4.5
 BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.0, "kto": 0.1}  # per-loss β (DPO/IPO/KTO papers; SimPO's β≈2; ORPO has none)
-SIMPO_GAMMA = 1.0                   # SimPO target margin γ (the paper's γ/β ≈ 0.5)
-ORPO_LAMBDA = 0.1                   # ORPO weight λ of the odds-ratio term (the paper's default)
-KTO_DESIRABLE_WEIGHT = 1.0          # KTO λ_D
-KTO_UNDESIRABLE_WEIGHT = 1.0        # KTO λ_U
-EPOCHS = 1                          # passes over the pairs (1-3 is usual; a 2nd pass over our noisy labels raised KL, not gold)
-BATCH_SIZE = 16                     # preference pairs (or KTO examples) per optimizer step
-LR = 3e-5                           # peak LR, by experiment on the default model: 3e-4 collapses, 1e-4 drifts (KL 2+ nats)
-WARMUP_RATIO = 0.1                  # share of the steps spent in linear warmup
-WEIGHT_DECAY = 0.0                  # AdamW weight decay on matrices
-GRAD_CLIP = 1.0                     # max global gradient norm
-VAL_FRACTION = 0.1                  # share of --data held out when no validation file is given
-EVALS_PER_EPOCH = 4                 # held-out preference evaluations per epoch
-EVAL_TASKS = 200                    # held-out task prompts for KL, gold score and win rate
-MAX_NEW_TOKENS = 32                 # longest generated reply
-SEED = 1337                         # data order, KTO mismatched pairs, sampling
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
-# Not --eval-batch-size: it cuts sampling into batches (the evaluation's, a built preference set's), changing the draws.
-RUNTIME_FLAGS = {"device", "log_every", "checkpoint_every", "force"}
+DATA_GROUP, LOSS_GROUP, EVAL_GROUP = "models and data", "the objective", "evaluation and the frontier"
+
+
+def float_list(text):
+    return comma_list(float)(text)
+
+
+@dataclass
+class Hyperparameters:
+    # models and data
+    sft: str = setting("runs/default/sft/model.pt", "SFT checkpoint: the starting policy π_θ and the frozen "
+                                                    "reference π_ref", group=DATA_GROUP)
+    out: str = setting("runs/default/dpo", "run directory: model.pt, metrics.jsonl, eval.json, dpo.png (and the "
+                                           "sweep's frontier.png)", group=DATA_GROUP)
+    data: str = setting(None, "preference JSONL {prompt, chosen, rejected} or, for KTO, {prompt, completion, label} "
+                              "(default: the reward run's preferences_train.jsonl, else one built into --out)",
+                        group=DATA_GROUP)
+    val_data: str = setting(None, "held-out preference pairs (default: a split of --data by prompt)", group=DATA_GROUP)
+    reward_run: str = setting(None, "reward run directory with preferences_{train,val}.jsonl (default: <run>/reward "
+                                    "next to the SFT directory)", group=DATA_GROUP)
+    val_fraction: float = setting(0.1, "share of --data's prompts held out when no validation file is given",
+                                  check="(0, 1)", group=DATA_GROUP)
+    num_prompts: int = setting(RewardHyperparameters.num_prompts, "train-split task prompts when the preference set "
+                               "must be built (as reward.py)", check="> 0", group=DATA_GROUP)
+    k: int = setting(RewardHyperparameters.k, "SFT responses sampled and ranked per prompt for that set",
+                     check="> 0", group=DATA_GROUP)
+    label_noise: float = setting(RewardHyperparameters.label_noise, "probability that the simulated labeler flips a "
+                                 "pair in that set", check="[0, 0.5)", group=DATA_GROUP)
+    families: list = setting(None, "task families for built data and evaluation, e.g. arith,sort",
+                             type=comma_list(str), group=DATA_GROUP)
+    levels: list = setting(None, "task levels for built data and evaluation, e.g. 1,2", type=comma_list(int),
+                           group=DATA_GROUP)
+    # the objective (seed 4.3, 4.5)
+    loss: str = setting("dpo", "the objective: DPO (seed 4.3) or a variant (4.5)", choices=LOSSES, group=LOSS_GROUP)
+    beta: float = setting(None, f"β (default per loss: {BETA}); IPO's τ; unused by ORPO", group=LOSS_GROUP)
+    simpo_gamma: float = setting(1.0, "SimPO target reward margin γ (the paper's γ/β ≈ 0.5)", group=LOSS_GROUP)
+    orpo_lambda: float = setting(0.1, "ORPO weight λ of the odds-ratio term (the paper's default)", check="≥ 0",
+                                 group=LOSS_GROUP)
+    kto_desirable_weight: float = setting(1.0, "KTO λ_D", check="≥ 0", group=LOSS_GROUP)
+    kto_undesirable_weight: float = setting(1.0, "KTO λ_U", check="≥ 0", group=LOSS_GROUP)
+    # training
+    epochs: int = setting(1, "passes over the training pairs (1-3 is usual; a 2nd pass over our noisy labels raised "
+                             "KL, not gold)", check="> 0", group="training")
+    max_steps: int = setting(None, "stop after this many steps (default: all epochs)", check="≥ 0", group="training")
+    batch_size: int = setting(16, "pairs (KTO: examples) per optimizer step", check="> 0", group="training")
+    lr: float = setting(3e-5, "peak learning rate, by experiment on the default model: 3e-4 collapses, 1e-4 drifts "
+                              "(KL 2+ nats)", check="> 0", group="training")
+    min_lr: float = setting(None, "final learning rate of the cosine (default lr/10)", group="training")
+    warmup_ratio: float = setting(0.1, "share of the steps spent in linear warmup", check="[0, 1)", group="training")
+    weight_decay: float = setting(0.0, "AdamW weight decay on matrices", check="≥ 0", group="training")
+    grad_clip: float = setting(1.0, "max global gradient norm", check="> 0", group="training")
+    evals_per_epoch: int = setting(4, "held-out preference evaluations per epoch", check="> 0", group="training")
+    log_every: int = setting(20, "steps between progress lines", check="> 0", runtime=True, group="training")
+    checkpoint_every: int = setting(None, "steps between resume points (default: at every evaluation); a rerun "
+                                          "after an interruption continues from the last one", check="≥ 0",
+                                    runtime=True, group="training")
+    force: bool = setting(False, "train again even if --out holds a finished run of this configuration",
+                          runtime=True, group="training")
+    device: str = setting("auto", "cpu, cuda, cuda:1, … (auto: cuda if available)", runtime=True, group="training")
+    seed: int = setting(1337, "seed for data order, KTO mismatches and sampling", group="training")
+    # evaluation and the frontier (seed 4.4, 4.6)
+    eval_tasks: int = setting(200, "held-out prompts for KL, gold score, win rate (0: skip)", check="≥ 0",
+                              group=EVAL_GROUP)
+    # Not runtime: it cuts sampling into batches (the evaluation's, a built preference set's), changing the draws.
+    eval_batch_size: int = setting(64, "prompts generated in parallel", check="> 0", group=EVAL_GROUP)
+    max_new_tokens: int = setting(32, "longest generated reply in tokens", check="> 0", group=EVAL_GROUP)
+    beta_sweep: list = setting(None, "train one policy per β (out/beta_<β>/) and plot gold score against KL "
+                                     "(frontier.png)", type=float_list, metavar="B1,B2,…", group=EVAL_GROUP)
+    ppo_run: str = setting(None, "PPO run directory whose metrics.jsonl has per-iteration 'kl' and 'gold_score': "
+                                 "its points join the frontier", metavar="DIR", group=EVAL_GROUP)
+
+
+# The flags left out of the stage fingerprint (data.stages.stage_fingerprint): speed, printing, bookkeeping.
+RUNTIME_FLAGS = runtime_flags(Hyperparameters)
 
 
 # =============================================================================
@@ -237,6 +295,7 @@ def kto_loss(policy_logps, reference_logps, is_desirable, reference_point, beta=
 # =============================================================================
 # 2. Data: preference pairs and unpaired examples
 # =============================================================================
+# ── first reading: skip to section 3 (preference files, KTO examples) ──
 #
 # Paired: the reward model's files, read by reward.load_preferences (same formats, same FILE:LINE
 # errors): {"prompt", "chosen", "rejected"}, {"prompt", "responses", "ranking"}, or HH-RLHF-style
@@ -677,6 +736,7 @@ def evaluate_policy(policy, reference, enc, tasks, baseline, args, run):
 # =============================================================================
 # 6. The frontier: gold score against KL, DPO beside PPO (seed 4.4; DPO paper, figure 2)
 # =============================================================================
+# ── first reading: skip to section 7 (the frontier plot) ──
 #
 # A PPO run directory holds metrics.jsonl; every line with both keys below is one point (other
 # lines are ignored), in iteration order:
@@ -1009,32 +1069,16 @@ def beta_sweep(args, run):
     return by_method
 
 
-def float_list(text):
-    return comma_list(float)(text)
-
-
 def validate_args(args):
-    """One clear error per out-of-range flag, before any work starts."""
+    """One clear error per out-of-range flag, before any work starts: the declared ranges, then the
+    checks that involve two flags (β's default depends on --loss)."""
     if args.beta is None:
         args.beta = BETA[args.loss]
-    for name in ["epochs", "batch_size", "lr", "grad_clip", "evals_per_epoch", "eval_batch_size", "max_new_tokens",
-                 "log_every", "num_prompts", "k"]:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in ["eval_tasks", "weight_decay", "max_steps", "orpo_lambda", "kto_desirable_weight",
-                 "kto_undesirable_weight", "checkpoint_every"]:
-        if (getattr(args, name) or 0) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
+    check_ranges(args, Hyperparameters)
     if args.loss != "orpo" and args.beta <= 0:
         raise ConfigError(f"--beta must be > 0 for --loss {args.loss} (got {args.beta})")
     if args.beta_sweep is not None and (not args.beta_sweep or min(args.beta_sweep) <= 0):
         raise ConfigError(f"--beta-sweep must list positive β values, e.g. 0.05,0.1,0.3,1.0 (got {args.beta_sweep})")
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in (0, 1) (got {args.val_fraction})")
-    if not 0 <= args.label_noise < 0.5:
-        raise ConfigError(f"--label-noise must be in [0, 0.5) (got {args.label_noise})")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ConfigError(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
         raise ConfigError(f"--min-lr must be in [0, --lr] (got {args.min_lr})")
     if args.val_data and not args.data:
@@ -1054,58 +1098,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    io = p.add_argument_group("models and data")
-    io.add_argument("--sft", default=SFT, help="SFT checkpoint: the starting policy π_θ and the frozen reference π_ref")
-    io.add_argument("--out", default=OUT, help="run directory: model.pt, metrics.jsonl, eval.json, dpo.png (and the sweep's frontier.png)")
-    io.add_argument("--data", default=None, help="preference JSONL {prompt, chosen, rejected} or, for KTO, {prompt, "
-                                                "completion, label} (default: the reward run's preferences_train.jsonl, else one built into --out)")
-    io.add_argument("--val-data", default=None, help="held-out preference pairs (default: a split of --data by prompt)")
-    io.add_argument("--reward-run", default=None, help="reward run directory with preferences_{train,val}.jsonl "
-                                                      "(default: <run>/reward next to the SFT directory)")
-    io.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of --data's prompts held out")
-    io.add_argument("--num-prompts", type=int, default=NUM_PROMPTS, help="train-split task prompts when the preference set must be built (as reward.py)")
-    io.add_argument("--k", type=int, default=K, help="SFT responses sampled and ranked per prompt for that set")
-    io.add_argument("--label-noise", type=float, default=LABEL_NOISE, help="probability that the simulated labeler flips a pair in that set")
-    io.add_argument("--families", type=comma_list(str), default=None, help="task families for built data and evaluation, e.g. arith,sort")
-    io.add_argument("--levels", type=comma_list(int), default=None, help="task levels for built data and evaluation, e.g. 1,2")
-
-    loss = p.add_argument_group("the objective")
-    loss.add_argument("--loss", choices=LOSSES, default="dpo", help="the objective: DPO (seed 4.3) or a variant (4.5)")
-    loss.add_argument("--beta", type=float, default=None, help=f"β (default per loss: {BETA}); IPO's τ; unused by ORPO")
-    loss.add_argument("--simpo-gamma", type=float, default=SIMPO_GAMMA, help="SimPO target reward margin γ")
-    loss.add_argument("--orpo-lambda", type=float, default=ORPO_LAMBDA, help="ORPO weight λ of the odds-ratio term")
-    loss.add_argument("--kto-desirable-weight", type=float, default=KTO_DESIRABLE_WEIGHT, help="KTO λ_D")
-    loss.add_argument("--kto-undesirable-weight", type=float, default=KTO_UNDESIRABLE_WEIGHT, help="KTO λ_U")
-
-    train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training pairs")
-    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
-    train.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs (KTO: examples) per optimizer step")
-    train.add_argument("--lr", type=float, default=LR, help="peak learning rate")
-    train.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine (default lr/10)")
-    train.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO, help="share of the steps spent in linear warmup")
-    train.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay on matrices")
-    train.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm")
-    train.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH, help="held-out preference evaluations per epoch")
-    train.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
-    train.add_argument("--checkpoint-every", type=int, default=None,
-                       help="steps between resume points (default: at every evaluation); a rerun after an "
-                            "interruption continues from the last one")
-    train.add_argument("--force", action="store_true",
-                       help="train again even if --out holds a finished run of this configuration")
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
-    train.add_argument("--seed", type=int, default=SEED, help="seed for data order, KTO mismatches and sampling")
-
-    evaluation = p.add_argument_group("evaluation and the frontier")
-    evaluation.add_argument("--eval-tasks", type=int, default=EVAL_TASKS, help="held-out prompts for KL, gold score, win rate (0: skip)")
-    evaluation.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated in parallel")
-    evaluation.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest generated reply in tokens")
-    evaluation.add_argument("--beta-sweep", type=float_list, default=None, metavar="B1,B2,…",
-                            help="train one policy per β (out/beta_<β>/) and plot gold score against KL (frontier.png)")
-    evaluation.add_argument("--ppo-run", default=None, metavar="DIR",
-                            help="PPO run directory whose metrics.jsonl has per-iteration 'kl' and 'gold_score': its points join the frontier")
-    return p
+    return build_parser_from(Hyperparameters, __doc__.split("\n")[0], formatter_class=HelpFormatter)
 
 
 def main(argv=None):

@@ -76,48 +76,101 @@ from reward import (load_reward_model, load_reward_models, load_sft, reward_mode
 from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_response, evaluate_tasks, heldout_tasks,
                  left_pad, render_prompt, token_logprobs)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from settings import build_parser_from, check_ranges, runtime_flags, setting
 from train_gpt import (ConfigError, atomic_save, load_checkpoint, load_resume_point, log_line, pick_device,
                        random_state, read_metrics, save_resume_point, set_random_state, truncate_metrics)
 
 # =============================================================================
-# 1. Hyperparameters (all overridable on the command line; see build_parser)
+# 1. Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags)
 # =============================================================================
 
-SFT = "runs/default/sft/model.pt"            # π_SFT: initialises the policy π_θ and is the reference π_ref
-REWARD_MODEL = "runs/default/reward/model.pt"  # r_φ, written by reward.py; also initialises the critic V
-OUT = "runs/default/ppo"                     # output: model.pt, metrics.jsonl, ppo.png, eval.json
-ALGO = "ppo"                                 # ppo (clipped objective + critic + GAE) or grpo (group baseline)
-REWARD_SOURCE = "rm"                         # rm: r_φ from reward.py (RLHF); judge: the gold judge, a verifiable reward
-ENSEMBLE_REDUCE = "mean"                     # several --reward-model checkpoints: their mean or min (seed 3.5, prevention 3)
-ITERATIONS = 40                              # rollout → update cycles
-ROLLOUTS = 64                                # responses sampled per iteration (the experience batch)
-GROUP_SIZE = 4                               # GRPO: responses per prompt, k (the group is the baseline)
-MAX_NEW_TOKENS = 32                          # longest response in tokens (as reward.py sampled its data)
-TEMPERATURE = 1.0                            # rollout sampling temperature; 1 samples π_θ itself, as KL assumes
-BETA = 0.2                                   # β: weight of the KL penalty to π_ref (seed 3.4: typically 0.1–0.3)
-KL_TARGET = None                             # adaptive β: target KL per response in nats (None: β stays fixed)
-KL_HORIZON = 1000                            # adaptive β: horizon in responses, K_β = rollouts / horizon
-MISSING_END_PENALTY = 1.0                    # subtracted from r_φ when a response never emits <|end|>
-GAMMA = 1.0                                  # γ: discount; 1 — the episode is one short response
-LAM = 0.95                                   # λ: GAE's bias–variance knob (0: one-step TD, 1: Monte Carlo)
-PPO_EPOCHS = 4                               # passes over each batch of experience
-MINIBATCH_SIZE = 16                          # responses per gradient step
-CLIP_EPS = 0.2                               # ε: the ratio π_θ/π_old is clipped to [1 − ε, 1 + ε]
-VALUE_CLIP = 0.2                             # the critic's new values stay within ± this of the rollout's
-ENTROPY_COEF = 0.0                           # c₂: entropy bonus (0: the KL to π_ref already keeps diversity)
-LR = 3e-5                                    # policy learning rate (SFT used 1e-3: RL steps must be small)
-VALUE_LR = 1e-4                              # critic learning rate
-GRAD_CLIP = 1.0                              # max gradient norm, per network
-EVAL_TASKS = 300                             # held-out test-split tasks judged greedily for SFT and PPO
-LENGTH_BIAS = 0.05                           # --beta-sweep: labeler bias B per token of the reward model it trains
-RM_PROMPTS = 2000                            # --beta-sweep: prompts compared to train that reward model
-THREADS = 1                                  # CPU threads: a tiny model gains nothing from more, loses under load
-SEED = 1337                                  # seed for prompts, sampling and minibatch order
-CHECKPOINT_EVERY = 5                         # iterations between resume points (an interruption loses at most these)
-SNAPSHOT_EVERY = 0                           # iterations between policy snapshots (snapshots/) for the over-optimisation chart (0: none)
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
-# Not --eval-batch-size: here it also cuts the sampled evaluation into batches, which changes its random draws.
-RUNTIME_FLAGS = {"device", "threads", "log_every", "checkpoint_every", "force"}
+# --reward-model's value when PPO trains on r_φ (left None, --beta-sweep trains a length-biased one of its own)
+REWARD_MODEL = "runs/default/reward/model.pt"
+
+
+@dataclass
+class Hyperparameters:
+    sft: str = setting("runs/default/sft/model.pt", "π_SFT: initialises the policy π_θ and is the frozen "
+                                                    "reference π_ref")
+    reward_model: str = setting(None, f"r_φ from reward.py, also the critic's start (default {REWARD_MODEL}; with "
+                                      f"--beta-sweep and no value, a length-biased one is trained first; several, comma-separated: an "
+                                      f"ensemble, see --ensemble-reduce)")
+    out: str = setting("runs/default/ppo", "output directory: model.pt, metrics.jsonl, ppo.png, eval.json")
+    algo: str = setting("ppo", "ppo: clipped objective, critic, GAE; grpo: group-relative advantages, no critic",
+                        choices=["ppo", "grpo"])
+    reward_source: str = setting("rm", "rm: the reward model r_φ (RLHF); judge: the gold judge, a verifiable "
+                                       "reward (no r_φ to hack)", choices=["rm", "judge"])
+    ensemble_reduce: str = setting("mean", "several --reward-model checkpoints (an ensemble, seed 3.5 prevention 3) "
+                                           "score a response by the members' mean or their min", choices=["mean", "min"])
+    # rollouts (seed 3.4, steps 1–3)
+    iterations: int = setting(40, "rollout → update cycles", check="> 0", group="rollouts")
+    rollouts: int = setting(64, "responses sampled per iteration (the experience batch)", check="> 0", group="rollouts")
+    group_size: int = setting(4, "GRPO: responses per prompt, k (the group is the baseline)", group="rollouts")
+    max_new_tokens: int = setting(32, "longest response in tokens (as reward.py sampled its data)", check="> 0",
+                                  group="rollouts")
+    temperature: float = setting(1.0, "rollout sampling temperature; 1 samples π_θ itself, as the KL assumes",
+                                 check="> 0", group="rollouts")
+    missing_end_penalty: float = setting(1.0, "subtracted from r_φ for a response that never emits <|end|>",
+                                         check="≥ 0", group="rollouts")
+    families: list = setting(None, "task families for rollouts and evaluation, e.g. arith,sort (default: all)",
+                             type=comma_list(str), group="rollouts")
+    levels: list = setting(None, "task levels for rollouts and evaluation, e.g. 1,2 (default: the usual mix)",
+                           type=comma_list(int), group="rollouts")
+    # the objective (seed 3.4)
+    beta: float = setting(0.2, "β: weight of the KL penalty to π_ref (seed 3.4: typically 0.1–0.3)", check="≥ 0",
+                          group="objective")
+    kl_target: float = setting(None, "adaptive β (Ziegler et al. 2019): target KL per response in nats (default: "
+                                     "β stays fixed)", check="> 0", group="objective")
+    kl_horizon: float = setting(1000, "adaptive β: horizon in responses, K_β = rollouts / horizon", check="> 0",
+                                group="objective")
+    gamma: float = setting(1.0, "γ: discount; 1 — the episode is one short response", check="(0, 1]",
+                           group="objective")
+    lam: float = setting(0.95, "λ: GAE's bias–variance knob (0: one-step TD, 1: Monte Carlo)", check="[0, 1]",
+                         group="objective")
+    # the update (seed 3.4, step 5)
+    ppo_epochs: int = setting(4, "passes over each batch of experience", check="> 0", group="update")
+    minibatch_size: int = setting(16, "responses per gradient step", check="> 0", group="update")
+    clip_eps: float = setting(0.2, "ε: the ratio π_θ/π_old is clipped to [1 − ε, 1 + ε]", check="(0, 1)",
+                              group="update")
+    value_clip: float = setting(0.2, "the critic's new values stay within ± this of the rollout's", check="> 0",
+                                group="update")
+    entropy_coef: float = setting(0.0, "c₂: entropy bonus (0: the KL to π_ref already keeps diversity)",
+                                  check="≥ 0", group="update")
+    lr: float = setting(3e-5, "policy learning rate (SFT used 1e-3: RL steps must be small)", check="> 0",
+                        group="update")
+    value_lr: float = setting(1e-4, "critic learning rate (PPO)", group="update")
+    grad_clip: float = setting(1.0, "max gradient norm, per network", check="> 0", group="update")
+    # reward hacking (seed 3.5)
+    beta_sweep: list = setting(None, "run PPO once per β (e.g. 0,0.02,0.1) and plot reward_hacking.png",
+                               type=comma_list(float), group="reward hacking (seed 3.5)")
+    length_bias: float = setting(0.05, "B per token of the length-biased labeler when the sweep trains its reward "
+                                       "model", check="finite", group="reward hacking (seed 3.5)")
+    rm_prompts: int = setting(2000, "prompts compared to train the sweep's reward model", check="> 0",
+                              group="reward hacking (seed 3.5)")
+    # evaluation and running
+    eval_tasks: int = setting(300, "held-out test-split tasks judged greedily for SFT and PPO (0: skip)", check="≥ 0",
+                              group="evaluation and running")
+    # Not runtime: it also cuts the sampled evaluation into batches, which changes its random draws.
+    eval_batch_size: int = setting(64, "prompts generated (and responses scored) at once", check="> 0",
+                                   group="evaluation and running")
+    log_every: int = setting(1, "iterations between progress lines", check="> 0", runtime=True,
+                             group="evaluation and running")
+    snapshot_every: int = setting(0, "iterations between policy snapshots in --out/snapshots/ (0: none), for "
+                                     "reward.py --best-of-n's over-optimisation chart", check="≥ 0",
+                                  group="evaluation and running")
+    checkpoint_every: int = setting(5, "iterations between resume points; a rerun after an interruption continues "
+                                       "from the last one", check="> 0", runtime=True, group="evaluation and running")
+    force: bool = setting(False, "train again even if --out holds a finished run of this configuration",
+                          runtime=True, group="evaluation and running")
+    device: str = setting("auto", "cpu, cuda, cuda:1, … (auto: cuda if available)", runtime=True,
+                          group="evaluation and running")
+    threads: int = setting(1, "CPU threads for torch (0: torch's default); a tiny model gains nothing from more",
+                           check="≥ 0", runtime=True, group="evaluation and running")
+    seed: int = setting(1337, "seed for prompts, sampling and minibatch order", group="evaluation and running")
+
+
+# The flags left out of the stage fingerprint (data.stages.stage_fingerprint): speed, printing, bookkeeping.
+RUNTIME_FLAGS = runtime_flags(Hyperparameters)
 
 
 # =============================================================================
@@ -467,7 +520,7 @@ class FixedKLController:
 # =============================================================================
 
 # classroom: begin gae
-def gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
+def gae(rewards, values, mask, gamma=Hyperparameters.gamma, lam=Hyperparameters.lam):
     """Generalised Advantage Estimation (Schulman et al. 2016; seed 3.4), all rows at once.
 
         δ_t = r_t + γ·V(s_{t+1}) − V(s_t)                  (TD error; V after the last token = 0)
@@ -527,7 +580,7 @@ def explained_variance(values, returns, mask):
 # =============================================================================
 
 # classroom: begin ppo_policy_loss
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=CLIP_EPS):
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=Hyperparameters.clip_eps):
     """The clipped surrogate objective, as a loss to minimise (seed 3.4):
 
         ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
@@ -555,7 +608,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=CLIP_EPS)
 
 
 # classroom: begin value_loss
-def value_loss(values, old_values, returns, mask, clip=VALUE_CLIP):
+def value_loss(values, old_values, returns, mask, clip=Hyperparameters.value_clip):
     """The critic's regression loss (blog: L_value = E[(V(s_t) − V̂_t)²]), clipped like the policy:
 
         V_clip = V_old + clip(V − V_old, −c, c)
@@ -1048,6 +1101,7 @@ def beta_sweep(args):
 # =============================================================================
 # 10. Plots
 # =============================================================================
+# ── first reading: skip to the end (plots, the command line) ──
 
 def smooth(values, window=5):
     """Trailing moving average (rollout statistics are noisy from one iteration to the next)."""
@@ -1143,25 +1197,11 @@ def plot_reward_hacking(runs, png_path):
 # =============================================================================
 
 def validate_args(args):
-    """One clear error per out-of-range flag, before any work starts."""
-    for name in ("iterations", "rollouts", "max_new_tokens", "ppo_epochs", "minibatch_size", "lr", "clip_eps",
-                 "value_clip", "temperature", "eval_batch_size", "log_every", "kl_horizon", "grad_clip", "rm_prompts",
-                 "checkpoint_every"):
-        if not getattr(args, name) > 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in ("beta", "missing_end_penalty", "entropy_coef", "eval_tasks", "threads", "snapshot_every"):
-        if not getattr(args, name) >= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
+    """One clear error per out-of-range flag, before any work starts: the declared ranges, then the
+    checks that involve two flags."""
+    check_ranges(args, Hyperparameters)
     if args.algo == "ppo" and not args.value_lr > 0:
         raise ConfigError(f"--value-lr must be > 0 (got {args.value_lr})")
-    if not args.clip_eps < 1:
-        raise ConfigError(f"--clip-eps must be in (0, 1) (got {args.clip_eps})")
-    if not 0 < args.gamma <= 1:
-        raise ConfigError(f"--gamma must be in (0, 1] (got {args.gamma})")
-    if not 0 <= args.lam <= 1:
-        raise ConfigError(f"--lam must be in [0, 1] (got {args.lam})")
-    if args.kl_target is not None and not args.kl_target > 0:
-        raise ConfigError(f"--kl-target must be > 0 (got {args.kl_target})")
     if args.algo == "grpo":
         if args.group_size < 2:
             raise ConfigError(f"--group-size must be ≥ 2 for GRPO: the group is the baseline (got {args.group_size})")
@@ -1171,80 +1211,10 @@ def validate_args(args):
         raise ConfigError(f"--beta-sweep needs one or more β ≥ 0, e.g. 0,0.02,0.1 (got {args.beta_sweep})")
     if args.beta_sweep is not None and args.reward_source != "rm":
         raise ConfigError("--beta-sweep studies a (length-biased) reward model: it needs --reward-source rm")
-    if not math.isfinite(args.length_bias):
-        raise ConfigError(f"--length-bias must be a finite number (got {args.length_bias})")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sft", default=SFT, help="the SFT checkpoint: initialises π_θ and is the frozen reference π_ref")
-    p.add_argument("--reward-model", default=None,
-                   help=f"reward model checkpoint from reward.py (r_φ; also initialises the critic). Default "
-                        f"{REWARD_MODEL}; with --beta-sweep and no value, a length-biased one is trained first. "
-                        f"Several, comma-separated: an ensemble (--ensemble-reduce)")
-    p.add_argument("--ensemble-reduce", choices=["mean", "min"], default=ENSEMBLE_REDUCE,
-                   help="an ensemble of reward models scores a response by the members' mean or their min")
-    p.add_argument("--out", default=OUT, help="output directory: model.pt, metrics.jsonl, ppo.png, eval.json")
-    p.add_argument("--algo", choices=["ppo", "grpo"], default=ALGO,
-                   help="ppo: clipped objective, critic, GAE; grpo: group-relative advantages, no critic")
-    p.add_argument("--reward-source", choices=["rm", "judge"], default=REWARD_SOURCE,
-                   help="rm: the reward model r_φ (RLHF); judge: the gold judge as a verifiable reward (no r_φ to hack)")
-
-    rollout = p.add_argument_group("rollouts")
-    rollout.add_argument("--iterations", type=int, default=ITERATIONS, help="rollout → update cycles")
-    rollout.add_argument("--rollouts", type=int, default=ROLLOUTS, help="responses sampled per iteration")
-    rollout.add_argument("--group-size", type=int, default=GROUP_SIZE, help="GRPO: responses per prompt (k)")
-    rollout.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest response in tokens")
-    rollout.add_argument("--temperature", type=float, default=TEMPERATURE, help="rollout sampling temperature")
-    rollout.add_argument("--missing-end-penalty", type=float, default=MISSING_END_PENALTY,
-                         help="subtracted from r_φ for a response that never emits <|end|>")
-    rollout.add_argument("--families", type=comma_list(str), default=None,
-                         help="task families for rollouts and evaluation, e.g. arith,sort (default: all)")
-    rollout.add_argument("--levels", type=comma_list(int), default=None,
-                         help="task levels for rollouts and evaluation, e.g. 1,2 (default: the usual mix)")
-
-    objective = p.add_argument_group("objective")
-    objective.add_argument("--beta", type=float, default=BETA, help="β: KL penalty coefficient")
-    objective.add_argument("--kl-target", type=float, default=KL_TARGET,
-                           help="adaptive β (Ziegler et al. 2019): target KL per response in nats (default: fixed β)")
-    objective.add_argument("--kl-horizon", type=float, default=KL_HORIZON,
-                           help="adaptive β: horizon in responses (K_β = rollouts / horizon)")
-    objective.add_argument("--gamma", type=float, default=GAMMA, help="γ: discount factor")
-    objective.add_argument("--lam", type=float, default=LAM, help="λ: GAE parameter")
-
-    update = p.add_argument_group("update")
-    update.add_argument("--ppo-epochs", type=int, default=PPO_EPOCHS, help="passes over each batch of rollouts")
-    update.add_argument("--minibatch-size", type=int, default=MINIBATCH_SIZE, help="responses per gradient step")
-    update.add_argument("--clip-eps", type=float, default=CLIP_EPS, help="ε: ratio clipping range")
-    update.add_argument("--value-clip", type=float, default=VALUE_CLIP, help="value clipping range")
-    update.add_argument("--entropy-coef", type=float, default=ENTROPY_COEF, help="c₂: entropy bonus coefficient")
-    update.add_argument("--lr", type=float, default=LR, help="policy learning rate")
-    update.add_argument("--value-lr", type=float, default=VALUE_LR, help="critic learning rate (PPO)")
-    update.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max gradient norm, per network")
-
-    sweep = p.add_argument_group("reward hacking (seed 3.5)")
-    sweep.add_argument("--beta-sweep", type=comma_list(float), default=None,
-                       help="run PPO once per β (e.g. 0,0.02,0.1) and plot reward_hacking.png")
-    sweep.add_argument("--length-bias", type=float, default=LENGTH_BIAS,
-                       help="B per token of the length-biased labeler when the sweep trains its reward model")
-    sweep.add_argument("--rm-prompts", type=int, default=RM_PROMPTS,
-                       help="prompts compared to train the sweep's reward model")
-
-    run = p.add_argument_group("evaluation and running")
-    run.add_argument("--eval-tasks", type=int, default=EVAL_TASKS, help="held-out tasks judged for SFT and PPO (0: skip)")
-    run.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated (and responses scored) at once")
-    run.add_argument("--log-every", type=int, default=1, help="iterations between progress lines")
-    run.add_argument("--snapshot-every", type=int, default=SNAPSHOT_EVERY,
-                     help="iterations between policy snapshots in --out/snapshots/ (0: none), for reward.py --best-of-n")
-    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
-                     help="iterations between resume points; a rerun after an interruption continues from the last one")
-    run.add_argument("--force", action="store_true",
-                     help="train again even if --out holds a finished run of this configuration")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
-    run.add_argument("--threads", type=int, default=THREADS, help="CPU threads for torch (0: torch's default)")
-    run.add_argument("--seed", type=int, default=SEED, help="seed for prompts, sampling and minibatch order")
-    return p
+    return build_parser_from(Hyperparameters, __doc__.split("\n")[0])
 
 
 def main(argv=None):

@@ -23,7 +23,10 @@ The trained r_φ is what PPO maximises (ppo.py, 3.4). The file reads top to bott
     6. Training          AdamW, warmup + cosine, clipping, best checkpoint, reward shift
     7. Evaluation        accuracy vs noisy and clean labels, correlation with the gold
                          score, calibration, reward histograms
-    8. Command line
+    8. Best-of-n         r_φ at inference: best-of-n sampling, over-optimisation against KL  (3.5)
+    9. Command line
+
+Its settings are declared once, in `Hyperparameters` at the top (value, help, range; settings.py).
 
 Later stages import from here: `load_preferences`, `write_preferences`, `pair_ids`,
 `split_by_prompt`, `ranking_to_pairs`, `build_preference_data`, `load_reward_model`, `score`,
@@ -59,35 +62,86 @@ from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, co
                  generate_responses, jsonl_records, load_chat_model, mean_and_stderr, paired_difference,
                  plot_train_val_loss, render_chat, render_prompt, sampled_evaluation)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from settings import build_parser_from, check_ranges, runtime_flags, setting
 from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, load_resume_point,
                        log_line, pick_device, random_state, read_metrics, save_resume_point, set_random_state,
                        truncate_metrics)
 
-# Defaults (all overridable on the command line; see build_parser).
-SFT = "runs/default/sft/model.pt"   # the SFT checkpoint: source of the samples and of r_φ's initial weights
-OUT = "runs/default/reward"         # output directory: model.pt, preference files, metrics, plots, eval.json
-K = 4                               # responses sampled per prompt (seed 3.2: k = 4–9 in InstructGPT)
-NUM_PROMPTS = 4000                  # train-split task prompts to sample and compare (train + validation)
-VAL_FRACTION = 0.1                  # share of the prompts whose comparisons are held out
-LABEL_NOISE = 0.2                   # chance a labeler flips a pair (seed 3.3: labelers disagree ~20% of the time)
-LENGTH_BIAS = 0.0                   # B: the labeler adds B · (response tokens) to the gold score
-TEMPERATURE = 1.0                   # sampling temperature for the k responses: diverse, still on-policy
-MAX_NEW_TOKENS = 32                 # longest sampled response, in tokens
-EVAL_PROMPTS = 200                  # test-split prompts whose samples measure reward ↔ gold correlation
-EPOCHS = 1                          # passes over the comparisons (InstructGPT: 1; a second one overfits here too)
-BATCH_SIZE = 16                     # prompts per optimizer step, each with all of its pairs
-LR = 3e-4                           # peak learning rate: 3× below SFT's 1e-3
-WARMUP_RATIO = 0.05                 # share of the steps in linear warmup
-WEIGHT_DECAY = 0.0                  # AdamW weight decay on matrices
-GRAD_CLIP = 1.0                     # max global gradient norm
-EVALS_PER_EPOCH = 4                 # validation evaluations per epoch
-GEN_BATCH_SIZE = 64                 # prompts generated (and samples scored) in parallel
-WEIGHTING = "prompt"                # each prompt's pairs share weight 1 (InstructGPT's 1/C(k,2)); "pair": each pair 1
-LOG_EVERY = 10                      # steps between progress lines
+# Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).
+DATA_GROUP = "comparison data (default: sampled from the SFT model, ranked by the gold judge)"
+BON_GROUP = "best-of-n and over-optimisation (section 8; instead of training)"
+
+
+@dataclass
+class Hyperparameters:
+    sft: str = setting("runs/default/sft/model.pt", "the SFT checkpoint: it samples the responses and initialises r_φ")
+    out: str = setting("runs/default/reward", "output directory: model.pt, preferences_*.jsonl, metrics, plots, "
+                                              "eval.json")
+    # comparison data (seed 3.2)
+    data: str = setting(None, "preference JSONL ({prompt, chosen, rejected} or {prompt, responses, ranking}) "
+                              "instead of the built-in comparisons", group=DATA_GROUP)
+    val_data: str = setting(None, "held-out preference JSONL; without it, a --val-fraction of --data's prompts is "
+                                  "held out", group=DATA_GROUP)
+    num_prompts: int = setting(4000, "train-split task prompts to compare (train + val)", check="≥ 2",
+                               why="some prompts are held out for validation", group=DATA_GROUP)
+    families: list = setting(None, "task families of the built-in comparisons and the held-out samples, e.g. "
+                                   "reverse,upper", type=comma_list(str), group=DATA_GROUP)
+    levels: list = setting(None, "task levels of those tasks, e.g. 1,2", type=comma_list(int), group=DATA_GROUP)
+    val_fraction: float = setting(0.1, "share of prompts held out for validation", check="(0, 1)", group=DATA_GROUP)
+    k: int = setting(4, "responses sampled and ranked per prompt, C(k,2) pairs each (seed 3.2: k = 4–9 in "
+                        "InstructGPT)", check="≥ 2", why="a comparison needs two responses", group=DATA_GROUP)
+    label_noise: float = setting(0.2, "probability that the labeler flips a pair (seed 3.3: labelers disagree ~20% "
+                                      "of the time)", check="[0, 0.5]",
+                                 why="above 0.5 labelers mostly invert the gold judge", group=DATA_GROUP)
+    length_bias: float = setting(0.0, "B: labeler score = gold + B · response tokens", check="finite",
+                                 group=DATA_GROUP)
+    temperature: float = setting(1.0, "sampling temperature of the k responses: diverse, still on-policy",
+                                 check="> 0", group=DATA_GROUP)
+    max_new_tokens: int = setting(32, "longest sampled response in tokens", check="> 0", group=DATA_GROUP)
+    gen_batch_size: int = setting(64, "prompts generated (and samples scored) in parallel", check="> 0",
+                                  group=DATA_GROUP)
+    # training (seed 3.3)
+    epochs: int = setting(1, "passes over the training comparisons (InstructGPT: 1; a second one overfits here "
+                             "too)", check="> 0", group="training")
+    max_steps: int = setting(None, "stop after this many steps (none: run all epochs)", check="≥ 0", group="training")
+    batch_size: int = setting(16, "prompts per optimizer step, each with all its pairs", check="> 0", group="training")
+    weighting: str = setting("prompt", "prompt: each prompt's pairs share weight 1 (InstructGPT's 1/C(k,2)); "
+                                       "pair: every pair weighs 1", choices=["prompt", "pair"], group="training")
+    lr: float = setting(3e-4, "peak learning rate: 3× below SFT's 1e-3", check="> 0", group="training")
+    min_lr: float = setting(None, "final learning rate of the cosine (default lr/10)", group="training")
+    warmup_ratio: float = setting(0.05, "share of the steps in linear warmup", check="[0, 1)", group="training")
+    weight_decay: float = setting(0.0, "AdamW weight decay on matrices", check="≥ 0", group="training")
+    grad_clip: float = setting(1.0, "max global gradient norm", check="> 0", group="training")
+    evals_per_epoch: int = setting(4, "validation evaluations per epoch", check="> 0", group="training")
+    log_every: int = setting(10, "steps between progress lines", check="> 0", runtime=True, group="training")
+    checkpoint_every: int = setting(None, "steps between resume points (default: at every validation); a rerun "
+                                          "after an interruption continues from the last one", check="≥ 0",
+                                    runtime=True, group="training")
+    force: bool = setting(False, "train again even if --out holds a finished run of this configuration",
+                          runtime=True, group="training")
+    device: str = setting("auto", "cpu, cuda, cuda:1, … (auto: cuda if available)", runtime=True, group="training")
+    seed: int = setting(1337, "seed for prompts, sampling, label noise, shuffling, head init", group="training")
+    # evaluation
+    eval_prompts: int = setting(200, "test-split prompts sampled k times to correlate r_φ with the gold score "
+                                     "(0: skip); with --best-of-n, the prompts sampled max(n) times", check="≥ 0",
+                                group="evaluation")
+    # best-of-n (section 8)
+    best_of_n: list = setting(None, "evaluate best-of-n sampling from --sft for these n (e.g. 1,2,4,8,16,32) with "
+                                    "--reward-model, write bon.json and overoptimization.png to --out",
+                              type=comma_list(int), group=BON_GROUP)
+    reward_model: str = setting(None, "with --best-of-n: the trained r_φ that picks the best (several, "
+                                      "comma-separated: an ensemble)", group=BON_GROUP)
+    ensemble_reduce: str = setting("mean", "with several --reward-model checkpoints: score by the members' mean or "
+                                           "their min", choices=["mean", "min"], group=BON_GROUP)
+    policy: list = setting(None, "with --best-of-n: a policy (e.g. dpo=runs/default/dpo/model.pt) to place on the "
+                                 "chart; repeatable", action="append", metavar="NAME=CKPT", group=BON_GROUP)
+    ppo_run: str = setting(None, "with --best-of-n: a ppo.py output directory whose snapshots/ trace PPO on the "
+                                 "chart", group=BON_GROUP)
+
+
+# The flags left out of the stage fingerprint (data.stages.stage_fingerprint): speed, printing, bookkeeping.
+RUNTIME_FLAGS = runtime_flags(Hyperparameters)
 CALIBRATION_BINS = 10               # bins of predicted P(y_w ≻ y_l) in the calibration plot
-SEED = 1337                         # seed for prompts, sampling, label noise, shuffling and the head's init
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
-RUNTIME_FLAGS = {"device", "log_every", "checkpoint_every", "force"}
 
 
 # =============================================================================
@@ -115,8 +169,9 @@ def pair_ids(prompt, response, enc):
     return render_chat(prompt + [{"role": "assistant", "content": response}], enc)[0]
 
 
-def sample_responses(model, enc, tasks, k=K, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS,
-                     batch_size=GEN_BATCH_SIZE, seed=SEED, device="cpu", autocast=contextlib.nullcontext()):
+def sample_responses(model, enc, tasks, k=Hyperparameters.k, temperature=Hyperparameters.temperature,
+                     max_new_tokens=Hyperparameters.max_new_tokens, batch_size=Hyperparameters.gen_batch_size,
+                     seed=Hyperparameters.seed, device="cpu", autocast=contextlib.nullcontext()):
     """k responses y ~ π_SFT(· | x) per task (seed 3.2, step 2), each judged by the gold judge.
 
     Batched, left-padded, KV-cached generation (sft.generate_responses). Returns, per task, k
@@ -180,9 +235,10 @@ def label_comparisons(prompt, samples, label_noise, length_bias, rng):
     return records
 
 
-def build_preference_data(model, enc, tasks, k=K, label_noise=LABEL_NOISE, length_bias=LENGTH_BIAS,
-                          temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS, batch_size=GEN_BATCH_SIZE, seed=SEED,
-                          device="cpu", autocast=contextlib.nullcontext(), max_tokens=None):
+def build_preference_data(model, enc, tasks, k=Hyperparameters.k, label_noise=Hyperparameters.label_noise,
+                          length_bias=Hyperparameters.length_bias, temperature=Hyperparameters.temperature,
+                          max_new_tokens=Hyperparameters.max_new_tokens, batch_size=Hyperparameters.gen_batch_size,
+                          seed=Hyperparameters.seed, device="cpu", autocast=contextlib.nullcontext(), max_tokens=None):
     """Seed 3.2 end to end, offline: prompts → k samples from π_SFT → ranked → pairs.
 
     The gold judge (data.tasks.judge) plays the human labeler, optionally noisy and biased
@@ -207,6 +263,7 @@ def build_preference_data(model, enc, tasks, k=K, label_noise=LABEL_NOISE, lengt
 # =============================================================================
 # 2. Preference files: the ecosystem's JSONL formats, validated (seed 3.2)
 # =============================================================================
+# ── first reading: skip to section 3 (reading and validating preference files) ──
 #
 #   {"prompt": x, "chosen": y_w, "rejected": y_l, …}            pairs (TRL; our own files)
 #   {"chosen": conversation, "rejected": conversation}         implicit prompt (HH-RLHF, TRL)
@@ -759,6 +816,7 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
 # =============================================================================
 # 7. Evaluation
 # =============================================================================
+# ── first reading: skip to section 8 (evaluation tables and plots: accuracy, calibration, reward vs gold) ──
 
 def pearson(a, b):
     """Pearson correlation Σ(a−ā)(b−b̄) / √(Σ(a−ā)² Σ(b−b̄)²); None if either is constant."""
@@ -1130,29 +1188,12 @@ def plot_overoptimization(result, png_path):
 # =============================================================================
 # 9. Command line
 # =============================================================================
+# ── first reading: skip to the end (the command line) ──
 
 def validate_args(args):
-    """One clear error per out-of-range flag, before any work starts."""
-    for name in ["num_prompts", "epochs", "batch_size", "lr", "grad_clip", "evals_per_epoch", "temperature",
-                 "max_new_tokens", "gen_batch_size", "log_every"]:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in ["eval_prompts", "weight_decay", "max_steps", "checkpoint_every"]:
-        if (getattr(args, name) or 0) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
-    if args.num_prompts < 2:
-        raise ConfigError(f"--num-prompts must be ≥ 2: some prompts are held out for validation (got {args.num_prompts})")
-    if args.k < 2:
-        raise ConfigError(f"--k must be ≥ 2: a comparison needs two responses (got {args.k})")
-    if not 0 <= args.label_noise <= 0.5:
-        raise ConfigError(f"--label-noise must be in [0, 0.5]: above 0.5 labelers mostly invert the gold judge "
-                          f"(got {args.label_noise})")
-    if not math.isfinite(args.length_bias):
-        raise ConfigError(f"--length-bias must be a finite number (got {args.length_bias})")
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in (0, 1) (got {args.val_fraction})")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ConfigError(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    """One clear error per out-of-range flag, before any work starts: the declared ranges, then the
+    checks that involve two flags."""
+    check_ranges(args, Hyperparameters)
     if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
         raise ConfigError(f"--min-lr must be in [0, --lr] (got {args.min_lr})")
     if args.val_data and not args.data:
@@ -1371,73 +1412,7 @@ def print_summary(s):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sft", default=SFT, help="the SFT checkpoint: it samples the responses and initialises r_φ")
-    p.add_argument("--out", default=OUT, help="output directory: model.pt, preferences_*.jsonl, metrics, plots, eval.json")
-
-    data = p.add_argument_group("comparison data (default: sampled from the SFT model, ranked by the gold judge)")
-    data.add_argument("--data", default=None, help="preference JSONL ({prompt, chosen, rejected} or {prompt, responses, "
-                                                   "ranking}) instead of the built-in comparisons")
-    data.add_argument("--val-data", default=None,
-                      help="held-out preference JSONL; without it, a --val-fraction of --data's prompts is held out")
-    data.add_argument("--num-prompts", type=int, default=NUM_PROMPTS,
-                      help="train-split task prompts to compare (train + val)")
-    data.add_argument("--families", type=comma_list(str), default=None,
-                      help="task families of the built-in comparisons and the held-out samples, e.g. reverse,upper")
-    data.add_argument("--levels", type=comma_list(int), default=None, help="task levels of those tasks, e.g. 1,2")
-    data.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of prompts held out for validation")
-    data.add_argument("--k", type=int, default=K, help="responses sampled and ranked per prompt (C(k,2) pairs each)")
-    data.add_argument("--label-noise", type=float, default=LABEL_NOISE, help="probability that the labeler flips a pair")
-    data.add_argument("--length-bias", type=float, default=LENGTH_BIAS,
-                      help="B: labeler score = gold + B · response tokens")
-    data.add_argument("--temperature", type=float, default=TEMPERATURE, help="sampling temperature of the k responses")
-    data.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest sampled response in tokens")
-    data.add_argument("--gen-batch-size", type=int, default=GEN_BATCH_SIZE,
-                      help="prompts generated (and samples scored) in parallel")
-
-    train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training comparisons")
-    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (none: run all epochs)")
-    train.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                       help="prompts per optimizer step, each with all its pairs")
-    train.add_argument("--weighting", choices=["prompt", "pair"], default=WEIGHTING,
-                       help="prompt: each prompt's pairs share weight 1 (InstructGPT's 1/C(k,2)); "
-                            "pair: every pair weighs 1")
-    train.add_argument("--lr", type=float, default=LR, help="peak learning rate")
-    train.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine (default lr/10)")
-    train.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO, help="share of the steps in linear warmup")
-    train.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay on matrices")
-    train.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm")
-    train.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH, help="validation evaluations per epoch")
-    train.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between progress lines")
-    train.add_argument("--checkpoint-every", type=int, default=None,
-                       help="steps between resume points (default: at every validation); a rerun after an "
-                            "interruption continues from the last one")
-    train.add_argument("--force", action="store_true",
-                       help="train again even if --out holds a finished run of this configuration")
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
-    train.add_argument("--seed", type=int, default=SEED,
-                       help="seed for prompts, sampling, label noise, shuffling, head init")
-
-    evaluation = p.add_argument_group("evaluation")
-    evaluation.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS,
-                            help="test-split prompts sampled k times to correlate r_φ with the gold score (0: skip); "
-                                 "with --best-of-n, the prompts sampled max(n) times")
-
-    bon = p.add_argument_group("best-of-n and over-optimisation (section 8; instead of training)")
-    bon.add_argument("--best-of-n", type=comma_list(int), default=None,
-                     help="evaluate best-of-n sampling from --sft for these n (e.g. 1,2,4,8,16,32) with "
-                          "--reward-model, write bon.json and overoptimization.png to --out")
-    bon.add_argument("--reward-model", default=None, help="with --best-of-n: the trained r_φ that picks the best "
-                                                          "(several, comma-separated: an ensemble)")
-    bon.add_argument("--ensemble-reduce", choices=["mean", "min"], default="mean",
-                     help="with several --reward-model checkpoints: score by the members' mean or their min")
-    bon.add_argument("--policy", action="append", default=None, metavar="NAME=CKPT",
-                     help="with --best-of-n: a policy (e.g. dpo=runs/default/dpo/model.pt) to place on the chart; "
-                          "repeatable")
-    bon.add_argument("--ppo-run", default=None,
-                     help="with --best-of-n: a ppo.py output directory whose snapshots/ trace PPO on the chart")
-    return p
+    return build_parser_from(Hyperparameters, __doc__.split("\n")[0])
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ top to bottom:
     7. Chat            an interactive terminal chat, tokens streamed
     8. Command line
 
+Its settings are declared once, in `Hyperparameters` at the top (value, help, range; settings.py).
 Later stages import from here: `render_chat`, `render_prompt`, `chat_tokens`, `sequence_logprobs`,
 `token_logprobs`, `shift_targets`, `collate_examples`, `generate_responses`, `evaluate_tasks`.
 
@@ -51,31 +52,92 @@ from data.errors import DataError
 from data.tasks import generate_tasks, judge, sft_conversations
 from data.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from settings import build_parser_from, check_ranges, comma_list, runtime_flags, setting
 from train_gpt import (GPT, ConfigError, KVCache, atomic_save, get_lr, gpt2_from_hf_state_dict, load_resume_point,
                        log_line, model_from_checkpoint, perplexity, pick_device, random_state, read_metrics,
                        sample_next_token, save_resume_point, set_random_state, truncate_metrics)
 
-# Defaults (all overridable on the command line; see build_parser).
-INIT = "runs/default/pretrain/model.pt"
-OUT = "runs/default/sft"
-NUM_CONVERSATIONS = 10_000     # built-in task conversations when --data is not given
-VAL_FRACTION = 0.05
-EPOCHS = 3                     # seed 2.4: "train for 2-3 epochs"
-BATCH_SIZE = 16                # packed rows per optimizer step
-LR = 1e-3                      # 3× below pretraining's 3e-3 (seed 2.4: lower LR than pretraining)
-WARMUP_RATIO = 0.03            # seed 2.4's TrainingArguments(warmup_ratio=0.03)
-WEIGHT_DECAY = 0.0
-GRAD_CLIP = 1.0
-PATIENCE = 3                   # evaluations without a better validation loss before stopping
-EVALS_PER_EPOCH = 4
-EVAL_TASKS = 300               # held-out task prompts judged for base and SFT model
-MAX_NEW_TOKENS = 32
+# Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).
+INIT = "runs/default/pretrain/model.pt"  # --init's value when neither --init nor --init-gpt2 is given
+
+
+@dataclass
+class Hyperparameters:
+    # modes (default: fine-tune)
+    chat: str = setting(None, "chat with a fine-tuned checkpoint in the terminal", metavar="CKPT", runtime=True,
+                        group="modes (default: fine-tune)")
+    eval: list = setting(None, "judge checkpoints on held-out tasks and exit; several: the pipeline's comparison "
+                               "table", metavar="[NAME=]CKPT", nargs="+", group="modes (default: fine-tune)")
+    reference: str = setting(None, "--eval: the NAME of π_ref for KL and paired differences (default sft)",
+                             group="modes (default: fine-tune)")
+    eval_out: str = setting(None, "--eval: write DIR/eval.json (a cached stage)", metavar="DIR",
+                            group="modes (default: fine-tune)")
+    force: bool = setting(False, "redo the stage even if its outputs match this configuration", runtime=True,
+                          group="modes (default: fine-tune)")
+    # starting point
+    init: str = setting(None, f"our pretrained checkpoint (default {INIT})", group="starting point")
+    init_gpt2: str = setting(None, "a Hugging Face GPT-2 state dict saved with torch.save", metavar="FILE",
+                             group="starting point")
+    gpt2_n_head: int = setting(12, "attention heads of the GPT-2 model (12 for 124M)", check="> 0",
+                               group="starting point")
+    tokenizer: str = setting(None, "tokenizer directory or tiktoken name (default: the checkpoint's; gpt2 for "
+                                   "--init-gpt2)", group="starting point")
+    # data (seed 2.2)
+    data: str = setting(None, "SFT JSONL: messages, Alpaca or ShareGPT records (default: built-in tasks)",
+                        group="data")
+    num_conversations: int = setting(10_000, "built-in task conversations to generate when --data is not given",
+                                     check="> 0", group="data")
+    families: list = setting(None, "task families for data and evaluation, e.g. arith,sort", type=comma_list(str),
+                             group="data")
+    levels: list = setting(None, "task levels for data and evaluation, e.g. 1,2", type=comma_list(int), group="data")
+    val_fraction: float = setting(0.05, "share of conversations held out for validation loss", check="(0, 1)",
+                                  group="data")
+    seq_len: int = setting(None, "packed row length (default: the model's block size)", check="≥ 0", group="data")
+    no_packing: bool = setting(False, "one conversation per row (padded) instead of packing", group="data")
+    # training (seed 2.4)
+    out: str = setting("runs/default/sft", "output directory: model.pt, metrics.jsonl, sft.png, eval.json",
+                       group="training")
+    epochs: int = setting(3, "passes over the training conversations (seed 2.4: \"train for 2-3 epochs\")",
+                          check="> 0", group="training")
+    max_steps: int = setting(None, "stop after this many steps (default: all epochs)", check="≥ 0", group="training")
+    batch_size: int = setting(16, "packed rows per optimizer step", check="> 0", group="training")
+    lr: float = setting(1e-3, "peak learning rate: 3× below pretraining's 3e-3 (seed 2.4: lower than pretraining)",
+                        check="> 0", group="training")
+    min_lr: float = setting(None, "final learning rate of the cosine (default lr/10)", group="training")
+    warmup_ratio: float = setting(0.03, "share of the steps spent in linear warmup (seed 2.4's warmup_ratio=0.03)",
+                                  check="[0, 1)", group="training")
+    weight_decay: float = setting(0.0, "AdamW weight decay on matrices", check="≥ 0", group="training")
+    grad_clip: float = setting(1.0, "max global gradient norm", check="> 0", group="training")
+    dropout: float = setting(None, "dropout during SFT (default: the checkpoint's)", check="[0, 1)", group="training")
+    patience: int = setting(3, "early stop after this many evaluations without a better val loss", check="> 0",
+                            group="training")
+    evals_per_epoch: int = setting(4, "validation-loss evaluations per epoch", check="> 0", group="training")
+    log_every: int = setting(10, "steps between progress lines", check="> 0", runtime=True, group="training")
+    checkpoint_every: int = setting(None, "steps between resume points (default: at every validation); a rerun "
+                                          "after an interruption continues from the last one", check="≥ 0",
+                                    runtime=True, group="training")
+    attention: str = setting(None, "attention implementation (default: flash on CUDA, sdpa on CPU)",
+                             choices=["naive", "sdpa", "flash"], group="training")
+    device: str = setting("auto", "cpu, cuda, cuda:1, … (auto: cuda if available)", runtime=True, group="training")
+    seed: int = setting(1337, "seed for data, shuffling, held-out tasks and sampling", group="training")
+    # evaluation and chat
+    eval_tasks: int = setting(300, "held-out task prompts judged for the base and the SFT model (0: skip)",
+                              check="≥ 0", group="evaluation and chat")
+    eval_batch_size: int = setting(64, "prompts generated in parallel", check="> 0", runtime=True,
+                                   group="evaluation and chat")
+    max_new_tokens: int = setting(32, "longest reply in tokens", check="> 0", group="evaluation and chat")
+    temperature: float = setting(0.7, "chat sampling temperature (0 = greedy)", runtime=True,
+                                 group="evaluation and chat")
+    top_k: int = setting(50, "chat: sample among the k most likely tokens (0: all of them)", runtime=True,
+                         group="evaluation and chat")
+    system: str = setting(None, "chat: a system message to start the conversation", runtime=True,
+                          group="evaluation and chat")
+
+
+# The flags left out of the stage fingerprint (data.stages.stage_fingerprint): speed, printing, bookkeeping.
+RUNTIME_FLAGS = runtime_flags(Hyperparameters)
 NEW_ROW_NOISE = 0.1            # new embedding rows: mean + N(0, (0.1·σ_column)²)
-SEED = 1337
 HELDOUT_SEED = 0               # the held-out evaluation set is the same whatever --seed is
-# Flags that change only speed, printing or bookkeeping — left out of the stage fingerprint (data.stages.stage_fingerprint).
-RUNTIME_FLAGS = {"device", "log_every", "eval_batch_size", "force", "chat", "temperature", "top_k", "system",
-                 "checkpoint_every"}
 EXAMPLES_SIDE_BY_SIDE = 8      # --eval with several models: held-out prompts shown with every model's reply
 
 IGNORE_INDEX = -100            # target value that F.cross_entropy (and GPT.forward) skips
@@ -669,15 +731,7 @@ def train_sft(args):
     decision = begin_stage(args.out, "sft", fingerprint, args.force)
     resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
 
-    # Every epoch reshuffles and repacks; the batches are built up front so that the LR schedule
-    # knows the total number of steps.
-    epochs = [make_batches(train_examples, block_size, args.batch_size, pad, not args.no_packing, seed=args.seed + e)
-              for e in range(args.epochs)]
-    val_batches = make_batches(val_examples, block_size, args.batch_size, pad, not args.no_packing)
-    total_steps = min(sum(map(len, epochs)), args.max_steps or math.inf)
-    schedule = {"total_steps": total_steps, "warmup_steps": round(args.warmup_ratio * total_steps),
-                "eval_every": max(1, math.ceil(len(epochs[0]) / args.evals_per_epoch))}
-    print_packing_and_schedule(epochs[0], len(train_examples), block_size, schedule, args)
+    epochs, val_batches, schedule = epochs_and_schedule(train_examples, val_examples, block_size, pad, args)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     evaluation = {}
@@ -716,20 +770,41 @@ def train_sft(args):
             for name, result in evaluation.items():
                 log_line(metrics, {"event": "eval_tasks", "model": name, "step": best["step"] if name == "sft" else 0,
                                    **{k: v for k, v in result.items() if k != "examples"}})
+    return finish_sft(args, fingerprint, started, evaluation, len(heldout), best, steps, stop_reason, device)
+
+
+# ── first reading: skip to the end (printing and plots; then evaluation, chat, the command line) ──
+
+def epochs_and_schedule(train_examples, val_examples, block_size, pad, args):
+    """The packed batches of every epoch, the validation batches, and the LR/evaluation schedule.
+    Every epoch reshuffles and repacks; the batches are built up front so that the LR schedule
+    knows the total number of steps."""
+    epochs = [make_batches(train_examples, block_size, args.batch_size, pad, not args.no_packing, seed=args.seed + e)
+              for e in range(args.epochs)]
+    val_batches = make_batches(val_examples, block_size, args.batch_size, pad, not args.no_packing)
+    total_steps = min(sum(map(len, epochs)), args.max_steps or math.inf)
+    schedule = {"total_steps": total_steps, "warmup_steps": round(args.warmup_ratio * total_steps),
+                "eval_every": max(1, math.ceil(len(epochs[0]) / args.evals_per_epoch))}
+    print_packing_and_schedule(epochs[0], len(train_examples), block_size, schedule, args)
+    return epochs, val_batches, schedule
+
+
+def finish_sft(args, fingerprint, started, evaluation, n_heldout, best, steps, stop_reason, device):
+    """eval.json (the base and SFT scores, the best step), sft.png, and stage.json marked complete."""
     wall = time.time() - started
-    summary = {**evaluation, "heldout_tasks": len(heldout), "best_step": best["step"],
+    summary = {**evaluation, "heldout_tasks": n_heldout, "best_step": best["step"],
                "best_val_loss": best["val_loss"], "steps": steps, "stop_reason": stop_reason,
                "wall_seconds": round(wall, 1), "device": str(device)}
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_sft(metrics_path, os.path.join(args.out, "sft.png"))
+    plot_sft(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "sft.png"))
     finish_stage(args.out, "sft", fingerprint, started,
-                 {"base_gold": evaluation["base"]["mean_score"] if heldout else None,
-                  "sft_gold": evaluation["sft"]["mean_score"] if heldout else None,
+                 {"base_gold": evaluation["base"]["mean_score"] if n_heldout else None,
+                  "sft_gold": evaluation["sft"]["mean_score"] if n_heldout else None,
                   "best_val_loss": best["val_loss"], "best_step": best["step"], "steps": steps})
-    print(f"saved {model_path} (best val loss {best['val_loss']:.4f}), eval.json, sft.png in {wall:.0f}s")
+    print(f"saved {os.path.join(args.out, 'model.pt')} (best val loss {best['val_loss']:.4f}), eval.json, "
+          f"sft.png in {wall:.0f}s")
     return summary
-
 
 def print_packing_and_schedule(batches, n_conversations, block_size, schedule, args):
     rows = sum(len(b.inputs) for b in batches)
@@ -842,7 +917,7 @@ def decode_response(enc, response_ids):
     return enc.decode([t for t in response_ids if t != end])
 
 
-def evaluate_tasks(model, enc, tasks, max_new_tokens=MAX_NEW_TOKENS, batch_size=64, device="cpu",
+def evaluate_tasks(model, enc, tasks, max_new_tokens=Hyperparameters.max_new_tokens, batch_size=64, device="cpu",
                    autocast=contextlib.nullcontext(), score=judge, keep_scores=False):
     """Greedy answers to `tasks` (data.tasks.Task), scored by the gold judge.
 
@@ -1052,7 +1127,7 @@ def load_chat_model(path, tokenizer, device, add_chat_tokens=False):
     enc = load_tokenizer(tokenizer or checkpoint.get("tokenizer") or "")
     if add_chat_tokens:
         enc, _ = with_chat_tokens(enc)
-        grow_vocabulary(model, enc.n_vocab, torch.Generator().manual_seed(SEED))
+        grow_vocabulary(model, enc.n_vocab, torch.Generator().manual_seed(Hyperparameters.seed))
     chat_tokens(enc)
     return model.eval(), enc
 
@@ -1235,30 +1310,10 @@ def chat_command(args):
 # 8. Command line
 # =============================================================================
 
-def comma_list(convert):
-    def parse(text):
-        try:
-            return [convert(x) for x in text.split(",") if x]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
-    return parse
-
-
 def validate_args(args):
-    """One clear error per out-of-range flag, before any work starts."""
-    for name in ["epochs", "batch_size", "lr", "grad_clip", "patience", "evals_per_epoch", "num_conversations",
-                 "eval_batch_size", "max_new_tokens", "log_every", "gpt2_n_head"]:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in ["eval_tasks", "weight_decay", "max_steps", "seq_len", "checkpoint_every"]:
-        if (getattr(args, name) or 0) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0 (got {getattr(args, name)})")
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in (0, 1) (got {args.val_fraction})")
-    if not 0 <= args.warmup_ratio < 1:
-        raise ConfigError(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    """One clear error per out-of-range flag, before any work starts: the declared ranges, then the
+    checks that involve two flags."""
+    check_ranges(args, Hyperparameters)
     if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
         raise ConfigError(f"--min-lr must be in [0, --lr] (got {args.min_lr})")
     if args.init and args.init_gpt2:
@@ -1270,73 +1325,7 @@ def validate_args(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    mode = p.add_argument_group("modes (default: fine-tune)")
-    mode.add_argument("--chat", metavar="CKPT", default=None, help="chat with a fine-tuned checkpoint in the terminal")
-    mode.add_argument("--eval", metavar="[NAME=]CKPT", nargs="+", default=None,
-                      help="judge checkpoints on held-out tasks and exit; several: the pipeline's comparison table")
-    mode.add_argument("--reference", default=None, help="--eval: the NAME of π_ref for KL and paired differences (default sft)")
-    mode.add_argument("--eval-out", default=None, metavar="DIR", help="--eval: write DIR/eval.json (a cached stage)")
-    mode.add_argument("--force", action="store_true", help="redo the stage even if its outputs match this configuration")
-
-    init = p.add_argument_group("starting point")
-    init.add_argument("--init", default=None, help=f"our pretrained checkpoint (default {INIT})")
-    init.add_argument("--init-gpt2", default=None, metavar="FILE",
-                      help="a Hugging Face GPT-2 state dict saved with torch.save")
-    init.add_argument("--gpt2-n-head", type=int, default=12, help="attention heads of the GPT-2 model (12 for 124M)")
-    init.add_argument("--tokenizer", default=None,
-                      help="tokenizer directory or tiktoken name (default: the checkpoint's; gpt2 for --init-gpt2)")
-
-    data = p.add_argument_group("data")
-    data.add_argument("--data", default=None,
-                      help="SFT JSONL: messages, Alpaca or ShareGPT records (default: built-in tasks)")
-    data.add_argument("--num-conversations", type=int, default=NUM_CONVERSATIONS,
-                      help="built-in task conversations to generate")
-    data.add_argument("--families", type=comma_list(str), default=None,
-                      help="task families for data and evaluation, e.g. arith,sort")
-    data.add_argument("--levels", type=comma_list(int), default=None,
-                      help="task levels for data and evaluation, e.g. 1,2")
-    data.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                      help="share of conversations held out for validation loss")
-    data.add_argument("--seq-len", type=int, default=None, help="packed row length (default: the model's block size)")
-    data.add_argument("--no-packing", action="store_true", help="one conversation per row (padded) instead of packing")
-
-    train = p.add_argument_group("training")
-    train.add_argument("--out", default=OUT, help="output directory: model.pt, metrics.jsonl, sft.png, eval.json")
-    train.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the training conversations")
-    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: all epochs)")
-    train.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per optimizer step")
-    train.add_argument("--lr", type=float, default=LR, help="peak learning rate")
-    train.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine (default lr/10)")
-    train.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO,
-                       help="share of the steps spent in linear warmup")
-    train.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay on matrices")
-    train.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="max global gradient norm")
-    train.add_argument("--dropout", type=float, default=None, help="dropout during SFT (default: the checkpoint's)")
-    train.add_argument("--patience", type=int, default=PATIENCE,
-                       help="early stop after this many evaluations without a better val loss")
-    train.add_argument("--evals-per-epoch", type=int, default=EVALS_PER_EPOCH,
-                       help="validation-loss evaluations per epoch")
-    train.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
-    train.add_argument("--checkpoint-every", type=int, default=None,
-                       help="steps between resume points (default: at every validation); a rerun after an "
-                            "interruption continues from the last one")
-    train.add_argument("--attention", choices=["naive", "sdpa", "flash"], default=None,
-                       help="attention implementation (default: flash on CUDA, sdpa on CPU)")
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
-    train.add_argument("--seed", type=int, default=SEED, help="seed for data, shuffling, held-out tasks and sampling")
-
-    evaluation = p.add_argument_group("evaluation and chat")
-    evaluation.add_argument("--eval-tasks", type=int, default=EVAL_TASKS,
-                            help="held-out task prompts to judge (0: skip)")
-    evaluation.add_argument("--eval-batch-size", type=int, default=64, help="prompts generated in parallel")
-    evaluation.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest reply in tokens")
-    evaluation.add_argument("--temperature", type=float, default=0.7, help="chat sampling temperature (0 = greedy)")
-    evaluation.add_argument("--top-k", type=int, default=50,
-                            help="chat: sample among the k most likely tokens (0: all of them)")
-    evaluation.add_argument("--system", default=None, help="chat: a system message to start the conversation")
-    return p
+    return build_parser_from(Hyperparameters, __doc__.split("\n")[0])
 
 
 def main(argv=None):

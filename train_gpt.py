@@ -4,6 +4,7 @@ Read beside Part 1 of the seed chapter (shared/seeds/000_…): every equation of
 is a small named function below, with its formula in the docstring and the section it
 implements. The file reads top to bottom:
 
+    0. Hyperparameters the `train` command's settings, declared once (settings.py); the model's are GPTConfig's
     1. The equations   6ND, 12·L·d², MFU, Chinchilla, warmup+cosine LR, perplexity   (1.4–1.6, 1.8)
     2. The model       GPTConfig, attention (naive | sdpa | flash), blocks, GPT       (1.4)
     3. Generation      KV cache, temperature / top-k / top-p sampling
@@ -13,7 +14,8 @@ implements. The file reads top to bottom:
     7. Stability       loss-spike / NaN detection and rollback                       (1.8)
     8. Parallelism     DDP (+ PowerSGD), FSDP2, hand-written all-reduce; memory and  (1.7)
                        communication per strategy; tp, pp, zero1, dp-tp live in parallel/
-    9. The loop        AdamW, accumulation, clipping, logging, plots
+    9. The loop        run_training: batch → forward → NaN check → backward → clip → step
+                       → log → checkpoint; AdamW, accumulation, rollback, plots     (1.8)
    10. Command line    `train`, `sample`, `soup`, `convert`, `export-hf`
 
 Usage:
@@ -32,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -44,10 +47,96 @@ from data.shards import ShardError, read_shard
 from data.stages import (RESUME_FILE, finish_stage, read_stage, stage_decision, stage_fingerprint,
                          write_stage)
 from kernels.flash_attention import naive_attention
+from settings import ConfigError, add_settings, check_ranges, runtime_flags, setting
 
 
-class ConfigError(ValueError):
-    """Bad input the user can fix: a flag out of range, a missing file, a mismatched checkpoint."""
+# =============================================================================
+# 0. Hyperparameters of pretraining: one line each — value, what it does, allowed range. The model's
+#    own (--n-layer, --n-head, --n-embd, --block-size, --dropout) are GPTConfig's fields (section 2);
+#    settings.py turns both into the `train` command's flags, range checks and runtime-flag list.
+# =============================================================================
+
+MODEL_PARALLEL = ("tp", "dp-tp", "pp", "zero1")  # --parallel strategies implemented in parallel/
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+@dataclass
+class Hyperparameters:
+    # data and output
+    data: str = setting("runs/default/data", "directory written by `python -m data.prepare`", group="data and output")
+    out: str = setting("runs/default/pretrain", "output directory: checkpoints, metrics, plot", group="data and output")
+    init_from: str = setting(None, "start from this checkpoint's weights (same config)", group="data and output")
+    # the model, beyond GPTConfig's sizes
+    no_bias: bool = setting(False, "no biases in Linear/LayerNorm layers (GPTConfig.bias = False)", group="model")
+    attention: str = setting(None, "attention implementation (default: flash on CUDA, sdpa on CPU)",
+                             choices=["naive", "sdpa", "flash"], group="model")
+    # optimisation: AdamW; warmup + cosine LR and gradient clipping are seed 1.8's
+    micro_batch_size: int = setting(16, "sequences per forward/backward", check="> 0", runtime=True,
+                                    group="optimisation")
+    global_batch_size: int = setting(16, "sequences per optimizer step (accumulated)", check="> 0",
+                                     group="optimisation")
+    max_steps: int = setting(1000, "optimizer steps", check="> 0", group="optimisation")
+    lr: float = setting(3e-3, "peak learning rate", check="> 0", group="optimisation")
+    min_lr: float = setting(None, "final learning rate (default lr/10)", group="optimisation")
+    warmup_steps: int = setting(50, "linear warmup steps", group="optimisation")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices", group="optimisation")
+    beta1: float = setting(0.9, "AdamW β1", group="optimisation")
+    beta2: float = setting(0.95, "AdamW β2", group="optimisation")
+    grad_clip: float = setting(1.0, "max global gradient norm", check="> 0", group="optimisation")
+    seed: int = setting(1337, "random seed (model init and batch sampling)", group="optimisation")
+    # stability (seed 1.8): spikes, NaN, rollback, and fault injection to exercise them
+    spike_window: int = setting(50, "losses in the rolling spike-detection window", check="> 0", group="stability")
+    spike_sigmas: float = setting(3.0, "a spike is a loss above mean + this many σ", group="stability")
+    max_rollbacks: int = setting(5, "give up after this many rollbacks", group="stability")
+    rollback_lr_factor: float = setting(1.0, "multiply the LR by this after a rollback", group="stability")
+    inject_nan_at: list = setting([], "fault injection: batch numbers whose loss is NaN", type=int_list,
+                                  group="stability")
+    inject_garbage_at: list = setting([], "fault injection: batch numbers with random targets", type=int_list,
+                                      group="stability")
+    inject_rank: int = setting(-1, "fault injection only on this rank (-1: all)", group="stability")
+    # evaluation, logging, checkpoints — bookkeeping: none of these changes the trained model
+    eval_every: int = setting(100, "steps between validation evaluations", check="> 0", runtime=True,
+                              group="evaluation, logging, checkpoints")
+    eval_windows: int = setting(64, "validation windows per evaluation", check="> 0",
+                                group="evaluation, logging, checkpoints")
+    log_every: int = setting(10, "steps between progress lines", runtime=True, group="evaluation, logging, checkpoints")
+    checkpoint_every: int = setting(100, "steps between checkpoints", check="> 0", runtime=True,
+                                    group="evaluation, logging, checkpoints")
+    keep_checkpoints: int = setting(3, "how many recent checkpoints to keep", check="> 0", runtime=True,
+                                    group="evaluation, logging, checkpoints")
+    resume: bool = setting(False, "continue from the latest checkpoint in --out (an unfinished run of the same "
+                                  "configuration is resumed even without it)", runtime=True,
+                           group="evaluation, logging, checkpoints")
+    force: bool = setting(False, "train again even if --out holds a finished run of this configuration", runtime=True,
+                          group="evaluation, logging, checkpoints")
+    peak_flops: float = setting(None, "peak FLOP/s for MFU (default: from the GPU's name)", runtime=True,
+                                group="evaluation, logging, checkpoints")
+    # parallelism and speed (seed 1.7) — how the same step is computed, not what it computes
+    parallel: str = setting("none", "under torchrun: data parallelism (DDP, FSDP2 = ZeRO-3, DDP's all-reduce written "
+                                    "by hand), or from parallel/: tensor (tp), pipeline (pp), ZeRO-1 by hand (zero1), "
+                                    "data × tensor (dp-tp)",
+                            choices=["none", "ddp", "fsdp", "manual", *MODEL_PARALLEL], runtime=True, group="parallelism and speed")
+    tp: int = setting(None, "ranks per tensor-parallel group (tp: all of them; dp-tp: a divisor of the world size, "
+                            "the rest is data parallelism)", runtime=True, group="parallelism and speed")
+    pp: int = setting(None, "pipeline stages under --parallel pp (one per rank: the world size)", runtime=True,
+                      group="parallelism and speed")
+    micro_batches: int = setting(None, "pp: micro-batches per step through the pipeline (sets the micro-batch size "
+                                       "to global batch / M; default global / --micro-batch-size)", runtime=True,
+                                 group="parallelism and speed")
+    powersgd_rank: int = setting(0, "ddp: compress gradients with PowerSGD of this rank (0: off; lossy)",
+                                 group="parallelism and speed")
+    powersgd_start_step: int = setting(10, "ddp with PowerSGD: all-reduce uncompressed for this many steps first "
+                                           "(at least 2)", group="parallelism and speed")
+    compile: bool = setting(False, "torch.compile the model", runtime=True, group="parallelism and speed")
+    compile_backend: str = setting("inductor", "torch.compile backend with --compile: inductor (generates fused "
+                                               "kernels), or e.g. aot_eager (traces forward and backward, generates "
+                                               "nothing: a quick check that the model compiles)", runtime=True,
+                                   group="parallelism and speed")
+    device: str = setting("auto", "cpu, cuda, cuda:1, … (auto: cuda if available)", runtime=True,
+                          group="parallelism and speed")
 
 
 # =============================================================================
@@ -170,13 +259,15 @@ def unigram_loss(train_tokens, val_tokens, vocab_size):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 4102     # tokens in the vocabulary (our 4,096 BPE tokens + 6 special tokens)
-    block_size: int = 256      # longest context the position embedding covers
-    n_layer: int = 4           # transformer blocks
-    n_head: int = 4            # attention heads per block
-    n_embd: int = 128          # residual stream width d
-    dropout: float = 0.0       # dropout on attention output and MLP output (0 for pretraining)
-    bias: bool = True          # biases in Linear and LayerNorm, as in GPT-2
+    vocab_size: int = 4102     # tokens in the vocabulary (our 4,096 BPE tokens + 6 special tokens); from the data
+    block_size: int = setting(256, "context length T: the longest context the position embedding covers", check="> 0",
+                              group="model")
+    n_layer: int = setting(4, "transformer blocks L", check="> 0", group="model")
+    n_head: int = setting(4, "attention heads per block", check="> 0", group="model")
+    n_embd: int = setting(128, "residual stream width d", check="> 0", group="model")
+    dropout: float = setting(0.0, "dropout on attention and MLP outputs (0 for pretraining)", check="[0, 1)",
+                             group="model")
+    bias: bool = True          # biases in Linear and LayerNorm, as in GPT-2 (the flag is --no-bias)
     attention: str = "sdpa"    # naive | sdpa | flash — how attention is computed; not part of the maths
 
     # Fields that change how the model computes but not what its weights mean.
@@ -448,6 +539,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 # =============================================================================
 # 4. GPT-2 weights from and to Hugging Face
 # =============================================================================
+# ── first reading: skip to section 5 (GPT-2 weights in and out of Hugging Face) ──
 
 # Hugging Face GPT-2 keeps these linear layers as `Conv1D`, whose weight is (in, out): the transpose of nn.Linear's.
 GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -636,6 +728,7 @@ def batch_number_for_step(step, skipped_batches):
 # =============================================================================
 # 6. Checkpoints
 # =============================================================================
+# ── first reading: skip to section 7 (checkpoint files, resume, model soups) ──
 
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
@@ -784,8 +877,7 @@ class SpikeDetector:
 # Tensor and pipeline parallelism, ZeRO-1 by hand and 2D data × tensor parallelism are in parallel/, one
 # strategy per file; the loop below reaches them through a "plan" (parallel/common.py).
 # =============================================================================
-
-MODEL_PARALLEL = ("tp", "dp-tp", "pp", "zero1")  # --parallel strategies implemented in parallel/
+# ── first reading: skip to section 9 (DDP, FSDP, PowerSGD: read it with seed 1.7) ──
 
 def memory_per_gpu(n_params, world_size, strategy):
     """Bytes of model state per GPU for mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020).
@@ -1008,30 +1100,6 @@ def adamw(module, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
-def log_line(metrics_file, record):
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
-
-
-def read_metrics(path):
-    """The records of a metrics.jsonl written with log_line (every stage's plots read them back)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def truncate_metrics(path, after_step, key="step", final_events=()):
-    """On resume, forget metrics logged after the checkpoint we resume from (records whose `key`,
-    the step or iteration, is larger), and the records of `final_events` that a stage logs once
-    after its loop (the resumed run logs them again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        records = [(line, json.loads(line)) for line in f if line.strip()]
-    kept = [line for line, r in records if r.get(key, 0) <= after_step and r.get("event") not in final_events]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
 @torch.no_grad()
 def evaluate_loss(model, data, max_windows, batch_size, device, autocast):
     """Mean NLL per token over the fixed validation windows (every rank sees all of them,
@@ -1046,6 +1114,15 @@ def evaluate_loss(model, data, max_windows, batch_size, device, autocast):
         count += y.numel()
     model.train(was_training)
     return total / count
+
+
+def gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size):
+    """Micro-steps per optimizer step: global batch = micro batch × ranks × accumulation."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ConfigError(f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
+                          f"{micro_batch_size} × {world_size} ranks = {per_step}")
+    return global_batch_size // per_step
 
 
 def accumulate_gradients(model, micro_batches, strategy, autocast, ctx, poison=False):
@@ -1066,6 +1143,293 @@ def accumulate_gradients(model, micro_batches, strategy, autocast, ctx, poison=F
             (loss / len(micro_batches)).backward()
         loss_sum += loss.item()
     return all_reduce_mean(loss_sum / len(micro_batches), ctx), None
+
+
+def set_learning_rate(args, run, step):
+    """get_lr's warmup + cosine at this step, times the rollbacks' --rollback-lr-factor, into every group."""
+    lr = get_lr(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr) * run.state["lr_scale"]
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def step_batch(args, run, step):
+    """This step's batch, numbered (a rolled-back batch stays skipped): this rank's micro-batches
+    [(x, y), …] and whether fault injection poisons its loss."""
+    batch_number = batch_number_for_step(step, run.state["skipped_batches"])
+    windows = run.data.batch_windows(args.seed, batch_number, args.global_batch_size)
+    micro_batches = [run.data.train_batch(windows[micro_batch_rows(run.data_rank, run.data_world, micro_step,
+                                                                   args.micro_batch_size, run.grad_accum)])
+                     for micro_step in range(run.grad_accum)]
+    if run.injected_here and batch_number in args.inject_garbage_at:  # fault injection: unpredictable targets
+        micro_batches = [(x, torch.randint_like(y, run.config.vocab_size)) for x, y in micro_batches]
+    poison = run.injected_here and batch_number in args.inject_nan_at  # fault injection: a non-finite loss
+    return batch_number, micro_batches, poison
+
+
+def forward_backward(ctx, run, micro_batches, poison):
+    """Forward, NaN check, backward over the micro-batches (accumulate_gradients; under pp the GPipe
+    schedule of parallel/pipeline.py). Returns (mean loss, None) or (nan, the problem)."""
+    if run.plan:
+        run.plan.start_step()
+    if run.strategy == "pp":  # the micro-batches go through the pipeline together (GPipe)
+        return run.plan.train_step(micro_batches, run.autocast, lambda flag: any_rank(flag, ctx), poison)
+    return accumulate_gradients(run.model, micro_batches, run.strategy, run.autocast, ctx, poison)
+
+
+def synchronise_and_clip(args, ctx, run):
+    """Gradient synchronisation still owed (manual all-reduce; the plan's), then clipping to --grad-clip:
+    only now, when every rank holds the same averaged gradient. Returns the norm before clipping."""
+    if run.strategy == "manual":
+        all_reduce_gradients_by_hand(run.model, ctx.world_size)
+    if run.plan:  # no rank holds all the gradients: the plan sums the norm from pieces
+        run.plan.sync_gradients()
+        return run.plan.clip_grad_norm_(args.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    return (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+
+
+def roll_back(args, ctx, run, step, batch_number, problem):
+    """Seed 1.8's recovery: drop the gradients, reload the last checkpoint, skip the offending batch from
+    now on, optionally lower the LR; give up after --max-rollbacks. Returns the step to continue from."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.state["rollbacks"] >= args.max_rollbacks:
+        raise RuntimeError(f"step {step}: {problem}; giving up after {run.state['rollbacks']} rollbacks "
+                           f"(--max-rollbacks)")
+    path = checkpoint_paths(args.out)[-1]
+    step = restore_run(args, ctx, run, path)["step"]
+    run.state["skipped_batches"].append(batch_number)
+    run.state["rollbacks"] += 1
+    run.state["lr_scale"] *= args.rollback_lr_factor
+    run.log({"step": step, "event": "rollback", "reason": problem, "skipped_batch": batch_number,
+             "lr_scale": run.state["lr_scale"]})
+    run.say(f"rollback: {problem} at batch {batch_number}; back to {path}, batch skipped")
+    return step
+
+
+def run_training(args, ctx):
+    """Pretraining (seed 1.4–1.8), one optimizer step at a time:
+
+        batch → forward → NaN check → backward → (spike? roll back) → clip → step → log → checkpoint
+
+    Returns the final validation loss. Each step's pieces are the functions just above; the set-up,
+    the resume decision and the bookkeeping follow below (a first reading may skip them); `run`
+    holds what they all share."""
+    stage_started = time.time()
+    run = set_up_run(args, ctx)
+    start_step = begin_or_resume(args, ctx, run)
+    if start_step is None:  # a finished run of this configuration
+        return read_stage(args.out)["summary"]["val_loss"]
+    print_run_plan(args, ctx, run)
+    if args.compile:
+        run.model = torch.compile(run.model, backend=args.compile_backend)
+    open_metrics(ctx, run)
+    if not run.resuming:
+        save_step(args, ctx, run, 0)  # a first good checkpoint, so a spike at step 1 has somewhere to roll back to
+
+    step, started, last_val = start_step, time.time(), None
+    while step < args.max_steps:
+        t0 = time.time()
+        lr = set_learning_rate(args, run, step)
+        batch_number, micro_batches, poison = step_batch(args, run, step)                 # batch
+        loss, problem = forward_backward(ctx, run, micro_batches, poison)                 # forward, NaN check, backward
+        if problem is None and run.state["spikes"].is_spike(loss):
+            problem = f"loss spike ({loss:.3f} > rolling mean + {args.spike_sigmas}σ)"
+        if problem is not None:
+            step = roll_back(args, ctx, run, step, batch_number, problem)                 # seed 1.8: roll back
+            continue
+        grad_norm = synchronise_and_clip(args, ctx, run)                                  # clip
+        run.optimizer.step()                                                              # step
+        run.optimizer.zero_grad(set_to_none=True)
+        run.state["spikes"].record(loss)
+        step += 1
+        log_step(args, run, step, loss, lr, grad_norm, time.time() - t0, started, start_step)   # log
+        if step % args.eval_every == 0 or step == args.max_steps:
+            last_val = evaluate_step(args, run, step)
+        if step % args.checkpoint_every == 0 or step == args.max_steps:
+            save_step(args, ctx, run, step)                                               # checkpoint
+    if last_val is None:
+        last_val = evaluate_step(args, run, step)
+    return finish_run(args, ctx, run, step, last_val, stage_started)
+
+
+# ── first reading: skip to the end (the loop's set-up, resume, checkpoints, metrics, plot; the command line) ──
+
+def set_up_run(args, ctx):
+    """Everything the loop works on, in one namespace: the config, data, model and optimizer (wrapped
+    for --parallel), the micro-batch plan, and the resumable state (skipped batches, LR scale, rollbacks,
+    the spike detector's history)."""
+    run = types.SimpleNamespace(say=print if ctx.master else (lambda *a, **k: None), device=ctx.device,
+                                strategy=args.parallel)
+    run.meta = read_meta(args.data)
+    run.config = config = GPTConfig(
+        vocab_size=run.meta["vocab_size"], block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+        n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
+        attention=args.attention or ("flash" if run.device.type == "cuda" else "sdpa"))
+    run.data = TokenData(args.data, config.block_size, config.vocab_size)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = GPT(config).to(run.device)
+    if args.init_from:
+        source, _ = model_from_checkpoint(args.init_from)
+        check_same_config(config, asdict(source.config), args.init_from)
+        model.load_state_dict(source.state_dict())
+    run.n_params, run.n_all = count_params(model), count_params(model, non_embedding=False)
+    run.plan = None
+    if run.strategy in MODEL_PARALLEL:
+        # tp, dp-tp, pp, zero1 (parallel/): the plan cuts this rank's piece out of the whole model and knows
+        # how its gradients are synchronised and clipped, and how its checkpoints are gathered.
+        import parallel
+        run.plan = parallel.setup(run.strategy, model, ctx, lambda module: adamw(
+            module, args.lr, args.weight_decay, (args.beta1, args.beta2), run.device.type), tp=args.tp)
+        run.model, run.optimizer = run.plan.model, run.plan.optimizer
+    else:
+        run.model = wrap_model(model, run.strategy, ctx, args.powersgd_rank, args.powersgd_start_step)
+        # After fully_shard the model is still a GPT whose parameters are shards (DTensors), so the
+        # same optimizer set-up serves every strategy: under FSDP, Adam's state is sharded too.
+        run.optimizer = unwrap(run.model).configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2),
+                                                              run.device.type)
+    # The ranks that read different rows of the batch (under TP, one TP group reads the same rows).
+    run.data_rank, run.data_world = ((run.plan.data_rank, run.plan.data_world) if run.plan
+                                     else (ctx.rank, ctx.world_size))
+    run.grad_accum = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, run.data_world)
+    run.dropout_rank = run.plan.dropout_rank if run.plan else ctx.rank
+    torch.manual_seed(args.seed + run.dropout_rank)  # different dropout masks on different ranks
+    run.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda"
+                    else contextlib.nullcontext())
+    run.state = {"skipped_batches": [], "lr_scale": 1.0, "rollbacks": 0,
+                 "spikes": SpikeDetector(args.spike_window, args.spike_sigmas)}
+    run.metrics_path = os.path.join(args.out, "metrics.jsonl")
+    run.injected_here = args.inject_rank in (-1, ctx.rank)
+    if ctx.master:
+        os.makedirs(args.out, exist_ok=True)
+    barrier(ctx)
+    return run
+
+
+def restore_run(args, ctx, run, path):
+    """Load checkpoint `path` into the run (weights, optimizer, RNG, the spike detector's history); its dict."""
+    saved = restore_checkpoint(path, run.model, run.optimizer, run.strategy, run.config, run.device, run.plan)
+    if ctx.world_size == 1:
+        torch.set_rng_state(saved["rng"]["torch"])
+    else:  # one saved RNG state cannot serve several ranks: reseed from (seed, rank, step)
+        torch.manual_seed(args.seed + 1000 * saved["step"] + run.dropout_rank)
+    run.state["spikes"].history = list(saved["loss_history"])
+    return saved
+
+
+def begin_or_resume(args, ctx, run):
+    """The stage's first step: skip a finished run of this configuration (returns None), resume an
+    unfinished one from its last checkpoint, or start afresh; returns the step to start from."""
+    # Decide once, before any rank writes: a rank that looked after rank 0 had saved would
+    # see a different directory and take another branch — and the collectives would deadlock.
+    # Without --resume, an unfinished run of the same configuration (stage.json) is resumed too.
+    run.fingerprint = stage_fingerprint(args, TRAIN_RUNTIME_FLAGS, [args.data, args.init_from])
+    decision = stage_decision(read_stage(args.out), run.fingerprint, args.force)
+    run.resuming = (args.resume or decision == "resume") and bool(checkpoint_paths(args.out))
+    barrier(ctx)
+    if decision == "skip":
+        run.say(f"[pretrain] {args.out} holds a finished run of this configuration: skipped (--force redoes it)")
+        return None
+    if ctx.master and decision == "fresh":
+        write_stage(args.out, {"stage": "pretrain", "fingerprint": run.fingerprint, "complete": False,
+                               "started": time.time()})
+    start_step = 0
+    if run.resuming:
+        saved = restore_run(args, ctx, run, checkpoint_paths(args.out)[-1])
+        start_step = saved["step"]
+        run.state.update(skipped_batches=saved["skipped_batches"], lr_scale=saved["lr_scale"],
+                         rollbacks=saved["rollbacks"])
+        if ctx.master:
+            truncate_metrics(run.metrics_path, start_step)
+        run.say(f"resumed from {checkpoint_paths(args.out)[-1]} at step {start_step}")
+    elif ctx.master:  # a fresh run: earlier checkpoints here must not become rollback targets
+        for old in checkpoint_paths(args.out) + [run.metrics_path]:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old) if os.path.exists(old) else None
+    barrier(ctx)
+    return start_step
+
+
+def print_run_plan(args, ctx, run):
+    """The numbers of sections 1.5–1.7, printed before the first step: N, D, C = 6ND, Chinchilla's
+    (N*, D*), the parallel costs, the unigram baseline. Also sets what the progress lines need."""
+    config, say = run.config, run.say
+    run.tokens_per_step = args.global_batch_size * config.block_size
+    total_tokens = run.tokens_per_step * args.max_steps
+    compute = training_flops(run.n_params, total_tokens)
+    n_opt, d_opt = chinchilla_optimal(compute)
+    run.unigram = unigram_loss(run.data.train[0][:2_000_000], run.data.val[0], config.vocab_size)
+    say(f"model: N={run.n_params:,} non-embedding parameters (12·L·d² = "
+        f"{approx_params(config.n_layer, config.n_embd):,}); data: {run.meta['train_tokens']:,} train tokens")
+    say(f"run: D={total_tokens:,} tokens, C=6ND={compute:.3g} FLOPs, {total_tokens / run.n_params:.1f} "
+        f"tokens/parameter (Chinchilla-optimal at this C: N*={n_opt:,.0f}, D*={d_opt:,.0f})")
+    say(f"parallel: {run.strategy} on {ctx.world_size} rank(s), grad accumulation {run.grad_accum}; "
+        + parallel_costs(run.strategy, config, run.model, run.n_all, ctx.world_size, args.tp,
+                         run.tokens_per_step // run.data_world))
+    say(f"unigram baseline val loss {run.unigram:.3f}; device {run.device}, attention {config.attention}")
+    run.peak = args.peak_flops or device_peak_flops(run.device)
+    run.flops_per_tok = flops_per_token(run.n_params, config.n_layer, config.block_size, config.n_embd)
+    run.val_bytes_per_token = run.meta["val_bytes"] / run.meta["val_tokens"]
+
+
+def open_metrics(ctx, run):
+    """metrics.jsonl (rank 0 appends to it; the other ranks log nothing)."""
+    run.metrics = open(run.metrics_path, "a") if ctx.master else None
+    run.log = (lambda record: log_line(run.metrics, record)) if ctx.master else (lambda record: None)
+
+
+def save_step(args, ctx, run, step):
+    """Checkpoint ckpt_<step>: weights, optimizer and trainer state (the rollback and resume target)."""
+    extra = trainer_state(run.config, step, run.state, args, run.data.tokenizer)
+    save_checkpoint(run.model, run.optimizer, extra, run.strategy, args.out, args.keep_checkpoints, ctx, run.plan)
+
+
+def evaluate_step(args, run, step):
+    """Validation loss, perplexity and bits per byte on the fixed validation windows; logged and printed."""
+    val_loss = evaluate_loss(run.model, run.data, args.eval_windows, args.micro_batch_size, run.device, run.autocast)
+    record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+              "val_bpb": bits_per_byte(val_loss, 1, run.val_bytes_per_token), "unigram_loss": run.unigram}
+    run.log(record)
+    run.say(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, "
+            f"bits/byte {record['val_bpb']:.3f}")
+    return val_loss
+
+
+def log_step(args, run, step, loss, lr, grad_norm, seconds, started, start_step):
+    """A metrics.jsonl record per step (tokens/s, MFU on a known GPU); a progress line every --log-every."""
+    tokens_per_sec = run.tokens_per_step / seconds
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+              "mfu": mfu(tokens_per_sec, run.flops_per_tok, run.peak) if run.peak else None}
+    if run.plan:  # what the step sent, and under pp each rank's idle time
+        record.update(run.plan.step_record())
+    run.log(record)
+    if step % args.log_every == 0 or step == args.max_steps:
+        eta = (time.time() - started) / (step - start_step) * (args.max_steps - step)
+        mfu_text = f", MFU {100 * record['mfu']:.1f}%" if run.peak else ""
+        run.say(f"step {step}/{args.max_steps}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                f"{tokens_per_sec:,.0f} tok/s{mfu_text}, ETA {eta:.0f}s")
+
+
+def finish_run(args, ctx, run, step, last_val, stage_started):
+    """After the last step: the strategy's own measurements, model.pt (gathered from the pieces under
+    FSDP and parallel/), the plot, and stage.json marked complete."""
+    summaries = [run.plan.summary()] if run.plan else []  # what the strategy measured: communication, bubble, memory
+    if args.powersgd_rank:
+        summaries.append(compression_summary(run.model, ctx.world_size))
+    for text, record in summaries:
+        run.log({"step": step, "event": "parallel", "strategy": run.strategy, **record})
+        run.say(text)
+    # The single-file checkpoint every later stage loads (under FSDP and parallel/: gathered from the pieces).
+    weights = full_state_dict(run.model, run.strategy, run.plan)
+    if ctx.master:
+        extra = trainer_state(run.config, step, run.state, args, run.data.tokenizer)
+        atomic_save({"model": weights, **extra, "val_loss": last_val}, os.path.join(args.out, "model.pt"))
+        run.metrics.close()
+        plot_metrics(run.metrics_path, os.path.join(args.out, "pretrain.png"))
+        finish_stage(args.out, "pretrain", run.fingerprint, stage_started,
+                     {"val_loss": last_val, "unigram_loss": run.unigram, "steps": step, "params": run.n_params,
+                      "val_bpb": bits_per_byte(last_val, 1, run.val_bytes_per_token)})
+        run.say(f"saved {os.path.join(args.out, 'model.pt')} (val loss {last_val:.4f})")
+    return last_val
 
 
 def trainer_state(config, step, state, args, tokenizer):
@@ -1160,16 +1524,66 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def log_line(metrics_file, record):
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl written with log_line (every stage's plots read them back)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path, after_step, key="step", final_events=()):
+    """On resume, forget metrics logged after the checkpoint we resume from (records whose `key`,
+    the step or iteration, is larger), and the records of `final_events` that a stage logs once
+    after its loop (the resumed run logs them again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [(line, json.loads(line)) for line in f if line.strip()]
+    kept = [line for line, r in records if r.get(key, 0) <= after_step and r.get("event") not in final_events]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def plot_metrics(metrics_path, png_path):
+    """Train/val loss, learning rate and gradient norm against steps, rollbacks marked in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    rollbacks = [r["step"] for r in records if r.get("event") == "rollback"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=0.8)
+    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    if val:
+        axes[0].axhline(val[-1]["unigram_loss"], color="gray", ls="--", label="unigram baseline")
+        # bits/byte is the same curve in tokenizer-independent units: a fixed factor of the val loss
+        ratio = val[-1]["val_bpb"] / val[-1]["val_loss"]
+        right = axes[0].secondary_yaxis("right", functions=(lambda x: x * ratio, lambda y: y / ratio))
+        right.set_ylabel("validation bits per byte")
+    axes[0].set(title="loss (nats/token)", xlabel="step")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], lw=0.8)
+    axes[2].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
+    for ax in axes:
+        for step in rollbacks:
+            ax.axvline(step, color="red", alpha=0.5)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
 def validate_train_args(args):
     """One clear error per out-of-range flag, before any work starts."""
-    positive = ["n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "global_batch_size",
-                "max_steps", "lr", "eval_every", "eval_windows", "checkpoint_every", "keep_checkpoints",
-                "spike_window", "grad_clip"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    if not 0 <= args.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    check_ranges(args, GPTConfig, Hyperparameters)
     if not 0 <= args.warmup_steps <= args.max_steps:
         raise ConfigError(f"--warmup-steps must be in [0, --max-steps] (got {args.warmup_steps})")
     if args.n_embd % args.n_head:
@@ -1214,15 +1628,6 @@ def validate_parallel_args(args, world_size):
             args.micro_batch_size = args.global_batch_size // args.micro_batches
 
 
-def gradient_accumulation_steps(global_batch_size, micro_batch_size, world_size):
-    """Micro-steps per optimizer step: global batch = micro batch × ranks × accumulation."""
-    per_step = micro_batch_size * world_size
-    if global_batch_size % per_step:
-        raise ConfigError(f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
-                          f"{micro_batch_size} × {world_size} ranks = {per_step}")
-    return global_batch_size // per_step
-
-
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1231,9 +1636,7 @@ def pick_device(name):
 
 # Flags that change only speed, memory, logging or bookkeeping, not the trained model: left out of
 # the stage fingerprint, so changing them neither re-trains nor blocks a resume.
-TRAIN_RUNTIME_FLAGS = {"command", "device", "parallel", "micro_batch_size", "compile", "compile_backend", "log_every",
-                       "eval_every", "checkpoint_every", "keep_checkpoints", "resume", "force", "peak_flops", "tp", "pp",
-                       "micro_batches"}
+TRAIN_RUNTIME_FLAGS = runtime_flags(GPTConfig, Hyperparameters) | {"command"}
 
 
 def train(args):
@@ -1246,240 +1649,6 @@ def train(args):
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-
-def run_training(args, ctx):
-    stage_started = time.time()
-    say = print if ctx.master else (lambda *a, **k: None)
-    device, strategy = ctx.device, args.parallel
-    meta = read_meta(args.data)
-    config = GPTConfig(vocab_size=meta["vocab_size"], block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
-                       attention=args.attention or ("flash" if device.type == "cuda" else "sdpa"))
-    data = TokenData(args.data, config.block_size, config.vocab_size)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = GPT(config).to(device)
-    if args.init_from:
-        source, _ = model_from_checkpoint(args.init_from)
-        check_same_config(config, asdict(source.config), args.init_from)
-        model.load_state_dict(source.state_dict())
-    n_params, n_all = count_params(model), count_params(model, non_embedding=False)
-    plan = None
-    if strategy in MODEL_PARALLEL:
-        # tp, dp-tp, pp, zero1 (parallel/): the plan cuts this rank's piece out of the whole model and knows
-        # how its gradients are synchronised and clipped, and how its checkpoints are gathered.
-        import parallel
-        plan = parallel.setup(strategy, model, ctx, lambda module: adamw(
-            module, args.lr, args.weight_decay, (args.beta1, args.beta2), device.type), tp=args.tp)
-        model, optimizer = plan.model, plan.optimizer
-    else:
-        model = wrap_model(model, strategy, ctx, args.powersgd_rank, args.powersgd_start_step)
-        # After fully_shard the model is still a GPT whose parameters are shards (DTensors), so the
-        # same optimizer set-up serves every strategy: under FSDP, Adam's state is sharded too.
-        optimizer = unwrap(model).configure_optimizer(args.lr, args.weight_decay, (args.beta1, args.beta2), device.type)
-    # The ranks that read different rows of the batch (under TP, one TP group reads the same rows).
-    data_rank, data_world = (plan.data_rank, plan.data_world) if plan else (ctx.rank, ctx.world_size)
-    grad_accum = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, data_world)
-    dropout_rank = plan.dropout_rank if plan else ctx.rank
-    torch.manual_seed(args.seed + dropout_rank)  # different dropout masks on different ranks
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    state = {"skipped_batches": [], "lr_scale": 1.0, "rollbacks": 0,
-             "spikes": SpikeDetector(args.spike_window, args.spike_sigmas)}
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if ctx.master:
-        os.makedirs(args.out, exist_ok=True)
-    barrier(ctx)
-
-    def restore(path):
-        saved = restore_checkpoint(path, model, optimizer, strategy, config, device, plan)
-        if ctx.world_size == 1:
-            torch.set_rng_state(saved["rng"]["torch"])
-        else:  # one saved RNG state cannot serve several ranks: reseed from (seed, rank, step)
-            torch.manual_seed(args.seed + 1000 * saved["step"] + dropout_rank)
-        state["spikes"].history = list(saved["loss_history"])
-        return saved
-
-    # Decide once, before any rank writes: a rank that looked after rank 0 had saved would
-    # see a different directory and take another branch — and the collectives would deadlock.
-    # Without --resume, an unfinished run of the same configuration (stage.json) is resumed too.
-    fingerprint = stage_fingerprint(args, TRAIN_RUNTIME_FLAGS, [args.data, args.init_from])
-    decision = stage_decision(read_stage(args.out), fingerprint, args.force)
-    resuming = (args.resume or decision == "resume") and bool(checkpoint_paths(args.out))
-    barrier(ctx)
-    if decision == "skip":
-        say(f"[pretrain] {args.out} holds a finished run of this configuration: skipped (--force redoes it)")
-        return read_stage(args.out)["summary"]["val_loss"]
-    if ctx.master and decision == "fresh":
-        write_stage(args.out, {"stage": "pretrain", "fingerprint": fingerprint, "complete": False,
-                               "started": time.time()})
-    start_step = 0
-    if resuming:
-        saved = restore(checkpoint_paths(args.out)[-1])
-        start_step = saved["step"]
-        state.update(skipped_batches=saved["skipped_batches"], lr_scale=saved["lr_scale"], rollbacks=saved["rollbacks"])
-        if ctx.master:
-            truncate_metrics(metrics_path, start_step)
-        say(f"resumed from {checkpoint_paths(args.out)[-1]} at step {start_step}")
-    elif ctx.master:  # a fresh run: earlier checkpoints here must not become rollback targets
-        for old in checkpoint_paths(args.out) + [metrics_path]:
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old) if os.path.exists(old) else None
-    barrier(ctx)
-
-    # The numbers of sections 1.5–1.7, printed before the first step.
-    tokens_per_step = args.global_batch_size * config.block_size
-    total_tokens = tokens_per_step * args.max_steps
-    compute = training_flops(n_params, total_tokens)
-    n_opt, d_opt = chinchilla_optimal(compute)
-    unigram = unigram_loss(data.train[0][:2_000_000], data.val[0], config.vocab_size)
-    say(f"model: N={n_params:,} non-embedding parameters (12·L·d² = {approx_params(config.n_layer, config.n_embd):,}); "
-        f"data: {meta['train_tokens']:,} train tokens")
-    say(f"run: D={total_tokens:,} tokens, C=6ND={compute:.3g} FLOPs, {total_tokens / n_params:.1f} tokens/parameter "
-        f"(Chinchilla-optimal at this C: N*={n_opt:,.0f}, D*={d_opt:,.0f})")
-    say(f"parallel: {strategy} on {ctx.world_size} rank(s), grad accumulation {grad_accum}; "
-        f"{parallel_costs(strategy, config, model, n_all, ctx.world_size, args.tp, tokens_per_step // data_world)}")
-    say(f"unigram baseline val loss {unigram:.3f}; device {device}, attention {config.attention}")
-    if args.compile:
-        model = torch.compile(model, backend=args.compile_backend)
-    peak = args.peak_flops or device_peak_flops(device)
-    flops_per_tok = flops_per_token(n_params, config.n_layer, config.block_size, config.n_embd)
-    val_bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
-
-    def save(step):
-        extra = trainer_state(config, step, state, args, data.tokenizer)
-        save_checkpoint(model, optimizer, extra, strategy, args.out, args.keep_checkpoints, ctx, plan)
-
-    metrics = open(metrics_path, "a") if ctx.master else None
-    log = (lambda record: log_line(metrics, record)) if ctx.master else (lambda record: None)
-
-    def evaluate(step):
-        val_loss = evaluate_loss(model, data, args.eval_windows, args.micro_batch_size, device, autocast)
-        record = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
-                  "val_bpb": bits_per_byte(val_loss, 1, val_bytes_per_token), "unigram_loss": unigram}
-        log(record)
-        say(f"step {step}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}, bits/byte {record['val_bpb']:.3f}")
-        return val_loss
-
-    if not resuming:
-        save(0)  # a first good checkpoint, so a spike at step 1 has somewhere to roll back to
-    step, started, last_val = start_step, time.time(), None
-    injected_here = args.inject_rank in (-1, ctx.rank)
-    while step < args.max_steps:
-        t0 = time.time()
-        lr = get_lr(step, args.warmup_steps, args.max_steps, args.lr, args.min_lr) * state["lr_scale"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch_number = batch_number_for_step(step, state["skipped_batches"])
-        windows = data.batch_windows(args.seed, batch_number, args.global_batch_size)
-        micro_batches = [data.train_batch(windows[micro_batch_rows(data_rank, data_world, micro_step,
-                                                                   args.micro_batch_size, grad_accum)])
-                         for micro_step in range(grad_accum)]
-        if injected_here and batch_number in args.inject_garbage_at:  # fault injection: unpredictable targets
-            micro_batches = [(x, torch.randint_like(y, config.vocab_size)) for x, y in micro_batches]
-        poison = injected_here and batch_number in args.inject_nan_at  # fault injection: a non-finite loss
-        if plan:
-            plan.start_step()
-        if strategy == "pp":  # the micro-batches go through the pipeline together (GPipe): parallel/pipeline.py
-            train_loss, problem = plan.train_step(micro_batches, autocast, lambda flag: any_rank(flag, ctx), poison)
-        else:
-            train_loss, problem = accumulate_gradients(model, micro_batches, strategy, autocast, ctx, poison)
-        if problem is None and state["spikes"].is_spike(train_loss):
-            problem = f"loss spike ({train_loss:.3f} > rolling mean + {args.spike_sigmas}σ)"
-        if problem is not None:
-            optimizer.zero_grad(set_to_none=True)
-            if state["rollbacks"] >= args.max_rollbacks:
-                raise RuntimeError(f"step {step}: {problem}; giving up after {state['rollbacks']} rollbacks "
-                                   f"(--max-rollbacks)")
-            path = checkpoint_paths(args.out)[-1]
-            step = restore(path)["step"]
-            state["skipped_batches"].append(batch_number)
-            state["rollbacks"] += 1
-            state["lr_scale"] *= args.rollback_lr_factor
-            log({"step": step, "event": "rollback", "reason": problem, "skipped_batch": batch_number,
-                 "lr_scale": state["lr_scale"]})
-            say(f"rollback: {problem} at batch {batch_number}; back to {path}, batch skipped")
-            continue
-        if strategy == "manual":
-            all_reduce_gradients_by_hand(model, ctx.world_size)
-        # Clip only now: after synchronisation every rank holds the same averaged gradient.
-        if plan:  # no rank holds all the gradients: the plan sums the norm from pieces
-            plan.sync_gradients()
-            grad_norm = plan.clip_grad_norm_(args.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["spikes"].record(train_loss)
-        step += 1
-
-        tokens_per_sec = tokens_per_step / (time.time() - t0)
-        record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                  "mfu": mfu(tokens_per_sec, flops_per_tok, peak) if peak else None}
-        if plan:  # what the step sent, and under pp each rank's idle time
-            record.update(plan.step_record())
-        log(record)
-        if step % args.log_every == 0 or step == args.max_steps:
-            eta = (time.time() - started) / (step - start_step) * (args.max_steps - step)
-            mfu_text = f", MFU {100 * record['mfu']:.1f}%" if peak else ""
-            say(f"step {step}/{args.max_steps}: loss {train_loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                f"{tokens_per_sec:,.0f} tok/s{mfu_text}, ETA {eta:.0f}s")
-        if step % args.eval_every == 0 or step == args.max_steps:
-            last_val = evaluate(step)
-        if step % args.checkpoint_every == 0 or step == args.max_steps:
-            save(step)
-    if last_val is None:
-        last_val = evaluate(step)
-    summaries = [plan.summary()] if plan else []  # what the strategy measured: communication, bubble, memory
-    if args.powersgd_rank:
-        summaries.append(compression_summary(model, ctx.world_size))
-    for text, record in summaries:
-        log({"step": step, "event": "parallel", "strategy": strategy, **record})
-        say(text)
-    # The single-file checkpoint every later stage loads (under FSDP and parallel/: gathered from the pieces).
-    weights = full_state_dict(model, strategy, plan)
-    if ctx.master:
-        extra = trainer_state(config, step, state, args, data.tokenizer)
-        atomic_save({"model": weights, **extra, "val_loss": last_val}, os.path.join(args.out, "model.pt"))
-        metrics.close()
-        plot_metrics(metrics_path, os.path.join(args.out, "pretrain.png"))
-        finish_stage(args.out, "pretrain", fingerprint, stage_started,
-                     {"val_loss": last_val, "unigram_loss": unigram, "steps": step, "params": n_params,
-                      "val_bpb": bits_per_byte(last_val, 1, val_bytes_per_token)})
-        say(f"saved {os.path.join(args.out, 'model.pt')} (val loss {last_val:.4f})")
-    return last_val
-
-
-def plot_metrics(metrics_path, png_path):
-    """Train/val loss, learning rate and gradient norm against steps, rollbacks marked in red."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val_loss" in r]
-    rollbacks = [r["step"] for r in records if r.get("event") == "rollback"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=0.8)
-    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
-    if val:
-        axes[0].axhline(val[-1]["unigram_loss"], color="gray", ls="--", label="unigram baseline")
-        # bits/byte is the same curve in tokenizer-independent units: a fixed factor of the val loss
-        ratio = val[-1]["val_bpb"] / val[-1]["val_loss"]
-        right = axes[0].secondary_yaxis("right", functions=(lambda x: x * ratio, lambda y: y / ratio))
-        right.set_ylabel("validation bits per byte")
-    axes[0].set(title="loss (nats/token)", xlabel="step")
-    axes[0].legend()
-    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
-    axes[1].set(title="learning rate", xlabel="step")
-    axes[2].plot([r["step"] for r in train], [r["grad_norm"] for r in train], lw=0.8)
-    axes[2].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
-    for ax in axes:
-        for step in rollbacks:
-            ax.axvline(step, color="red", alpha=0.5)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 # =============================================================================
@@ -1630,72 +1799,14 @@ def verify_hf_export(out_dir, model, enc):
         sys.exit(f"error: export-hf --verify: {out_dir} differs from the checkpoint ({failures[0]})")
 
 
-def int_list(text):
-    return [int(x) for x in text.split(",") if x]
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="pretrain a GPT on token shards", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", default="runs/default/data", help="directory written by `python -m data.prepare`")
-    t.add_argument("--out", default="runs/default/pretrain", help="output directory: checkpoints, metrics, plot")
-    t.add_argument("--n-layer", type=int, default=4, help="transformer blocks L")
-    t.add_argument("--n-head", type=int, default=4, help="attention heads per block")
-    t.add_argument("--n-embd", type=int, default=128, help="residual stream width d")
-    t.add_argument("--block-size", type=int, default=256, help="context length T")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
-    t.add_argument("--no-bias", action="store_true", help="no biases in Linear/LayerNorm layers")
-    t.add_argument("--attention", choices=["naive", "sdpa", "flash"], default=None,
-                   help="attention implementation (default: flash on CUDA, sdpa on CPU)")
-    t.add_argument("--parallel", choices=["none", "ddp", "fsdp", "manual", *MODEL_PARALLEL], default="none",
-                   help="under torchrun: data parallelism (DDP, FSDP2 = ZeRO-3, DDP's all-reduce written by hand), "
-                   "or from parallel/: tensor (tp), pipeline (pp), ZeRO-1 by hand (zero1), data × tensor (dp-tp)")
-    t.add_argument("--tp", type=int, default=None, help="ranks per tensor-parallel group (tp: all of them; "
-                   "dp-tp: a divisor of the world size, the rest is data parallelism)")
-    t.add_argument("--pp", type=int, default=None, help="pipeline stages under --parallel pp (one per rank: "
-                   "the world size)")
-    t.add_argument("--micro-batches", type=int, default=None, help="pp: micro-batches per step through the "
-                   "pipeline (sets the micro-batch size to global batch / M; default global / --micro-batch-size)")
-    t.add_argument("--powersgd-rank", type=int, default=0, help="ddp: compress gradients with PowerSGD of this "
-                   "rank (0: off; lossy)")
-    t.add_argument("--powersgd-start-step", type=int, default=10, help="ddp with PowerSGD: all-reduce uncompressed "
-                   "for this many steps first (at least 2)")
-    t.add_argument("--init-from", default=None, help="start from this checkpoint's weights (same config)")
-    t.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward/backward")
-    t.add_argument("--global-batch-size", type=int, default=16, help="sequences per optimizer step (accumulated)")
-    t.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    t.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
-    t.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
-    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    t.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
-    t.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
-    t.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
-    t.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
-    t.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
-    t.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    t.add_argument("--keep-checkpoints", type=int, default=3, help="how many recent checkpoints to keep")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (an unfinished "
-                   "run of the same configuration is resumed even without it)")
-    t.add_argument("--force", action="store_true", help="train again even if --out holds a finished run of this configuration")
-    t.add_argument("--spike-window", type=int, default=50, help="losses in the rolling spike-detection window")
-    t.add_argument("--spike-sigmas", type=float, default=3.0, help="a spike is a loss above mean + this many σ")
-    t.add_argument("--max-rollbacks", type=int, default=5, help="give up after this many rollbacks")
-    t.add_argument("--rollback-lr-factor", type=float, default=1.0, help="multiply the LR by this after a rollback")
-    t.add_argument("--inject-nan-at", type=int_list, default=[], help="fault injection: batch numbers whose loss is NaN")
-    t.add_argument("--inject-garbage-at", type=int_list, default=[], help="fault injection: batch numbers with random targets")
-    t.add_argument("--inject-rank", type=int, default=-1, help="fault injection only on this rank (-1: all)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend with --compile: inductor (generates fused kernels), or e.g. aot_eager "
-                        "(traces forward and backward, generates nothing: a quick check that the model compiles)")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (auto: cuda if available)")
-    t.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: from the GPU's name)")
-    t.add_argument("--seed", type=int, default=1337, help="random seed (model init and batch sampling)")
+    add_settings(t, GPTConfig)
+    add_settings(t, Hyperparameters)
     t.set_defaults(func=train)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -45,6 +45,20 @@ def write_synthetic_data(directory, vocab_size=64, n_train=40_000, n_val=4_000, 
     return directory
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+    Its models are tiny: one thread is faster than two, and far faster when other jobs share the
+    machine's 2 cores (two spinning OpenMP threads made the SFT tests ~20× slower; a small matmul
+    went from 0.1 ms to 8 ms). Module-scoped, so that the module's own module-scoped fixtures
+    (models trained once) also run on one thread."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     return write_synthetic_data(str(tmp_path_factory.mktemp("data")))

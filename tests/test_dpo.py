@@ -29,14 +29,7 @@ ENC = tiktoken.Encoding("tiny", pat_str=PATTERN, mergeable_ranks=BYTE_RANKS, spe
 PAD = sft.chat_tokens(ENC).pad
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine two
-    threads spinning against each other make every step ~10× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(n_layer=2, block_size=64, seed=0):

@@ -18,12 +18,7 @@ from test_sft import ENC, tiny_model, tiny_run_files
 from train_gpt import ConfigError, atomic_save
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TASKS = [Task("upper", "Convert cat to uppercase.", "CAT", 1), Task("arith", "What is 1 + 1?", "2", 1),

@@ -33,13 +33,7 @@ TOY_VOCAB, TOY_PAD, TOY_END = 16, 13, 15
 TOY = ChatTokens(end_of_text=12, pad=TOY_PAD, system=14, user=14, assistant=14, end=TOY_END)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_gpt(vocab_size=TOY_VOCAB, block_size=32, seed=0):

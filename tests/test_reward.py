@@ -29,14 +29,7 @@ ENC = tiktoken.Encoding("tiny", pat_str=PATTERN, mergeable_ranks=RANKS, special_
 PAD = chat_tokens(ENC).pad
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine a second thread
-    only makes every op wait (measured: 0.1 ms → 8 ms per small matmul)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_gpt(block_size=64, seed=0):

@@ -21,14 +21,7 @@ from train_gpt import GPT, ConfigError, GPTConfig, atomic_save, gpt2_key_map, mo
 PATTERN = r"""\s?\S+|\s+"""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is faster than two, and far faster when other
-    jobs share the 2 cores (two spinning OpenMP threads then made this module ~20× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def byte_ranks():
