@@ -498,10 +498,12 @@ def test_chat_in_a_pseudo_terminal(tmp_path):
                                   "--temperature", "0", "--device", "cpu"])
     screen, seen = "", 0
 
-    def expect(text, timeout=60):
+    def expect(text, timeout=60, required=True):
         nonlocal screen, seen
         deadline = time.monotonic() + timeout
         while text not in screen[seen:]:
+            if not required and time.monotonic() >= deadline:
+                return False
             assert time.monotonic() < deadline, f"no {text!r} on the terminal; it shows:\n{screen[-1500:]}"
             if select.select([fd], [], [], 0.1)[0]:
                 try:
@@ -509,14 +511,22 @@ def test_chat_in_a_pseudo_terminal(tmp_path):
                 except OSError:  # the child has exited and closed the terminal
                     assert text in screen[seen:], f"the chat exited before showing {text!r}:\n{screen[-1500:]}"
         seen = screen.index(text, seen) + len(text)
+        return True
 
     try:
         expect("you [1/4096 tokens]> ")
         os.write(fd, b"/reset\n")
         expect("unknown command /reset, not sent to the model")
         expect("you [1/4096 tokens]> ")
-        os.write(fd, b"\x03")
-        expect("Ctrl-D or /quit leaves the chat")
+        # A SIGINT that lands between CPython's readline checking for signals and blocking in
+        # select() is handled only at the next signal (the interpreter's race, seen under load):
+        # a user presses Ctrl-C again, and so does the test.
+        for _ in range(6):
+            os.write(fd, b"\x03")
+            if expect("Ctrl-D or /quit leaves the chat", timeout=10, required=False):
+                break
+        else:
+            pytest.fail(f"Ctrl-C at the prompt, six times, showed no hint; the terminal shows:\n{screen[-1500:]}")
         os.write(fd, b"hello\n")
         expect("assistant> a")
         os.write(fd, b"\x03")
