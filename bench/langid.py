@@ -16,7 +16,6 @@ Speed: texts per second on one core, each the time of identifying the whole set 
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

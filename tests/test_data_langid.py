@@ -2,7 +2,6 @@
 the .mo reader, and the language stage of data.prepare (funnel, flags)."""
 
 import json
-import os
 import random
 import struct
 

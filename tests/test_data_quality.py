@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from data import quality
 from data.dedup import word_hashes, words_of
 from data.prepare import main
 from data.quality import (FastTextClassifier, hashed_ngram_features, paragraph_chunks, precision_recall, roc_auc,
