@@ -168,3 +168,13 @@ def test_bad_classifier_flags_are_one_line_errors(flags, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --classifier") and err.count("\n") == 1
+
+
+def test_fineweb_lesson_holds_out_topics_the_classifier_never_sees():
+    from pydoc_data.topics import topics
+
+    from experiments.fineweb_lesson import split_topics
+    held, reference = split_topics(0.2, seed=0)
+    assert len(held) == round(0.2 * len(topics)) and len(held) + len(reference) == len(topics)
+    assert not set(held) & set(reference)
+    assert split_topics(0.2, seed=0) == (held, reference) and split_topics(0.2, seed=1)[0] != held
