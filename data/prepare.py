@@ -7,8 +7,10 @@ Stages, each counted in report.json's funnel:
 
     load         sources → documents (data/sources.py), malformed input reported as file:line
     normalise    UTF-8, NFC, whitespace runs and lengths capped        (curate.normalise_text)
+    language     naive Bayes over byte n-grams, keep --languages       (langid.language_filter)
     quality      seed/Gopher/C4 rules for prose, Codex rules for code  (curate.quality_filter)
     perplexity   Witten-Bell byte 5-gram, keep a percentile band       (perplexity.perplexity_band_filter)
+    classifier   fastText-style good-vs-random text classifier (--classifier-reference)  (quality.classifier_filter)
     exact dedup  64-bit hash of the case- and space-folded text        (curate.exact_dedup)
     near dedup   MinHash + LSH + union-find                            (dedup.near_dedup)
     substrings   suffix array, repeated spans ≥ 50 tokens (--substring-dedup)  (dedup.substring_dedup)
@@ -47,7 +49,7 @@ import time
 
 import numpy as np
 
-from data import curate, dedup, perplexity, sources, tasks
+from data import curate, dedup, langid, perplexity, quality, sources, tasks
 from data.errors import DataError
 from data.shards import token_dtype, write_shard
 from data.tokenizer import DEFAULT_PATTERN, PRETRAINED, load_tokenizer, save_tokenizer, train_bpe
@@ -69,8 +71,11 @@ SHINGLE_WORDS = 5
 SUBSTRING_MIN_TOKENS = 50  # Lee et al. 2022 remove repeated spans of ≥ 50 tokens
 SEED = 0
 # Flags that change only speed or printing, left out of the stage fingerprint; `rules` is no flag but
-# what check_args makes of --rule (which is in the fingerprint).
-RUNTIME_FLAGS = {"workers", "quiet", "force", "rules"}
+# what check_args makes of --rule (which is in the fingerprint), `language_list` of --languages.
+RUNTIME_FLAGS = {"workers", "quiet", "force", "rules", "language_list"}
+LANGUAGES = "en"  # the default corpus is English; the language stage removes prose in other languages
+CLASSIFIER_REFERENCE = "none"
+CLASSIFIER_THRESHOLD = 0.5
 TASK_WEIGHT = 0.05  # --task-worksheets: their share of the mixture (a "midtraining"-style sprinkle of the tasks)
 
 
@@ -106,6 +111,19 @@ def build_parser():
     p.add_argument("--ppl-band", type=float, nargs=2, default=list(PPL_BAND), metavar=("LOW", "HIGH"),
                    help="keep documents between these perplexity percentiles of their source (0 100 disables)")
     p.add_argument("--ppl-order", type=int, default=PPL_ORDER, help="order n of the byte n-gram model (1-7)")
+    p.add_argument("--languages", default=LANGUAGES,
+                   help="comma-separated languages to keep (ISO 639-1; the identifier knows "
+                        "de,en,es,fr,it,nl,pl,pt,ru,sv,tr); 'any' turns language identification off")
+    p.add_argument("--classifier-reference", default=CLASSIFIER_REFERENCE,
+                   help="good text for the quality classifier's positives: 'stdlib-topics' (the bundled Language "
+                        "Reference) or a file/directory; its negatives are random prose of the pool; 'none' = off")
+    p.add_argument("--classifier-threshold", type=float, default=CLASSIFIER_THRESHOLD,
+                   help="keep prose documents whose classifier score P(good) is at least this")
+    p.add_argument("--classifier-keep-fraction", type=float, default=None,
+                   help="instead of a threshold, keep this top fraction of the prose documents by score")
+    p.add_argument("--classifier-char-ngrams", type=int, default=quality.CHAR_NGRAMS,
+                   help="also hash character n-grams of this length (0 = word uni- and bigrams only)")
+    p.add_argument("--classifier-epochs", type=int, default=quality.EPOCHS, help="classifier training epochs")
     p.add_argument("--minhash-threshold", type=float, default=MINHASH_THRESHOLD,
                    help="Jaccard similarity above which documents are near-duplicates")
     p.add_argument("--num-perm", type=int, default=NUM_PERM, help="MinHash permutations")
@@ -230,6 +248,21 @@ def check_args(args):
         raise DataError(f"--ppl-band {low} {high}: need 0 <= LOW < HIGH <= 100")
     if not 1 <= args.ppl_order <= 7:
         raise DataError(f"--ppl-order {args.ppl_order}: must be between 1 and 7")
+    args.language_list = [] if args.languages == "any" else [x.strip() for x in args.languages.split(",") if x.strip()]
+    if args.languages != "any" and not args.language_list:
+        raise DataError(f"--languages {args.languages!r}: give languages like en,de or 'any'")
+    unknown = sorted(set(args.language_list) - set(langid.known_languages()))
+    if unknown:
+        raise DataError(f"--languages {args.languages}: {','.join(unknown)} unknown; the identifier knows "
+                        f"{','.join(langid.known_languages())} (or 'any')")
+    if not 0 <= args.classifier_threshold <= 1:
+        raise DataError(f"--classifier-threshold {args.classifier_threshold}: must lie in [0, 1]")
+    if args.classifier_keep_fraction is not None and not 0 < args.classifier_keep_fraction <= 1:
+        raise DataError(f"--classifier-keep-fraction {args.classifier_keep_fraction}: must lie in (0, 1]")
+    if args.classifier_char_ngrams < 0 or args.classifier_epochs < 1:
+        raise DataError("--classifier-char-ngrams must be >= 0 and --classifier-epochs >= 1")
+    if args.classifier_reference not in ("none", "stdlib-topics") and not os.path.exists(args.classifier_reference):
+        raise DataError(f"--classifier-reference {args.classifier_reference}: no such file or directory")
     if not 0 < args.minhash_threshold <= 1:
         raise DataError(f"--minhash-threshold {args.minhash_threshold}: must lie in (0, 1]")
     if args.num_perm < 1 or args.shingle_words < 1 or args.substring_min_tokens < 1 or args.decontaminate_ngram < 1:
@@ -280,6 +313,12 @@ def curate_documents(source_list, args, eval_texts, problems, log, report):
     documents, report["normalise"] = normalise(documents, args)
     log.stage("normalised", documents)
 
+    if args.language_list:
+        documents, _, report["language"] = langid.language_filter(documents, args.language_list)
+        log.stage("language", documents)
+    else:
+        report["language"] = {"enabled": False}
+
     prose_rules, code_rules = args.rules
     documents, _, report["quality"] = curate.quality_filter(documents, prose_rules, code_rules)
     report["quality"]["rules"] = {"prose": dataclasses.asdict(prose_rules), "code": dataclasses.asdict(code_rules)}
@@ -292,6 +331,17 @@ def curate_documents(source_list, args, eval_texts, problems, log, report):
         by_source = {}
     report["perplexity"] = {"band_percentiles": list(args.ppl_band), "order": args.ppl_order, "by_source": by_source}
     log.stage("perplexity", documents)
+
+    if args.classifier_reference != "none":
+        documents, _, report["classifier"] = quality.classifier_filter(
+            documents, args.classifier_reference, args.classifier_threshold, args.classifier_keep_fraction,
+            eval_texts, args.seed, problems, char_ngrams=args.classifier_char_ngrams, epochs=args.classifier_epochs)
+        log.stage("classifier", documents)
+        c = report["classifier"]
+        log.say(f"classifier: held-out precision {c['heldout_precision']:.3f} recall {c['heldout_recall']:.3f} "
+                f"AUC {c['heldout_auc']:.3f}; {c['documents_per_second']:,.0f} documents/s scored")
+    else:
+        report["classifier"] = {"enabled": False}
 
     documents, removed, examples = curate.exact_dedup(documents)
     report["exact_dedup"] = {"removed": len(removed), "examples": examples}
@@ -468,6 +518,8 @@ def prepare_fingerprint(args, flag_sources, extra_sources, eval_texts):
     identity = argparse.Namespace(**vars(args), python=sys.version if uses_stdlib else None,
                                   given_in_python=given.hexdigest())
     inputs = [source.path for source in flag_sources if source.path] + list(args.decontaminate)
+    if args.classifier_reference not in ("none", "stdlib-topics"):
+        inputs.append(args.classifier_reference)
     if os.path.isdir(args.tokenizer):
         inputs.append(args.tokenizer)
     return stage_fingerprint(identity, RUNTIME_FLAGS, inputs)
@@ -478,7 +530,7 @@ def prepare(args, extra_sources=(), eval_texts=()):
     Skipped, returning the files already there, when args.out holds the output of this configuration."""
     check_args(args)
     log = Log(args.quiet)
-    problems, report = [], {"config": {k: v for k, v in vars(args).items() if k != "rules"}}
+    problems, report = [], {"config": {k: v for k, v in vars(args).items() if k not in ("rules", "language_list")}}
     if args.source:
         source_list = [sources.parse_source_flag(spec, args.text_field) for spec in args.source]
     else:

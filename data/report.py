@@ -1,14 +1,17 @@
 """Reports: the data report's picture (report.png) and the whole run's report.md.
 
-1. The data report, drawn from data.prepare's report.json (matplotlib, Agg). Six panels, read
-   left to right like the pipeline:
+1. The data report, drawn from data.prepare's report.json (matplotlib, Agg), its panels read
+   left to right like the pipeline (eight panels):
     1. the funnel — megabytes left after each stage, split by source, with document counts;
-    2. the quality rules — how many documents each rule removed (first failing rule);
-    3. MinHash similarity — estimated Jaccard of random pairs and of LSH candidate pairs, the
+    2. language identification — prose documents per predicted language;
+    3. the quality rules — how many documents each rule removed (first failing rule);
+    4. MinHash similarity — estimated Jaccard of random pairs and of LSH candidate pairs, the
        threshold, and the LSH S-curve P(candidate | s) = 1 − (1 − s^r)^b;
-    4. perplexity — log10 perplexity per source with the percentile cut lines;
-    5. the mixture — target share vs achieved token share of each source;
-    6. the tokenizer — bytes per token on each source and on the validation text.
+    5. perplexity — log10 perplexity per source with the percentile cut lines;
+    6. the quality classifier — histogram of P(good) over the prose documents with the cut line,
+       and its held-out precision, recall and AUC;
+    7. the mixture — target share vs achieved token share of each source;
+    8. the tokenizer — bytes per token on each source and on the validation text.
 
 2. The run report, `python -m data.report --run runs/NAME`: the last step of `make run`. It only
    reads what the stages wrote (stage.json, eval.json, metrics.jsonl, their PNGs) — no model is
@@ -34,13 +37,15 @@ def plot_report(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+    fig, axes = plt.subplots(2, 4, figsize=(24, 10))
     _funnel(axes[0, 0], report)
-    _quality(axes[0, 1], report)
-    _minhash(axes[0, 2], report)
+    _language(axes[0, 1], report)
+    _quality(axes[0, 2], report)
+    _minhash(axes[0, 3], report)
     _perplexity(axes[1, 0], report)
-    _mixture(axes[1, 1], report)
-    _tokenizer(axes[1, 2], report)
+    _classifier(axes[1, 1], report)
+    _mixture(axes[1, 2], report)
+    _tokenizer(axes[1, 3], report)
     fig.suptitle("Data pipeline report (seed Part 1, sections 1.1-1.3)", fontsize=14)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -61,6 +66,36 @@ def _funnel(ax, report):
     ax.set_xlabel("MB of text")
     ax.set_title("Funnel: text left after each stage")
     ax.set_xlim(0, max(left.max(), 1e-6) * 1.3)
+    ax.legend(fontsize=8)
+
+
+def _language(ax, report):
+    info = report.get("language", {})
+    if not info.get("by_language"):
+        ax.text(0.5, 0.5, "language identification off (--languages any)", ha="center", transform=ax.transAxes)
+    else:
+        names = sorted(info["by_language"], key=info["by_language"].get)
+        colours = ["tab:green" if n in info["languages"] else "tab:red" for n in names]
+        ax.barh(names, [info["by_language"][n] for n in names], color=colours)
+        ax.set_xscale("log")
+        ax.set_xlabel("prose documents (log scale); red = removed")
+    ax.set_title(f"Language identification: keep {','.join(info.get('languages', [])) or 'all'}"
+                 + (f", {info['documents_per_second']:,.0f} docs/s" if "documents_per_second" in info else ""))
+
+
+def _classifier(ax, report):
+    info = report.get("classifier", {})
+    if "scores" not in info:
+        ax.text(0.5, 0.5, "quality classifier off (--classifier-reference none)", ha="center", transform=ax.transAxes)
+        ax.set_title("Quality classifier")
+        return
+    ax.hist(info["scores"], bins=np.linspace(0, 1, 41), color="tab:blue", alpha=0.8)
+    ax.axvline(info["threshold"], color="tab:red", linestyle="--",
+               label=f"cut {info['threshold']:.3f}: {info['removed']} of {info['scored']} removed")
+    ax.set_xlabel("P(good | document), fastText-style classifier")
+    ax.set_ylabel("prose documents")
+    ax.set_title(f"Quality classifier (held-out P {info['heldout_precision']:.2f} R {info['heldout_recall']:.2f} "
+                 f"AUC {info['heldout_auc']:.3f})")
     ax.legend(fontsize=8)
 
 

@@ -45,6 +45,8 @@ GRADERS = {
                            "tests/test_data_dedup.py::test_signatures_do_not_overflow_for_large_hashes"],
     "lsh_probability": ["tests/test_data_dedup.py::test_lsh_probability_by_inclusion_exclusion",
                         "tests/test_data_dedup.py::test_optimal_bands_rows"],
+    "naive_bayes_fit": ["tests/test_data_langid.py::test_naive_bayes_fit_by_hand"],
+    "hashed_ngram_features": ["tests/test_data_quality.py::test_hashed_ngram_features_by_hand"],
     "merge_pair": ["tests/test_data_tokenizer.py::test_merge_pair_is_left_to_right_and_non_overlapping",
                    "tests/test_data_tokenizer.py::test_merge_pair_matches_str_replace"],
     # pretraining (seed 1.4–1.8)

@@ -158,6 +158,23 @@ WRONG_BODIES = {
         s = np.asarray(s, dtype=np.float64)
         return 1.0 - (1.0 - s ** bands) ** rows  # bands and rows swapped
         """,
+    "naive_bayes_fit": """
+        counts = np.asarray(counts, dtype=np.float64)
+        documents_per_class = np.asarray(documents_per_class, dtype=np.float64)
+        log_prior = np.log(documents_per_class / documents_per_class.sum())
+        totals = counts.sum(axis=1, keepdims=True)
+        return log_prior, np.log(counts + alpha) - np.log(totals + alpha)  # α once, not α·G: P(g | c) sums past 1
+        """,
+    "hashed_ngram_features": """
+        words = text_word_hashes(text)
+        pieces = [ngram_hashes(words, n) for n in range(1, word_ngrams + 1)]  # orders not tagged
+        if char_ngrams:
+            code_points = _code_points(" ".join(text.lower().split()))
+            starts = np.arange(max(len(code_points) - char_ngrams + 1, 0))
+            pieces.append(_substring_hashes(code_points, starts, starts + char_ngrams))
+        hashes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint64)
+        return (_fmix64(hashes) % np.uint64(num_buckets)).astype(np.int64)
+        """,
     "merge_pair": """
         a, b = pair
         for i in range(len(word) - 1):  # only the first occurrence

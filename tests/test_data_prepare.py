@@ -92,7 +92,7 @@ def test_report_counts_every_stage(prepared):
     out, meta = prepared
     report = json.loads((out / "report.json").read_text())
     stages = [s["stage"] for s in report["funnel"]]
-    assert stages == ["loaded", "normalised", "quality", "perplexity", "exact_dedup", "near_dedup",
+    assert stages == ["loaded", "normalised", "language", "quality", "perplexity", "exact_dedup", "near_dedup",
                       "substring_dedup", "decontaminated", "mixture"]
     documents = [s["documents"] for s in report["funnel"]]
     assert documents == sorted(documents, reverse=True)
