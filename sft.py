@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections import namedtuple
@@ -1292,6 +1293,9 @@ def chat_command(args):
         pass
     chat = Chat(model, enc, args.max_new_tokens, args.temperature, args.top_k, args.system,
                 torch.Generator(device=device).manual_seed(args.seed))
+    # Ctrl-C must stop a reply even when the chat was started with SIGINT ignored (by nohup, a
+    # background job, or a parent that ignores it): Python installs its handler only over SIG_DFL.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"chatting with {args.chat} (temperature {chat.temperature}, top-k {chat.top_k or 'off'}); "
           f"/help lists the commands; Ctrl-C stops a reply, Ctrl-D or /quit leaves")
     while not chat.done:
