@@ -71,7 +71,7 @@ import reward
 from data.errors import DataError
 from data.tasks import generate_tasks, judge
 from data.tokenizer import load_tokenizer
-from reward import (load_reward_model, load_reward_models, load_sft, reward_model_from_gpt, reward_model_paths, score,
+from reward import (RewardEnsemble, load_reward_model, load_sft, reward_model_from_gpt, reward_model_paths, score,
                     task_messages)
 from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_response, evaluate_tasks, heldout_tasks,
                  left_pad, render_prompt, token_logprobs)
@@ -278,7 +278,9 @@ def load_models(args, device):
 
 def load_compatible_reward_model(args, policy, tokenizer_ref, device):
     """r_φ from --reward-model (several comma-separated checkpoints: an ensemble reduced by
-    --ensemble-reduce), frozen, each checked to read the policy's tokens."""
+    --ensemble-reduce), frozen, each checked to read the policy's tokens. Each is built once: a
+    RewardModel's head init draws from torch's global generator, which PPO's minibatches use next."""
+    members = []
     for path in reward_model_paths(args.reward_model):
         rm_checkpoint = flagged(load_checkpoint, "--reward-model", path)
         member = flagged(load_reward_model, "--reward-model", path, device)
@@ -292,7 +294,8 @@ def load_compatible_reward_model(args, policy, tokenizer_ref, device):
         if not compatible:
             raise ConfigError(f"--reward-model {path}: tokenizer {rm_checkpoint.get('tokenizer')!r} differs "
                               f"from the policy's {tokenizer_ref!r} ({args.sft})")
-    reward_model = flagged(load_reward_models, "--reward-model", args.reward_model, device, args.ensemble_reduce)
+        members.append(member)
+    reward_model = members[0] if len(members) == 1 else RewardEnsemble(members, args.ensemble_reduce)
     return reward_model.eval().requires_grad_(False)
 
 

@@ -428,7 +428,8 @@ def test_the_judge_rewards_critic_starts_at_zero_and_the_rm_critic_from_r_phi(tm
             assert critic.head.weight.data_ptr() != reward_model.head.weight.data_ptr()  # a copy, not r_φ itself
 
 
-def test_an_ensemble_of_reward_models_is_loaded_and_its_first_member_starts_the_critic(tmp_path, capsys):
+def test_an_ensemble_of_reward_models_is_loaded_and_its_first_member_starts_the_critic(tmp_path, capsys,
+                                                                                       monkeypatch):
     sft_path, rm_path = save_tiny_checkpoints(tmp_path)
     other = str(tmp_path / "rm2.pt")
     rm2 = reward.reward_model_from_gpt(tiny_gpt(ENC.n_vocab, block_size=128, seed=7))
@@ -436,7 +437,11 @@ def test_an_ensemble_of_reward_models_is_loaded_and_its_first_member_starts_the_
                  "tokenizer": str(tmp_path / "tokenizer"), "stage": "reward"}, other)
     args = ppo.build_parser().parse_args(["--sft", sft_path, "--reward-model", f"{rm_path},{other}",
                                           "--ensemble-reduce", "min"])
+    built, init = [], reward.RewardModel.__init__  # each member built once: its head init draws from the
+    monkeypatch.setattr(reward.RewardModel, "__init__",  # global generator, which PPO's minibatches use next
+                        lambda self, *a, **k: built.append(1) or init(self, *a, **k))
     _, _, reward_model, critic, _, _ = ppo.load_models(args, torch.device("cpu"))
+    assert len(built) == 2
     assert isinstance(reward_model, reward.RewardEnsemble) and reward_model.reduce == "min"
     first = reward_model.members[0]
     assert torch.equal(critic.head.weight, first.head.weight) and critic.head.weight.data_ptr() != first.head.weight.data_ptr()
