@@ -887,16 +887,7 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
     controller = (AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
                   else FixedKLController(args.beta))
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    done = 0
-    if resume is not None:
-        policy.load_state_dict(resume["policy"])
-        if critic is not None:
-            critic.load_state_dict(resume["critic"])
-        optimizer.load_state_dict(resume["optimizer"])
-        controller.beta = resume["beta"]
-        set_random_state(resume["random"], generator)
-        done = resume["step"]
-        truncate_metrics(metrics_path, done, key="iteration")  # the later lines are logged again
+    done = restore(resume, policy, critic, optimizer, controller, generator, metrics_path)
     records = read_metrics(metrics_path) if done else []
     with open(metrics_path, "a" if done else "w") as metrics:
         for iteration in range(done + 1, args.iterations + 1):
@@ -918,11 +909,31 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
             if args.snapshot_every and iteration % args.snapshot_every == 0:
                 save_snapshot(policy, iteration, args)
             if save_point is not None and iteration % args.checkpoint_every == 0 and iteration < args.iterations:
-                save_point(iteration, {"policy": policy.state_dict(),
-                                       "critic": critic.state_dict() if critic is not None else None,
-                                       "optimizer": optimizer.state_dict(), "beta": controller.beta,
-                                       "random": random_state(generator)})
+                save_point(iteration, resume_state(policy, critic, optimizer, controller, generator))
     return records, controller.beta
+
+
+# ── first reading: skip to section 9 (resume points, snapshots, the stage around the loop) ──
+
+def resume_state(policy, critic, optimizer, controller, generator):
+    """What a resume point holds: the two networks, AdamW's moments, β and the random states."""
+    return {"policy": policy.state_dict(), "critic": critic.state_dict() if critic is not None else None,
+            "optimizer": optimizer.state_dict(), "beta": controller.beta, "random": random_state(generator)}
+
+
+def restore(resume, policy, critic, optimizer, controller, generator, metrics_path):
+    """Load a resume point (resume_state's dict) into the run's objects; the metrics logged after it
+    are dropped, to be logged again. Returns the iterations already done (0 without one)."""
+    if resume is None:
+        return 0
+    policy.load_state_dict(resume["policy"])
+    if critic is not None:
+        critic.load_state_dict(resume["critic"])
+    optimizer.load_state_dict(resume["optimizer"])
+    controller.beta = resume["beta"]
+    set_random_state(resume["random"], generator)
+    truncate_metrics(metrics_path, resume["step"], key="iteration")
+    return resume["step"]
 
 
 def save_snapshot(policy, iteration, args):
