@@ -620,7 +620,7 @@ def epoch_order(n_examples, seed, epoch):
 def examples_used(n_examples, args):
     """Indices of the training examples the schedule's steps will see, in the batches fit() makes.
     With --max-steps short of the epochs only these need π_ref's log-probs (the cpu preset's 700
-    steps of 16 pairs see 11,200 of its 57,401)."""
+    steps of 16 pairs see 11,200 of its 51,901 training pairs)."""
     total_steps, step, used = training_schedule(n_examples, args)["total_steps"], 0, set()
     for epoch in range(1, args.epochs + 1):
         for chunk in batches(epoch_order(n_examples, args.seed, epoch), args.batch_size):
