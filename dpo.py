@@ -436,7 +436,8 @@ def is_unpaired_file(path):
 
 
 # =============================================================================
-# 3. Log-probabilities: chosen and rejected in one forward; π_ref cached once (seed 4.3)
+# 3. Log-probabilities: chosen and rejected in one forward; π_ref cached once (seed 4.3 takes
+#    π_ref's log-probs as inputs; computing them once before training is ours)
 # =============================================================================
 
 PairLogps = namedtuple("PairLogps", "chosen rejected chosen_count rejected_count")
@@ -691,7 +692,8 @@ def fit(policy, train_examples, val_pairs, loss_name, beta, args, run, metrics, 
 
 
 # =============================================================================
-# 5. Evaluation: KL to π_ref and the gold score against the SFT model (seed 4.6)
+# 5. Evaluation: KL to π_ref and the gold score against the SFT model (measures seed 4.4's "Quality"
+#    row and 4.6's KL-budget remark on our tasks; the seeds have no evaluation recipe)
 # =============================================================================
 
 def win_rate(policy_scores, sft_scores):

@@ -203,6 +203,8 @@ class ValueModel(nn.Module):
             return self.head(hidden.float()).squeeze(-1) - self.reward_shift
 
 
+# ── first reading: skip to section 3 (memory accounting; loading and checking the four models) ──
+
 def model_memory(model, trainable):
     """Bytes a model holds: its weights (and buffers); if trained, also gradients and AdamW's two
     moment estimates (m, v), one tensor each per parameter — 4× the weights in fp32."""
@@ -771,6 +773,49 @@ def train_iteration(policy, reference, critic, optimizer, prompts, score_fn, spe
 # 8. Training: the loop, metrics, checkpoint, held-out evaluation
 # =============================================================================
 
+def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path, device,
+                   autocast=contextlib.nullcontext(), resume=None, save_point=None):
+    """The training loop: --iterations × (rollout, experience, update), one metrics.jsonl line and
+    (every --log-every) one progress line each; β updated by the KL controller. Returns (records, β).
+
+    Every --checkpoint-every iterations `save_point(iteration, state)` stores the policy, the critic,
+    AdamW's moments, β and the random states (the global one shuffles the minibatches, `generator`
+    samples the rollouts). Given such a `resume` point the loop continues after its iteration:
+    iteration i always uses the same prompts, so the run goes on as if never interrupted."""
+    special = chat_tokens(enc)
+    optimizer = make_optimizer(policy, critic, args)
+    controller = (AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
+                  else FixedKLController(args.beta))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    done = restore(resume, policy, critic, optimizer, controller, generator, metrics_path)
+    records = read_metrics(metrics_path) if done else []
+    with open(metrics_path, "a" if done else "w") as metrics:
+        for iteration in range(done + 1, args.iterations + 1):
+            batch = slice((iteration - 1) * args.rollouts, iteration * args.rollouts)
+            beta = controller.beta
+
+            def score_fn(prompt_ids, response_ids):
+                return reward(prompt_ids, response_ids, tasks[batch])
+
+            rollout, stats = train_iteration(policy, reference, critic, optimizer, prompts[batch], score_fn, special,
+                                             beta, args, generator, autocast)
+            gold = [judge(task, decode_response(enc, r)) for task, r in zip(tasks[batch], rollout.responses)]
+            record = iteration_record(iteration, rollout, stats, gold, beta)
+            records.append(record)
+            log_line(metrics, record)
+            if iteration % args.log_every == 0 or iteration in (1, args.iterations):
+                print(format_record(record, args.iterations))
+            controller.update(record["kl"], rollout.batch_size)
+            if args.snapshot_every and iteration % args.snapshot_every == 0:
+                save_snapshot(policy, iteration, args)
+            if save_point is not None and iteration % args.checkpoint_every == 0 and iteration < args.iterations:
+                save_point(iteration, resume_state(policy, critic, optimizer, controller, generator))
+    return records, controller.beta
+
+
+# ── first reading: skip to section 9 (prompts, the reward function, held-out evaluation, records,
+#    resume points, snapshots, the stage around the loop) ──
+
 def training_prompts(args, enc):
     """(tasks, prompts) for every iteration: train-split tasks rendered with the chat template.
     GRPO repeats each prompt k times, adjacently (a group)."""
@@ -873,48 +918,6 @@ def format_record(r, iterations):
             f"of {seconds:.1f}s")
 
 
-def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path, device,
-                   autocast=contextlib.nullcontext(), resume=None, save_point=None):
-    """The training loop: --iterations × (rollout, experience, update), one metrics.jsonl line and
-    (every --log-every) one progress line each; β updated by the KL controller. Returns (records, β).
-
-    Every --checkpoint-every iterations `save_point(iteration, state)` stores the policy, the critic,
-    AdamW's moments, β and the random states (the global one shuffles the minibatches, `generator`
-    samples the rollouts). Given such a `resume` point the loop continues after its iteration:
-    iteration i always uses the same prompts, so the run goes on as if never interrupted."""
-    special = chat_tokens(enc)
-    optimizer = make_optimizer(policy, critic, args)
-    controller = (AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
-                  else FixedKLController(args.beta))
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    done = restore(resume, policy, critic, optimizer, controller, generator, metrics_path)
-    records = read_metrics(metrics_path) if done else []
-    with open(metrics_path, "a" if done else "w") as metrics:
-        for iteration in range(done + 1, args.iterations + 1):
-            batch = slice((iteration - 1) * args.rollouts, iteration * args.rollouts)
-            beta = controller.beta
-
-            def score_fn(prompt_ids, response_ids):
-                return reward(prompt_ids, response_ids, tasks[batch])
-
-            rollout, stats = train_iteration(policy, reference, critic, optimizer, prompts[batch], score_fn, special,
-                                             beta, args, generator, autocast)
-            gold = [judge(task, decode_response(enc, r)) for task, r in zip(tasks[batch], rollout.responses)]
-            record = iteration_record(iteration, rollout, stats, gold, beta)
-            records.append(record)
-            log_line(metrics, record)
-            if iteration % args.log_every == 0 or iteration in (1, args.iterations):
-                print(format_record(record, args.iterations))
-            controller.update(record["kl"], rollout.batch_size)
-            if args.snapshot_every and iteration % args.snapshot_every == 0:
-                save_snapshot(policy, iteration, args)
-            if save_point is not None and iteration % args.checkpoint_every == 0 and iteration < args.iterations:
-                save_point(iteration, resume_state(policy, critic, optimizer, controller, generator))
-    return records, controller.beta
-
-
-# ── first reading: skip to section 9 (resume points, snapshots, the stage around the loop) ──
-
 def resume_state(policy, critic, optimizer, controller, generator):
     """What a resume point holds: the two networks, AdamW's moments, β and the random states."""
     return {"policy": policy.state_dict(), "critic": critic.state_dict() if critic is not None else None,
@@ -997,20 +1000,8 @@ def train(args, sft_evaluation=None):
     check_context(prompts, args, {f"--sft {args.sft}": policy, f"--reward-model {args.reward_model}": reward_model})
     heldout = heldout_tasks(args)
     # The inputs loaded: the stage begins (a fresh start, or the continuation of an interrupted one).
-    decision = begin_stage(args.out, "ppo", fingerprint, args.force)
-    resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
-    evaluation = {}
-    if resume is not None:  # the SFT model's evaluation travels in the resume point: not redone
-        evaluation = resume["evaluation"]
-        print(f"resuming {args.out} after iteration {resume['step']}")
-    elif heldout:
-        evaluation["sft"] = sft_evaluation or evaluate_heldout("SFT model", reference, reference, enc, heldout, args,
-                                                               device, autocast)
-    print(f"{args.algo.upper()}: {args.iterations} iterations × {args.rollouts} responses"
-          + (f" ({args.rollouts // args.group_size} prompts × k={args.group_size})" if args.algo == "grpo" else "")
-          + f", {args.ppo_epochs} epochs of minibatches of {args.minibatch_size}, lr {args.lr:g}, β {args.beta:g}"
-          + (f" (adaptive, target KL {args.kl_target:g})" if args.kl_target else "")
-          + f", reward: {'the gold judge' if reward_model is None else 'r_φ ' + args.reward_model}")
+    resume, evaluation = begin_ppo_stage(args, fingerprint, reference, enc, heldout, sft_evaluation, device, autocast)
+    print_plan(args, reward_model)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     reward = make_reward_function(reward_model, enc, args, autocast)
 
@@ -1022,7 +1013,36 @@ def train(args, sft_evaluation=None):
     if heldout:
         evaluation["ppo"] = evaluate_heldout(f"{args.algo.upper()} policy", policy, reference, enc, heldout, args,
                                              device, autocast)
+    return write_outputs(args, policy, tokenizer_ref, records, final_beta, evaluation, len(heldout), fingerprint,
+                         started, device)
 
+
+def begin_ppo_stage(args, fingerprint, reference, enc, heldout, sft_evaluation, device, autocast):
+    """Begin the stage: (the resume point or None, the evaluations so far). A fresh start judges the
+    SFT model on the held-out tasks first; a resumed one finds that evaluation in its resume point."""
+    decision = begin_stage(args.out, "ppo", fingerprint, args.force)
+    resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
+    evaluation = {}
+    if resume is not None:
+        evaluation = resume["evaluation"]
+        print(f"resuming {args.out} after iteration {resume['step']}")
+    elif heldout:
+        evaluation["sft"] = sft_evaluation or evaluate_heldout("SFT model", reference, reference, enc, heldout, args,
+                                                               device, autocast)
+    return resume, evaluation
+
+
+def print_plan(args, reward_model):
+    print(f"{args.algo.upper()}: {args.iterations} iterations × {args.rollouts} responses"
+          + (f" ({args.rollouts // args.group_size} prompts × k={args.group_size})" if args.algo == "grpo" else "")
+          + f", {args.ppo_epochs} epochs of minibatches of {args.minibatch_size}, lr {args.lr:g}, β {args.beta:g}"
+          + (f" (adaptive, target KL {args.kl_target:g})" if args.kl_target else "")
+          + f", reward: {'the gold judge' if reward_model is None else 'r_φ ' + args.reward_model}")
+
+
+def write_outputs(args, policy, tokenizer_ref, records, final_beta, evaluation, heldout_tasks, fingerprint, started,
+                  device):
+    """model.pt, eval.json (the summary, returned), ppo.png; the stage marked finished."""
     window = max(1, min(5, args.iterations // 4))
     first, last = average(records[:1]), average(records[-window:])
     model_path = os.path.join(args.out, "model.pt")
@@ -1034,12 +1054,12 @@ def train(args, sft_evaluation=None):
     summary = {"first_iteration": first, f"last_{window}_iterations": last, **evaluation, "algo": args.algo,
                "reward_source": args.reward_source, "reward_model": args.reward_model, "beta": args.beta,
                "final_beta": final_beta, "iterations": args.iterations, "rollouts_per_iteration": args.rollouts,
-               "heldout_tasks": len(heldout), "rollout_tokens_per_sec": tokens_per_sec,
+               "heldout_tasks": heldout_tasks, "rollout_tokens_per_sec": tokens_per_sec,
                **{k: round(v, 1) for k, v in totals.items()}, "wall_seconds": round(time.time() - started, 1),
                "device": str(device)}
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_training(metrics_path, os.path.join(args.out, "ppo.png"))
+    plot_training(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ppo.png"))
     finish_stage(args.out, "ppo", fingerprint, started,
                  {"heldout": {name: {k: result.get(k) for k in ("mean_score", "sampled_gold_score", "kl")}
                               for name, result in evaluation.items()},

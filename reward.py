@@ -1307,38 +1307,12 @@ def train_reward(args):
     resume = load_resume_point(args.out, fingerprint) if decision == "resume" else None
     if resume is not None:
         print(f"resuming {args.out} after step {resume['step']}")
-
-    # Sampling the comparisons and the held-out samples is the slow part before training: a resume
-    # point carries what was sampled (files given with --data are simply read again).
-    if file_data is not None:
-        data = file_data
-    elif resume is not None:
-        data = resume["sampled"]["data"]
-    else:
-        data = default_preference_data(policy, enc, args, device, autocast)
+    data, heldout = comparisons_and_heldout(args, policy, enc, file_data, resume, device, autocast)
     (train_pairs, train_samples), (val_pairs, _) = data
-    train_examples, dropped = tokenize_preferences(train_pairs, enc, block_size)
-    val_examples, val_dropped = tokenize_preferences(val_pairs, enc, block_size)
-    if dropped or val_dropped:
-        print(f"dropped {dropped} train / {val_dropped} val pairs longer than the context ({block_size} tokens)")
-    if not train_examples or not val_examples:
-        raise ConfigError(f"no comparisons to {'train on' if not train_examples else 'validate on'}: every sample pair "
-                          f"tied (try more --num-prompts, a larger --k or a higher --temperature)")
-    if resume is not None:
-        heldout = resume["sampled"]["heldout"]
-    else:
-        heldout = heldout_samples(policy, enc, args, device, autocast)
+    train_examples, val_examples = tokenize_splits(train_pairs, val_pairs, enc, block_size)
     generation_seconds = time.time() - started
 
-    epochs = [preference_batches(train_examples, args.batch_size, pad, args.weighting, seed=args.seed + e)
-              for e in range(args.epochs)]
-    val_batches = preference_batches(val_examples, args.batch_size, pad, args.weighting)
-    total_steps = min(sum(map(len, epochs)), args.max_steps or math.inf)
-    schedule = {"total_steps": total_steps, "warmup_steps": round(args.warmup_ratio * total_steps),
-                "eval_every": max(1, math.ceil(len(epochs[0]) / args.evals_per_epoch))}
-    print(f"schedule: {args.epochs} epochs × {len(epochs[0])} steps of {args.batch_size} prompts "
-          f"(total {total_steps}), warmup {schedule['warmup_steps']}, lr {args.lr:g} cosine, "
-          f"validation every {schedule['eval_every']} steps")
+    epochs, val_batches, schedule = training_schedule(train_examples, val_examples, pad, args)
     # GPT's optimizer recipe (decay on matrices only) works on any module's parameters.
     optimizer = adamw(model, args.lr, args.weight_decay, device_type=device.type)
     model_path = os.path.join(args.out, "model.pt")
@@ -1358,39 +1332,91 @@ def train_reward(args):
     with open(metrics_path, "w" if resume is None else "a") as metrics:
         steps, best = fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, device, autocast,
                           resume, save_point)
-        checkpoint = load_checkpoint(model_path, map_location=device)
-        model.load_state_dict(checkpoint["model"])
-        prompts = [render_prompt(s["prompt"], enc) for s in train_samples]
-        responses = [pair_ids(s["prompt"], s["response"], enc)[len(x):] for s, x in zip(train_samples, prompts)]
-        fits = [len(x) + len(y) <= block_size for x, y in zip(prompts, responses)]
-        with autocast:
-            shift = center_rewards(model, [x for x, f in zip(prompts, fits) if f],
-                                   [y for y, f in zip(responses, fits) if f], args.gen_batch_size)
-        atomic_save({**checkpoint, "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                     "reward_shift": shift}, model_path)
-        log_line(metrics, {"event": "reward_shift", "step": best["step"], "reward_shift": shift,
-                           "samples": sum(fits)})
-        print(f"best val loss {best['loss']:.4f} at step {best['step']}; reward shift {shift:+.4f} "
-              f"(mean r_φ over {sum(fits)} SFT samples is now 0)")
+        shift = centre_best_checkpoint(model, model_path, train_samples, enc, best, metrics, args, device, autocast)
     with autocast:
         numbers, arrays = evaluate_reward_model(model, enc, val_batches, heldout, device, autocast)
-    wall = time.time() - started
     summary = {**numbers, "label_agreement": label_agreement(val_pairs), "train_pairs": len(train_examples),
                "train_prompts": len({e.group for e in train_examples}), "best_step": best["step"], "steps": steps,
                "reward_shift": shift, "label_noise": args.label_noise, "length_bias": args.length_bias,
-               "generation_seconds": round(generation_seconds, 1), "wall_seconds": round(wall, 1),
+               "generation_seconds": round(generation_seconds, 1), "wall_seconds": round(time.time() - started, 1),
                "device": str(device)}
+    write_outputs(summary, arrays, args, fingerprint, started)
+    return summary
+
+
+def comparisons_and_heldout(args, policy, enc, file_data, resume, device, autocast):
+    """The comparisons ((train pairs, samples), (val pairs, _)) and the held-out SFT samples.
+    Sampling them is the slow part before training: a resume point carries what was sampled
+    (files given with --data are simply read again)."""
+    if file_data is not None:
+        data = file_data
+    elif resume is not None:
+        data = resume["sampled"]["data"]
+    else:
+        data = default_preference_data(policy, enc, args, device, autocast)
+    heldout = resume["sampled"]["heldout"] if resume is not None else heldout_samples(policy, enc, args, device,
+                                                                                      autocast)
+    return data, heldout
+
+
+def tokenize_splits(train_pairs, val_pairs, enc, block_size):
+    train_examples, dropped = tokenize_preferences(train_pairs, enc, block_size)
+    val_examples, val_dropped = tokenize_preferences(val_pairs, enc, block_size)
+    if dropped or val_dropped:
+        print(f"dropped {dropped} train / {val_dropped} val pairs longer than the context ({block_size} tokens)")
+    if not train_examples or not val_examples:
+        raise ConfigError(f"no comparisons to {'train on' if not train_examples else 'validate on'}: every sample pair "
+                          f"tied (try more --num-prompts, a larger --k or a higher --temperature)")
+    return train_examples, val_examples
+
+
+def training_schedule(train_examples, val_examples, pad, args):
+    """Each epoch's batches (its own shuffle), the validation batches, and the step schedule."""
+    epochs = [preference_batches(train_examples, args.batch_size, pad, args.weighting, seed=args.seed + e)
+              for e in range(args.epochs)]
+    val_batches = preference_batches(val_examples, args.batch_size, pad, args.weighting)
+    total_steps = min(sum(map(len, epochs)), args.max_steps or math.inf)
+    schedule = {"total_steps": total_steps, "warmup_steps": round(args.warmup_ratio * total_steps),
+                "eval_every": max(1, math.ceil(len(epochs[0]) / args.evals_per_epoch))}
+    print(f"schedule: {args.epochs} epochs × {len(epochs[0])} steps of {args.batch_size} prompts "
+          f"(total {total_steps}), warmup {schedule['warmup_steps']}, lr {args.lr:g} cosine, "
+          f"validation every {schedule['eval_every']} steps")
+    return epochs, val_batches, schedule
+
+
+def centre_best_checkpoint(model, model_path, train_samples, enc, best, metrics, args, device, autocast):
+    """Reload the best checkpoint into `model`, shift its reward so the mean over the SFT samples is 0
+    (center_rewards), save it again; returns the shift."""
+    block_size = model.config.block_size
+    checkpoint = load_checkpoint(model_path, map_location=device)
+    model.load_state_dict(checkpoint["model"])
+    prompts = [render_prompt(s["prompt"], enc) for s in train_samples]
+    responses = [pair_ids(s["prompt"], s["response"], enc)[len(x):] for s, x in zip(train_samples, prompts)]
+    fits = [len(x) + len(y) <= block_size for x, y in zip(prompts, responses)]
+    with autocast:
+        shift = center_rewards(model, [x for x, f in zip(prompts, fits) if f],
+                               [y for y, f in zip(responses, fits) if f], args.gen_batch_size)
+    atomic_save({**checkpoint, "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                 "reward_shift": shift}, model_path)
+    log_line(metrics, {"event": "reward_shift", "step": best["step"], "reward_shift": shift, "samples": sum(fits)})
+    print(f"best val loss {best['loss']:.4f} at step {best['step']}; reward shift {shift:+.4f} "
+          f"(mean r_φ over {sum(fits)} SFT samples is now 0)")
+    return shift
+
+
+def write_outputs(summary, arrays, args, fingerprint, started):
+    """eval.json and the three figures; the stage marked finished."""
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_training(metrics_path, os.path.join(args.out, "reward_training.png"))
-    plot_calibration(numbers["calibration"], os.path.join(args.out, "calibration.png"))
+    plot_training(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "reward_training.png"))
+    plot_calibration(summary["calibration"], os.path.join(args.out, "calibration.png"))
     plot_rewards(arrays, os.path.join(args.out, "reward_histogram.png"))
     finish_stage(args.out, "reward", fingerprint, started,
                  {k: summary[k] for k in ("val_accuracy", "val_clean_accuracy", "label_agreement", "pearson_gold",
                                           "reward_shift", "best_step", "steps")})
     print_summary(summary)
-    print(f"saved {model_path}, eval.json, reward_training.png, calibration.png, reward_histogram.png in {wall:.0f}s")
-    return summary
+    print(f"saved {os.path.join(args.out, 'model.pt')}, eval.json, reward_training.png, calibration.png, "
+          f"reward_histogram.png in {summary['wall_seconds']:.0f}s")
 
 
 def label_agreement(pairs):

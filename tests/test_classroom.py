@@ -4,6 +4,7 @@ and bad input."""
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -352,6 +353,7 @@ WRONG_BODIES = {
 RECORDER = '''# Written by tests/test_classroom.py.
 import json
 import os
+import re
 
 _noted = set()
 
@@ -476,3 +478,41 @@ def test_stripping_keeps_signature_decorators_and_docstring():
         'import functools\n\n\n# classroom: begin area\n@functools.lru_cache()\ndef area(w, h=2):\n'
         '    """w · h"""\n    raise NotImplementedError("classroom exercise: area — see the docstring")\n'
         '# classroom: end area\n\n\nAFTER = 1\n')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The first-reading path: every signpost leads forward to a section that exists
+# ----------------------------------------------------------------------------------------------------------
+
+SIGNPOST = re.compile(r"^# ── first reading: skip to (?:section (\d+)|the end)")
+BANNER = re.compile(r"^# (\d+)\. ")
+
+
+def first_reading(path):
+    """(lines a first reading reads, [(signpost line, target section or None for 'the end')]):
+    a signpost skips to the next banner of its section, or to the end of the file."""
+    lines = open(path, encoding="utf-8").read().split("\n")
+    read, signposts, skipping_to = 0, [], False
+    for number, line in enumerate(lines, 1):
+        if (m := SIGNPOST.match(line)):
+            signposts.append((number, m.group(1)))
+            skipping_to = m.group(1) or "end"
+        elif skipping_to and (b := BANNER.match(line)) and b.group(1) == skipping_to:
+            skipping_to = False
+        if not skipping_to:
+            read += 1
+    return read, signposts
+
+
+@pytest.mark.parametrize("script", ["train_gpt.py", "sft.py", "reward.py", "ppo.py", "dpo.py"])
+def test_first_reading_signposts_lead_forward_to_an_existing_section(script):
+    path = os.path.join(ROOT, script)
+    lines = open(path, encoding="utf-8").read().split("\n")
+    banners = {int(b.group(1)): n for n, line in enumerate(lines, 1) if (b := BANNER.match(line))}
+    read, signposts = first_reading(path)
+    assert signposts, f"{script} has no first-reading signpost"
+    for line, target in signposts:
+        if target is not None:
+            assert int(target) in banners and banners[int(target)] > line, \
+                f"{script}:{line}: the signpost skips to section {target}, which does not follow it"
+    assert read < len(lines)
