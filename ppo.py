@@ -254,9 +254,6 @@ def load_models(args, device):
     token ids that mean something else to it. With --reward-source judge there is no reward model
     (r_φ is None) and the critic starts from the SFT model with a zero head: V = 0 until it learns.
     """
-    sft_checkpoint = flagged(load_checkpoint, "--sft", args.sft)
-    if sft_checkpoint.get("stage") == "reward":
-        raise ConfigError(f"--sft {args.sft}: a reward model checkpoint, not a policy (SFT) checkpoint")
     policy, sft_checkpoint = flagged(load_sft, "--sft", args.sft, device)
     tokenizer_ref = sft_checkpoint.get("tokenizer")
     if not tokenizer_ref:
@@ -284,8 +281,7 @@ def load_compatible_reward_model(args, policy, tokenizer_ref, device):
     RewardModel's head init draws from torch's global generator, which PPO's minibatches use next."""
     members = []
     for path in reward_model_paths(args.reward_model):
-        rm_checkpoint = flagged(load_checkpoint, "--reward-model", path)
-        member = flagged(load_reward_model, "--reward-model", path, device)
+        member, rm_checkpoint = flagged(load_reward_model, "--reward-model", path, device, True)
         if member.config.vocab_size != policy.config.vocab_size:
             raise ConfigError(f"--reward-model {path}: vocabulary of {member.config.vocab_size} tokens, "
                               f"but the policy ({args.sft}) has {policy.config.vocab_size}")

@@ -467,6 +467,8 @@ def runtime_overrides(device):
 def load_sft(path, device):
     """The SFT checkpoint as a GPT (for sampling) and its checkpoint dict."""
     checkpoint = load_checkpoint(path, map_location=device)
+    if checkpoint.get("stage") == "reward":
+        raise ConfigError(f"{path}: a reward model checkpoint, not a policy (SFT) checkpoint")
     model = GPT(GPTConfig.from_dict({**checkpoint["config"], **runtime_overrides(device)}))
     try:
         model.load_state_dict(checkpoint["model"])
@@ -483,8 +485,9 @@ def reward_model_from_gpt(gpt):
     return model.to(next(gpt.parameters()).device)
 
 
-def load_reward_model(path, device="cpu"):
-    """A trained reward model (checkpoint written by this file) in eval mode, its shift applied."""
+def load_reward_model(path, device="cpu", return_checkpoint=False):
+    """A trained reward model (checkpoint written by this file) in eval mode, its shift applied
+    (and, with return_checkpoint, the checkpoint dict it came from)."""
     device = torch.device(device)
     checkpoint = load_checkpoint(path, map_location=device)
     if checkpoint.get("stage") != "reward":
@@ -494,7 +497,8 @@ def load_reward_model(path, device="cpu"):
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         raise ConfigError(f"{path}: weights do not match the checkpoint's config ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return (model, checkpoint) if return_checkpoint else model
 
 
 class RewardEnsemble(nn.Module):

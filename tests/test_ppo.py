@@ -21,7 +21,7 @@ import ppo
 import reward
 from data.tokenizer import SPECIAL_TOKENS, save_tokenizer
 from sft import ChatTokens, chat_tokens
-from train_gpt import GPT, GPTConfig, atomic_save, model_from_checkpoint
+from train_gpt import GPT, GPTConfig, atomic_save, load_checkpoint, model_from_checkpoint
 
 PATTERN = r"""\s?\S+|\s+"""
 RANKS = {bytes([i]): i for i in range(256)}
@@ -440,8 +440,13 @@ def test_an_ensemble_of_reward_models_is_loaded_and_its_first_member_starts_the_
     built, init = [], reward.RewardModel.__init__  # each member built once: its head init draws from the
     monkeypatch.setattr(reward.RewardModel, "__init__",  # global generator, which PPO's minibatches use next
                         lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    read = []  # and each checkpoint file read once
+    for module in (ppo, reward):
+        monkeypatch.setattr(module, "load_checkpoint",
+                            lambda path, *a, **k: read.append(path) or load_checkpoint(path, *a, **k))
     _, _, reward_model, critic, _, _ = ppo.load_models(args, torch.device("cpu"))
     assert len(built) == 2
+    assert sorted(read) == sorted([sft_path, rm_path, other])
     assert isinstance(reward_model, reward.RewardEnsemble) and reward_model.reduce == "min"
     first = reward_model.members[0]
     assert torch.equal(critic.head.weight, first.head.weight) and critic.head.weight.data_ptr() != first.head.weight.data_ptr()
