@@ -139,6 +139,11 @@ class Hyperparameters:
     lr: float = setting(3e-5, "policy learning rate (SFT used 1e-3: RL steps must be small)", check="> 0",
                         group="update")
     value_lr: float = setting(1e-4, "critic learning rate (PPO)", group="update")
+    critic: str = setting("separate", "V: its own network (separate), or a scalar head on the policy's backbone "
+                          "(shared: one forward for both, loss L_policy + c₁·L_value)", choices=("separate", "shared"),
+                          group="update")
+    value_coef: float = setting(0.1, "c₁: weight of the value loss in the shared loss (--critic shared)", check="> 0",
+                                group="update")
     grad_clip: float = setting(1.0, "max gradient norm, per network", check="> 0", group="update")
     # reward hacking (seed 3.5)
     beta_sweep: list = setting(None, "run PPO once per β (e.g. 0,0.02,0.1) and plot reward_hacking.png",
@@ -203,6 +208,33 @@ class ValueModel(nn.Module):
             return self.head(hidden.float()).squeeze(-1) - self.reward_shift
 
 
+class SharedValueHead(nn.Module):
+    """V(s_t) as a scalar head on the policy's own backbone (--critic shared): V = w·h_t + b, where
+    h_t is the policy's final hidden state. The blog's single loss L_policy + c₁·L_value − c₂·H
+    trains both through one network, so one forward per minibatch serves the log-probs and the
+    values — about half the update's compute of a separate critic — at the price of the value
+    loss's gradient reaching the policy's weights (c₁ keeps it small). The head starts at zero
+    (V = 0): r_φ's head reads r_φ's features, not the policy's. Only the head is this module's
+    parameters; the policy is held, not owned (its weights are trained and saved as the policy's).
+    """
+
+    def __init__(self, policy):
+        super().__init__()
+        self.config = policy.config
+        self.head = nn.Linear(policy.config.n_embd, 1).to(next(policy.parameters()).device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        object.__setattr__(self, "policy", policy)  # not a submodule: no second copy in parameters()
+
+    def values_from_hidden(self, hidden):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.head(hidden.float()).squeeze(-1)
+
+    def forward(self, ids, position_ids=None, doc_ids=None):
+        """Values (B, T) in fp32: V at every position of ids (B, T)."""
+        return self.values_from_hidden(self.policy.hidden_states(ids, position_ids, doc_ids))
+
+
 # ── first reading: skip to section 3 (memory accounting; loading and checking the four models) ──
 
 def model_memory(model, trainable):
@@ -265,7 +297,9 @@ def load_models(args, device):
     if args.reward_source == "rm":
         reward_model = load_compatible_reward_model(args, policy, tokenizer_ref, device)
     critic = None
-    if args.algo == "ppo":
+    if args.algo == "ppo" and args.critic == "shared":
+        critic = SharedValueHead(policy).train()
+    elif args.algo == "ppo":
         if reward_model is not None:  # an ensemble's critic starts from its first member
             critic = ValueModel(getattr(reward_model, "members", [reward_model])[0]).train()
         else:  # no r_φ to start from: the SFT backbone with a zero head, V(s) = 0 everywhere at first
@@ -425,7 +459,12 @@ def response_logprobs(model, rollout, temperature=1.0, with_entropy=False):
     temperature T the logits are divided by T: the log-probs are those of the distribution the
     tokens were sampled from.
     """
-    logits = model.lm_head(response_hidden_states(model, rollout)).float() / temperature
+    return logprobs_from_hidden(model, response_hidden_states(model, rollout), rollout, temperature, with_entropy)
+
+
+def logprobs_from_hidden(model, hidden, rollout, temperature=1.0, with_entropy=False):
+    """response_logprobs from the response columns' hidden states (B, R, d) already computed."""
+    logits = model.lm_head(hidden).float() / temperature
     targets = torch.where(rollout.response_mask.bool(), rollout.sequences[:, rollout.prompt_length:], IGNORE_INDEX)
     logprobs = token_logprobs(logits, targets)
     if not with_entropy:
@@ -700,10 +739,12 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
     PPO:   loss = L_policy + L_value − c₂·H
     GRPO:  loss = L_policy + β · mean_t k3_t − c₂·H       (KL to π_ref in the loss, not the reward)
 
-    The blog writes PPO's loss as L_policy + c₁·L_value − c₂·H. Our policy and critic are separate
-    networks, each clipped separately and with its own AdamW learning rate; Adam divides out any
-    constant factor on a gradient, so c₁ would change nothing and the critic's learning rate takes
-    its place. Returns the diagnostics averaged over all minibatches.
+    The blog writes PPO's loss as L_policy + c₁·L_value − c₂·H. With a separate critic (the default)
+    the two networks share no weight, each is clipped separately and has its own AdamW learning
+    rate; Adam divides out any constant factor on a gradient, so c₁ would change nothing and the
+    critic's learning rate takes its place. With --critic shared the value head sits on the policy's
+    backbone: one forward gives both, and c₁ (--value-coef) weighs the value loss's pull on the
+    shared weights. Returns the diagnostics averaged over all minibatches.
     """
     policy.train()
     if critic is not None:
@@ -713,8 +754,10 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
         for rows in length_grouped_minibatches(rollout, args.minibatch_size):
             batch = rollout.select(rows)
             mask = batch.response_mask
+            shared = isinstance(critic, SharedValueHead)
             with autocast:
-                logprobs, entropy = response_logprobs(policy, batch, args.temperature, with_entropy=True)
+                hidden = response_hidden_states(policy, batch)
+                logprobs, entropy = logprobs_from_hidden(policy, hidden, batch, args.temperature, with_entropy=True)
             loss, stats = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, args.clip_eps)
             stats["policy_loss"] = loss.item()
             entropy = masked_mean(entropy, mask)
@@ -726,10 +769,13 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
                 loss = loss + beta * kl_loss
                 stats["kl_loss"] = kl_loss.item()
             else:
-                with autocast:
-                    values = response_values(critic, batch)
+                if shared:  # the same forward's hidden states: V = w·h_t + b
+                    values = critic.values_from_hidden(hidden) * mask
+                else:
+                    with autocast:
+                        values = response_values(critic, batch)
                 critic_loss, value_stats = value_loss(values, batch.values, batch.returns, mask, args.value_clip)
-                loss = loss + critic_loss
+                loss = loss + (args.value_coef if shared else 1.0) * critic_loss
                 stats.update(value_loss=critic_loss.item(), **value_stats)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -1232,6 +1278,8 @@ def validate_args(args):
     check_ranges(args, Hyperparameters)
     if args.algo == "ppo" and not args.value_lr > 0:
         raise ConfigError(f"--value-lr must be > 0 (got {args.value_lr})")
+    if args.critic == "shared" and args.algo != "ppo":
+        raise ConfigError("--critic shared is PPO's value head: GRPO has no critic (drop --critic or use --algo ppo)")
     if args.algo == "grpo":
         if args.group_size < 2:
             raise ConfigError(f"--group-size must be ≥ 2 for GRPO: the group is the baseline (got {args.group_size})")

@@ -50,11 +50,14 @@ def toy_prompts(n, seed=0):
     return [[rng.randrange(12) for _ in range(rng.randint(2, 6))] for _ in range(n)]
 
 
-def toy_models(algo="ppo", seed=0):
+def toy_models(algo="ppo", seed=0, critic="separate"):
     policy = tiny_gpt(seed=seed)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    critic = ppo.ValueModel(reward.reward_model_from_gpt(tiny_gpt(seed=seed + 1))) if algo == "ppo" else None
-    return policy, reference, critic
+    if algo != "ppo":
+        return policy, reference, None
+    if critic == "shared":
+        return policy, reference, ppo.SharedValueHead(policy)
+    return policy, reference, ppo.ValueModel(reward.reward_model_from_gpt(tiny_gpt(seed=seed + 1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,14 +344,16 @@ def share_of_target(prompts, responses):
     return torch.tensor([sum(t == TARGET for t in r) / len(r) for r in responses])
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_policy_learns_a_toy_reward(algo):
+@pytest.mark.parametrize("algo,critic", [("ppo", "separate"), ("ppo", "shared"), ("grpo", "separate")])
+def test_policy_learns_a_toy_reward(algo, critic):
     """Starts near 1/16 (random tiny GPT); must clearly rise. A sign error in the advantages, a
     reward on the wrong token or a broken ratio makes this fail."""
     torch.manual_seed(0)
-    policy, reference, critic = toy_models(algo)
+    policy, reference, value_model = toy_models(algo, critic=critic)
+    critic_flags = ["--critic", critic, "--value-coef", "0.1"] if algo == "ppo" else []
     args = toy_args("--algo", algo, "--rollouts", "64", "--minibatch-size", "16", "--lr", "3e-3", "--value-lr",
-                    "3e-3", "--beta", "0", "--missing-end-penalty", "0", "--group-size", "4")
+                    "3e-3", "--beta", "0", "--missing-end-penalty", "0", "--group-size", "4", *critic_flags)
+    critic = value_model
     optimizer = ppo.make_optimizer(policy, critic, args)
     generator = torch.Generator().manual_seed(0)
     history = []
@@ -359,6 +364,38 @@ def test_policy_learns_a_toy_reward(algo):
         history.append(rollout.rm_scores.mean().item())
     assert history[0] < 0.2
     assert sum(history[-2:]) / 2 > 0.5, history
+
+
+def test_shared_value_head_reads_the_policys_own_hidden_states_and_trains_them():
+    """--critic shared: V = w·h_t + b on the policy's backbone. Its only parameters are the head (the
+    policy is not counted twice), it starts at V = 0, the update's one forward gives the same
+    log-probs as response_logprobs, and c₁·L_value's gradient reaches the policy's weights."""
+    torch.manual_seed(0)
+    policy, reference, critic = toy_models("ppo", critic="shared")
+    assert [name for name, _ in critic.named_parameters()] == ["head.weight", "head.bias"]
+    rollout = ppo.sample_rollouts(policy, toy_prompts(8, seed=5), TOY, 5, 1.0, torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(ppo.response_values(critic, rollout)) == 0
+    with torch.no_grad():
+        critic.head.weight.normal_()
+        hidden = ppo.response_hidden_states(policy, rollout)
+        by_hand = (hidden @ critic.head.weight[0] + critic.head.bias) * rollout.response_mask
+        torch.testing.assert_close(ppo.response_values(critic, rollout), by_hand)
+        torch.testing.assert_close(ppo.logprobs_from_hidden(policy, hidden, rollout)[0],
+                                   ppo.response_logprobs(policy, rollout)[0])
+    args = toy_args("--rollouts", "8", "--minibatch-size", "8", "--ppo-epochs", "1", "--critic", "shared",
+                    "--lr", "1e-9", "--value-lr", "1e-9")
+    ppo.make_experience(rollout, policy, reference, critic, lambda p, r: torch.arange(8.0), 0.0, args)
+    rollout.advantages = torch.zeros_like(rollout.advantages)  # no policy-gradient signal: only the value loss
+    optimizer = ppo.make_optimizer(policy, critic, args)
+    ppo.ppo_update(policy, critic, optimizer, rollout, 0.0, args)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.blocks.parameters())
+
+
+def test_shared_critic_needs_ppo(tmp_path, capsys):
+    sft_path, rm_path = save_tiny_checkpoints(tmp_path)
+    error = run_expecting_error(capsys, ["--sft", sft_path, "--reward-model", rm_path, "--algo", "grpo",
+                                         "--critic", "shared"])
+    assert "--critic shared" in error
 
 
 # ----------------------------------------------------------------------------------------------
