@@ -686,13 +686,21 @@ def length_grouped_minibatches(rollout, minibatch_size, generator=None):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def per_token_in_chunks(fn, rollout, chunks):
-    """fn(minibatch) → (b, r) per-token values, run chunk by chunk and laid back out as (B, R)."""
-    out = torch.zeros_like(rollout.response_mask)
+def per_token_in_chunks(fn, rollout, chunks, outputs=1):
+    """fn(minibatch) → (b, r) per-token values (or a tuple of `outputs` of them), run chunk by chunk
+    and laid back out as (B, R) each."""
+    outs = [torch.zeros_like(rollout.response_mask) for _ in range(outputs)]
     for rows in chunks:
-        values = fn(rollout.select(rows)).float()
-        out[rows.to(out.device), :values.shape[1]] = values
-    return out
+        results = fn(rollout.select(rows))
+        for out, values in zip(outs, results if outputs > 1 else (results,)):
+            out[rows.to(out.device), :values.shape[1]] = values.float()
+    return outs[0] if outputs == 1 else tuple(outs)
+
+
+def logprobs_and_values(policy, critic, rollout, temperature):
+    """--critic shared: log π(y_t|s_t) and V(s_t) from one forward of the policy's backbone."""
+    hidden = response_hidden_states(policy, rollout)
+    return logprobs_from_hidden(policy, hidden, rollout, temperature)[0], critic.values_from_hidden(hidden)
 
 
 @torch.no_grad()
@@ -708,9 +716,14 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
     policy.eval()
     mask = rollout.response_mask
     chunks = length_grouped_minibatches(rollout, args.minibatch_size)
+    shared = isinstance(critic, SharedValueHead)
     with autocast:
-        rollout.old_logprobs = per_token_in_chunks(lambda b: response_logprobs(policy, b, args.temperature)[0],
-                                                   rollout, chunks)
+        if shared:  # one forward of the shared network gives log π_old and V(s_t)
+            rollout.old_logprobs, shared_values = per_token_in_chunks(
+                lambda b: logprobs_and_values(policy, critic, b, args.temperature), rollout, chunks, outputs=2)
+        else:
+            rollout.old_logprobs = per_token_in_chunks(lambda b: response_logprobs(policy, b, args.temperature)[0],
+                                                       rollout, chunks)
         rollout.ref_logprobs = per_token_in_chunks(lambda b: response_logprobs(reference, b, args.temperature)[0],
                                                    rollout, chunks)
     policy.train(was_training)
@@ -721,8 +734,11 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
     if args.algo == "ppo":
         was_training = critic.training
         critic.eval()
-        with autocast:
-            rollout.values = per_token_in_chunks(lambda b: response_values(critic, b), rollout, chunks)
+        if shared:
+            rollout.values = shared_values * mask
+        else:
+            with autocast:
+                rollout.values = per_token_in_chunks(lambda b: response_values(critic, b), rollout, chunks)
         critic.train(was_training)
         rollout.rewards = per_token_rewards(rollout.scores, k1, mask, beta)
         advantages, rollout.returns = gae(rollout.rewards, rollout.values, mask, args.gamma, args.lam)

@@ -385,6 +385,9 @@ def test_shared_value_head_reads_the_policys_own_hidden_states_and_trains_them()
     args = toy_args("--rollouts", "8", "--minibatch-size", "8", "--ppo-epochs", "1", "--critic", "shared",
                     "--lr", "1e-9", "--value-lr", "1e-9")
     ppo.make_experience(rollout, policy, reference, critic, lambda p, r: torch.arange(8.0), 0.0, args)
+    with torch.no_grad():  # the experience's one shared forward = the two separate reads
+        torch.testing.assert_close(rollout.values, ppo.response_values(critic, rollout))
+        torch.testing.assert_close(rollout.old_logprobs, ppo.response_logprobs(policy, rollout)[0])
     rollout.advantages = torch.zeros_like(rollout.advantages)  # no policy-gradient signal: only the value loss
     optimizer = ppo.make_optimizer(policy, critic, args)
     ppo.ppo_update(policy, critic, optimizer, rollout, 0.0, args)
