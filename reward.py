@@ -502,9 +502,11 @@ def load_reward_model(path, device="cpu", return_checkpoint=False):
 
 
 class RewardEnsemble(nn.Module):
-    """r(x, y) of M reward models trained on the same comparisons with different seeds (head init,
-    data order), combined per response (seed 3.5, prevention 3, "use multiple reward models and
-    take minimum or average"):
+    """r(x, y) of M reward models, combined per response (seed 3.5, prevention 3, "use multiple
+    reward models and take minimum or average"). Members trained on the same comparisons differ
+    only in head init and data order and share most of their errors; members trained on different
+    comparisons (bagging: `reward.py --seed S` samples other prompts, answers and label flips)
+    disagree more, and their mean ranks better (README, "Reward-model ensembles"):
 
         mean:  r(x, y) = (1/M) Σ_m r_φm(x, y)      — averages away each member's own errors
         min:   r(x, y) = min_m r_φm(x, y)          — pessimistic: a response must please every member

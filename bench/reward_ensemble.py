@@ -7,8 +7,9 @@ within-prompt Spearman correlation with the gold judge — the two numbers issue
         --val-data runs/i15/reward/preferences_val.jsonl \\
         --members runs/i15/reward/model.pt runs/ens/s1338/model.pt runs/ens/s1339/model.pt
 
-Members come from `reward.py --data runs/i15/reward/preferences_train.jsonl --val-data … --seed S`:
-the same comparisons, different head init and data order.
+Members come from `reward.py --data runs/i15/reward/preferences_train.jsonl --val-data … --seed S`
+(the same comparisons, different head init and data order) or from `reward.py --seed S` with the main
+job's flags (bagging: comparisons on other prompts, sampled and labelled afresh).
 """
 
 import argparse
