@@ -261,3 +261,12 @@ def test_bad_flags_give_one_clear_error(source_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ac.main(["--source-run", str(tmp_path / "missing"), "--run", str(tmp_path)])
     assert "run `make run` first" in capsys.readouterr().err
+
+
+def test_compute_verdict_prefers_the_main_jobs_budgets():
+    row = {"sampled": 0.02, "sampled_se": 0.008}
+    verdict = ac.compute_verdict(1.5, 1.2, {"ppo": row, "dpo": row}, {"ppo": 3e12, "dpo": 1e12},
+                                 {"ppo": 200.0, "dpo": 100.0}, {"ppo": row, "dpo": {**row, "sampled": 0.01}})
+    assert verdict.startswith("yes at the main job's budgets: PPO/DPO = 3.0× the FLOPs, 2.0× the wall time")
+    verdict = ac.compute_verdict(1.5, 1.2, {"ppo": row, "dpo": row}, {}, {}, {})
+    assert "1.5× the FLOPs" in verdict and "the two gains differ" in verdict
