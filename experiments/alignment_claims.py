@@ -399,12 +399,14 @@ def optimal_experiment(ctx):
         "experiment": "optimal",
         "claim": "4.2 / blog: RLHF's objective has the closed-form optimum π* ∝ π_ref·exp(r/β); DPO fits it "
                  "directly from preferences, PPO by sampling",
-        "measurement": f"{len(candidates)} train prompts × {result['candidates']:.1f} candidates (8 SFT samples + the "
-                       f"answer), r = {scale:g}·gold, β = {beta:g}: KL(π*‖π) on the candidates SFT "
+        "measurement": f"{len(candidates)} train prompts × {result['candidates']:.1f} distinct candidates "
+                       f"({a.optimal_k} SFT samples + the answer), r = {scale:g}·gold, β = {beta:g}: KL(π*‖π) on the candidates SFT "
                        f"{s['sft']['kl_to_optimal']:.3f}, DPO {s['dpo']['kl_to_optimal']:.3f} ± "
                        f"{s['dpo']['kl_to_optimal_se']:.3f} ({n_pairs} BT-labelled pairs, {steps} steps), PPO "
                        f"{s['ppo']['kl_to_optimal']:.3f} ± {s['ppo']['kl_to_optimal_se']:.3f} (judge reward, β "
-                       f"{beta / scale:.3g}, {a.optimal_ppo_iterations} iterations); expected gold on the set: π* "
+                       f"{beta / scale:.3g}, {a.optimal_ppo_iterations} iterations); KL(π‖π_SFT) on the candidates: "
+                       f"π* {s['optimal']['kl_from_sft']:.3f}, DPO {s['dpo']['kl_from_sft']:.3f}, PPO "
+                       f"{s['ppo']['kl_from_sft']:.3f}; expected gold on the set: π* "
                        f"{s['optimal']['gold']:.3f}, SFT {s['sft']['gold']:.3f}, DPO {s['dpo']['gold']:.3f}, PPO "
                        f"{s['ppo']['gold']:.3f}",
         "holds": ("yes: both move towards π*" if len(closer) == 2 else
