@@ -501,7 +501,11 @@ def compute_experiment(ctx):
     _, val_clean = subset_files(ctx)
     dpo_out, dpo_args = dpo_argv(ctx, f"dpo_b0.5_lr{number(a.dpo_lr)}", 0.5, data=ctx.train_pairs, val_data=val_clean)
     measured = {"ppo": measured_stage(ctx, "ppo", ppo_args, ppo_out), "dpo": measured_stage(ctx, "dpo", dpo_args, dpo_out)}
-    base = baseline_rss(ctx)
+    baseline_path = os.path.join(directory, "baseline_rss.json")  # measured once, beside the two stages
+    if not os.path.isfile(baseline_path):
+        write_json(baseline_path, {"peak_rss_mib": baseline_rss(ctx)})
+    with open(baseline_path) as f:
+        base = json.load(f)["peak_rss_mib"]
     policy, _ = sft.load_chat_model(ctx.sft, None, torch.device("cpu"))
     n_params = count_params(policy, non_embedding=False)
     rm = reward.load_reward_model(ctx.reward_model, torch.device("cpu"))
@@ -532,7 +536,8 @@ def compute_experiment(ctx):
     main_gold = {}
     try:  # the main job's final table (sft.py --eval on its held-out prompts)
         with open(os.path.join(ctx.source, "eval", "eval.json")) as f:
-            main_gold = {m: gold_row(json.load(f)["models"], m) for m in ("ppo", "dpo")}
+            main_models = json.load(f)["models"]
+        main_gold = {m: gold_row(main_models, m) for m in ("ppo", "dpo")}
     except (OSError, KeyError, ValueError):
         pass
     result = {"n_params": n_params, "measured": measured, "baseline_rss_mib": base, "flops": {"ppo": ppo_fl, "dpo": dpo_fl},
