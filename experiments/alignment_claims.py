@@ -746,8 +746,9 @@ def online_experiment(ctx):
                        f"offline {fmt_gain(rows['offline'])} at KL {rows['offline']['kl']:.2f}; online, {rounds} rounds "
                        f"of {prompts} prompts each from the current policy: {fmt_gain(rows['online'])} at KL "
                        f"{rows['online']['kl']:.2f}",
-        "holds": (f"{'yes' if diff > 0 else 'no'}: online − offline {diff:+.3f} ± {se:.3f}"
-                  + ("" if abs(diff) > 2 * se else " (within noise: untestable at this size)")),
+        "holds": (f"{'yes' if diff > 0 else 'no'}: online − offline {diff:+.3f} ± {se:.3f}" if abs(diff) > 2 * se
+                  else f"not resolved: online − offline {diff:+.3f} ± {se:.3f}, within noise at this size; online "
+                       f"moved {rows['online']['kl'] / max(rows['offline']['kl'], 1e-9):.1f}× as far from SFT"),
     }]
     return result
 
