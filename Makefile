@@ -116,6 +116,14 @@ scaling: $(INSTALL)
 	$(PY) -m data.prepare --out $(RUNS)/scaling/data --vocab-size 512 $(SCALING_DATA_ARGS)
 	$(PY) -m experiments.scaling_laws --data-dir $(RUNS)/scaling/data --run-dir $(RUNS)/scaling $(SCALING_ARGS)
 
+# The seeds' claims about PPO and DPO (README, "The seeds' claims, measured"): six experiments on a finished
+# run's SFT model, reward model and comparisons, each ~8 CPU-minutes with the default sizes; the table in
+# $(RUNS)/claims/claims.md.  make claims RUN=default [CLAIMS=optimal,noise] [CLAIMS_ARGS="--eval-tasks 1000"]
+CLAIMS ?= all
+.PHONY: claims
+claims: $(INSTALL)
+	$(PY) -m experiments.alignment_claims --source-run $(OUT) --run $(RUNS)/claims --experiment $(CLAIMS) $(CLAIMS_ARGS)
+
 # Classroom assignments (README, "For teachers"): a student copy of the project with the marked function
 # bodies removed, and the grader's score table.  make student DEST=../hw1 [ASSIGN=get_lr,perplexity]
 .PHONY: student grade

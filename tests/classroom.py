@@ -83,6 +83,10 @@ GRADERS = {
     "orpo_loss": ["tests/test_dpo.py::test_orpo_odds_and_loss_match_plain_python"],
     "kto_loss": ["tests/test_dpo.py::test_kto_matches_plain_python_with_zero_reference_point",
                  "tests/test_dpo.py::test_kto_reference_point_is_clamped_and_detached"],
+    # the claims, measured (seed 4.2; experiments/alignment_claims.py)
+    "optimal_policy": ["tests/test_alignment_claims.py::test_optimal_policy_by_hand",
+                       "tests/test_alignment_claims.py::test_optimal_policy_limits_and_overflow",
+                       "tests/test_alignment_claims.py::test_optimal_policy_maximises_the_rlhf_objective"],
 }
 
 ASSIGNMENT_FILE = "tests/classroom_assignment.txt"  # in a student copy: what `grade` grades by default

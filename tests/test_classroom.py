@@ -204,6 +204,12 @@ WRONG_BODIES = {
             return min_lr
         return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * step / total_steps))
         """,
+    "optimal_policy": """
+        logits = np.asarray(rewards, dtype=np.float64) / beta  # π_ref forgotten: a softmax of r/β alone
+        logits -= logits.max()
+        weights = np.exp(logits)
+        return weights / weights.sum()
+        """,
     "perplexity": """
         return 2 ** mean_nll  # base 2, but the NLL is in nats
         """,
