@@ -46,6 +46,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,6 +55,7 @@ from data.errors import DataError
 from data.shards import token_dtype, write_shard
 from data.tokenizer import DEFAULT_PATTERN, PRETRAINED, load_tokenizer, save_tokenizer, train_bpe
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from settings import ConfigError, add_settings, check_ranges, runtime_flags, setting
 
 # Defaults: `python -m data.prepare --out DIR` runs in about a minute on 2 CPU cores.
 OUT = "runs/default/data"
@@ -70,81 +72,84 @@ NUM_PERM = 128
 SHINGLE_WORDS = 5
 SUBSTRING_MIN_TOKENS = 50  # Lee et al. 2022 remove repeated spans of ≥ 50 tokens
 SEED = 0
-# Flags that change only speed or printing, left out of the stage fingerprint; `rules` is no flag but
-# what check_args makes of --rule (which is in the fingerprint), `language_list` of --languages.
-RUNTIME_FLAGS = {"workers", "quiet", "force", "rules", "language_list"}
 LANGUAGES = "en"  # the default corpus is English; the language stage removes prose in other languages
 CLASSIFIER_REFERENCE = "none"
 CLASSIFIER_THRESHOLD = 0.5
 TASK_WEIGHT = 0.05  # --task-worksheets: their share of the mixture (a "midtraining"-style sprinkle of the tasks)
 
 
+# Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).
+# Checks that involve two flags or a file (--vocab-size with --tokenizer train, --ppl-band's order,
+# --languages, --rule) stay as explicit code in check_args.
+@dataclass
+class Hyperparameters:
+    out: str = setting(OUT, "output directory for tokenizer, shards, meta.json and the report")
+    source: list = setting([], "a corpus (file or directory of .txt/.md/.rst/.py, .jsonl, .html) with a mixture weight "
+                           "and kind prose|code|curated; PATH 'stdlib-code' / 'stdlib-prose' are the built-in corpora; "
+                           "repeat for a mixture; default: code=stdlib-code:0.6 prose=stdlib-prose:0.4",
+                           action="append", metavar="NAME=PATH[:WEIGHT[:KIND]]")
+    text_field: str = setting("text", "field holding the text in .jsonl files")
+    max_bytes: int = setting(MAX_BYTES, "bytes of curated text in the final mixture", check="> 0")
+    overread: float = setting(OVERREAD, "raw bytes read per curated byte wanted (curation removes some)")
+    vocab_size: int = setting(VOCAB_SIZE, "BPE vocabulary: 256 bytes + merges (6 special tokens come on top)")
+    tokenizer: str = setting("train", "'train' a BPE here, or use 'gpt2' / 'cl100k_base' (if tiktoken can load them) "
+                             "or an existing tokenizer directory")
+    bpe_train_bytes: int = setting(0, "train BPE on at most this many bytes of the training text (0 = all)")
+    val_fraction: float = setting(VAL_FRACTION, "fraction of the text held out for validation, in whole documents",
+                                  check="(0, 1)")
+    shard_tokens: int = setting(SHARD_TOKENS, "tokens per .bin shard", check="> 0")
+    workers: int = setting(0, "tokeniser processes (0 = one per CPU core, at most 8)", runtime=True)
+    max_doc_chars: int = setting(curate.MAX_DOCUMENT_CHARS,
+                                 "documents are cut at a line break before this many characters")
+    max_whitespace_run: int = setting(curate.MAX_WHITESPACE_RUN, "longer whitespace runs are cut to this length")
+    rule: list = setting([], "override a quality threshold, e.g. prose.min_words=50 or code.max_line_length=500",
+                         action="append", metavar="KIND.NAME=VALUE")
+    ppl_band: list = setting(list(PPL_BAND), "keep documents between these perplexity percentiles of their source "
+                             "(0 100 disables)", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    ppl_order: int = setting(PPL_ORDER, "order n of the byte n-gram model (1-7)", check="[1, 7]")
+    languages: str = setting(LANGUAGES, "comma-separated languages to keep (ISO 639-1; the identifier knows "
+                             "de,en,es,fr,it,nl,pl,pt,ru,sv,tr); 'any' turns language identification off")
+    classifier_reference: str = setting(CLASSIFIER_REFERENCE,
+                                        "good text for the quality classifier's positives: 'stdlib-topics' (the "
+                                        "bundled Language Reference) or a file/directory; its negatives are random "
+                                        "prose of the pool; 'none' = off")
+    classifier_threshold: float = setting(CLASSIFIER_THRESHOLD,
+                                          "keep prose documents whose classifier score P(good) is at least this",
+                                          check="[0, 1]")
+    classifier_keep_fraction: float | None = setting(None, "instead of a threshold, keep this top fraction of the "
+                                                     "prose documents by score", check="(0, 1]")
+    classifier_char_ngrams: int = setting(quality.CHAR_NGRAMS, "also hash character n-grams of this length "
+                                          "(0 = word uni- and bigrams only)", check="≥ 0")
+    classifier_epochs: int = setting(quality.EPOCHS, "classifier training epochs", check="≥ 1")
+    minhash_threshold: float = setting(MINHASH_THRESHOLD, "Jaccard similarity above which documents are "
+                                       "near-duplicates", check="(0, 1]")
+    num_perm: int = setting(NUM_PERM, "MinHash permutations", check="≥ 1")
+    shingle_words: int = setting(SHINGLE_WORDS, "words per MinHash shingle", check="≥ 1")
+    substring_dedup: bool = setting(False, "also cut repeated spans with a suffix array (slower)")
+    substring_min_tokens: int = setting(SUBSTRING_MIN_TOKENS, "minimum length of a repeated span, in pre-tokeniser "
+                                        "chunks", check="≥ 1")
+    decontaminate: list = setting([], "evaluation texts to remove from training data: .jsonl ('prompt' or 'text' "
+                                  "field) or plain text with one text per line; repeatable",
+                                  action="append", metavar="FILE")
+    decontaminate_ngram: int = setting(curate.DECONTAMINATION_NGRAM, "words per n-gram for decontamination",
+                                       check="≥ 1")
+    task_worksheets: int = setting(0, "add this many task worksheets (train-split questions with answers) to the "
+                                   "mixture", check="≥ 0")
+    task_weight: float = setting(TASK_WEIGHT, "mixture weight of the task worksheets", check="> 0")
+    seed: int = setting(SEED, "random seed (file order, sampling, split, MinHash)")
+    quiet: bool = setting(False, "print only the final summary", runtime=True)
+    force: bool = setting(False, "prepare again even if --out holds the output of this configuration", runtime=True)
+
+
+# Flags that change only speed or printing are left out of the stage fingerprint; `rules` is no flag but
+# what check_args makes of --rule (which is in the fingerprint), `language_list` of --languages.
+RUNTIME_FLAGS = runtime_flags(Hyperparameters) | {"rules", "language_list"}
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=OUT, help="output directory for tokenizer, shards, meta.json and the report")
-    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH[:WEIGHT[:KIND]]",
-                   help="a corpus (file or directory of .txt/.md/.rst/.py, .jsonl, .html) with a mixture weight and "
-                        "kind prose|code|curated; PATH 'stdlib-code' / 'stdlib-prose' are the built-in corpora; "
-                        "repeat for a mixture; default: code=stdlib-code:0.6 prose=stdlib-prose:0.4")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
-    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="bytes of curated text in the final mixture")
-    p.add_argument("--overread", type=float, default=OVERREAD,
-                   help="raw bytes read per curated byte wanted (curation removes some)")
-    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
-                   help="BPE vocabulary: 256 bytes + merges (6 special tokens come on top)")
-    p.add_argument("--tokenizer", default="train",
-                   help="'train' a BPE here, or use 'gpt2' / 'cl100k_base' (if tiktoken can load them) "
-                        "or an existing tokenizer directory")
-    p.add_argument("--bpe-train-bytes", type=int, default=0,
-                   help="train BPE on at most this many bytes of the training text (0 = all)")
-    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                   help="fraction of the text held out for validation, in whole documents")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per .bin shard")
-    p.add_argument("--workers", type=int, default=0, help="tokeniser processes (0 = one per CPU core, at most 8)")
-    p.add_argument("--max-doc-chars", type=int, default=curate.MAX_DOCUMENT_CHARS,
-                   help="documents are cut at a line break before this many characters")
-    p.add_argument("--max-whitespace-run", type=int, default=curate.MAX_WHITESPACE_RUN,
-                   help="longer whitespace runs are cut to this length")
-    p.add_argument("--rule", action="append", default=[], metavar="KIND.NAME=VALUE",
-                   help="override a quality threshold, e.g. prose.min_words=50 or code.max_line_length=500")
-    p.add_argument("--ppl-band", type=float, nargs=2, default=list(PPL_BAND), metavar=("LOW", "HIGH"),
-                   help="keep documents between these perplexity percentiles of their source (0 100 disables)")
-    p.add_argument("--ppl-order", type=int, default=PPL_ORDER, help="order n of the byte n-gram model (1-7)")
-    p.add_argument("--languages", default=LANGUAGES,
-                   help="comma-separated languages to keep (ISO 639-1; the identifier knows "
-                        "de,en,es,fr,it,nl,pl,pt,ru,sv,tr); 'any' turns language identification off")
-    p.add_argument("--classifier-reference", default=CLASSIFIER_REFERENCE,
-                   help="good text for the quality classifier's positives: 'stdlib-topics' (the bundled Language "
-                        "Reference) or a file/directory; its negatives are random prose of the pool; 'none' = off")
-    p.add_argument("--classifier-threshold", type=float, default=CLASSIFIER_THRESHOLD,
-                   help="keep prose documents whose classifier score P(good) is at least this")
-    p.add_argument("--classifier-keep-fraction", type=float, default=None,
-                   help="instead of a threshold, keep this top fraction of the prose documents by score")
-    p.add_argument("--classifier-char-ngrams", type=int, default=quality.CHAR_NGRAMS,
-                   help="also hash character n-grams of this length (0 = word uni- and bigrams only)")
-    p.add_argument("--classifier-epochs", type=int, default=quality.EPOCHS, help="classifier training epochs")
-    p.add_argument("--minhash-threshold", type=float, default=MINHASH_THRESHOLD,
-                   help="Jaccard similarity above which documents are near-duplicates")
-    p.add_argument("--num-perm", type=int, default=NUM_PERM, help="MinHash permutations")
-    p.add_argument("--shingle-words", type=int, default=SHINGLE_WORDS, help="words per MinHash shingle")
-    p.add_argument("--substring-dedup", action="store_true",
-                   help="also cut repeated spans with a suffix array (slower)")
-    p.add_argument("--substring-min-tokens", type=int, default=SUBSTRING_MIN_TOKENS,
-                   help="minimum length of a repeated span, in pre-tokeniser chunks")
-    p.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
-                   help="evaluation texts to remove from training data: .jsonl ('prompt' or 'text' field) "
-                        "or plain text with one text per line; repeatable")
-    p.add_argument("--decontaminate-ngram", type=int, default=curate.DECONTAMINATION_NGRAM,
-                   help="words per n-gram for decontamination")
-    p.add_argument("--task-worksheets", type=int, default=0,
-                   help="add this many task worksheets (train-split questions with answers) to the mixture")
-    p.add_argument("--task-weight", type=float, default=TASK_WEIGHT, help="mixture weight of the task worksheets")
-    p.add_argument("--seed", type=int, default=SEED, help="random seed (file order, sampling, split, MinHash)")
-    p.add_argument("--quiet", action="store_true", help="print only the final summary")
-    p.add_argument("--force", action="store_true",
-                   help="prepare again even if --out holds the output of this configuration")
-    return p
+    return add_settings(argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
+                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter),
+                        Hyperparameters)
 
 
 # -----------------------------------------------------------------------------
@@ -230,24 +235,19 @@ def read_eval_texts(path, problems):
 
 
 def check_args(args):
+    """Every flag's range (Hyperparameters' `check`s), then the checks that involve two flags or a file;
+    a DataError names the flag."""
+    try:
+        check_ranges(args, Hyperparameters)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
     if args.vocab_size < 256 and args.tokenizer == "train":
         raise DataError(f"--vocab-size {args.vocab_size}: a byte-level BPE needs at least 256")
     if args.vocab_size > 2**31 - 1:
         raise DataError(f"--vocab-size {args.vocab_size}: too large")
-    if not 0 < args.val_fraction < 1:
-        raise DataError(f"--val-fraction {args.val_fraction}: must lie strictly between 0 and 1")
-    if args.max_bytes <= 0:
-        raise DataError(f"--max-bytes {args.max_bytes}: must be positive")
-    if args.shard_tokens <= 0:
-        raise DataError(f"--shard-tokens {args.shard_tokens}: must be positive")
-    if args.task_worksheets < 0 or args.task_weight <= 0:
-        raise DataError(f"--task-worksheets {args.task_worksheets} / --task-weight {args.task_weight}: "
-                        "need a count >= 0 and a positive weight")
     low, high = args.ppl_band
     if not 0 <= low < high <= 100:
         raise DataError(f"--ppl-band {low} {high}: need 0 <= LOW < HIGH <= 100")
-    if not 1 <= args.ppl_order <= 7:
-        raise DataError(f"--ppl-order {args.ppl_order}: must be between 1 and 7")
     args.language_list = [] if args.languages == "any" else [x.strip() for x in args.languages.split(",") if x.strip()]
     if args.languages != "any" and not args.language_list:
         raise DataError(f"--languages {args.languages!r}: give languages like en,de or 'any'")
@@ -255,18 +255,8 @@ def check_args(args):
     if unknown:
         raise DataError(f"--languages {args.languages}: {','.join(unknown)} unknown; the identifier knows "
                         f"{','.join(langid.known_languages())} (or 'any')")
-    if not 0 <= args.classifier_threshold <= 1:
-        raise DataError(f"--classifier-threshold {args.classifier_threshold}: must lie in [0, 1]")
-    if args.classifier_keep_fraction is not None and not 0 < args.classifier_keep_fraction <= 1:
-        raise DataError(f"--classifier-keep-fraction {args.classifier_keep_fraction}: must lie in (0, 1]")
-    if args.classifier_char_ngrams < 0 or args.classifier_epochs < 1:
-        raise DataError("--classifier-char-ngrams must be >= 0 and --classifier-epochs >= 1")
     if args.classifier_reference not in ("none", "stdlib-topics") and not os.path.exists(args.classifier_reference):
         raise DataError(f"--classifier-reference {args.classifier_reference}: no such file or directory")
-    if not 0 < args.minhash_threshold <= 1:
-        raise DataError(f"--minhash-threshold {args.minhash_threshold}: must lie in (0, 1]")
-    if args.num_perm < 1 or args.shingle_words < 1 or args.substring_min_tokens < 1 or args.decontaminate_ngram < 1:
-        raise DataError("--num-perm, --shingle-words, --substring-min-tokens and --decontaminate-ngram must be >= 1")
     if args.tokenizer != "train":
         if args.tokenizer not in PRETRAINED and not os.path.isdir(args.tokenizer):
             raise DataError(f"--tokenizer {args.tokenizer}: not 'train', {' / '.join(PRETRAINED)} or a directory")
