@@ -25,6 +25,9 @@ from data.sources import utf8
 
 BOUNDARY = 0  # NUL pads each document's start; normalise_text removes NUL from the text itself
 UNIFORM = 1.0 / 256
+REFERENCE_BYTES = 1_000_000  # text each source's two cross-fitted models are trained on (half each)
+MAX_BYTES_PER_TEXT = 10_000  # a document is scored (and used as reference) by its beginning
+MIN_DOCUMENTS = 20  # fewer documents in a source: no percentile band
 
 
 def _pack(texts, order, max_bytes):
@@ -124,7 +127,8 @@ class WittenBellLM:
         return result
 
 
-def cross_fitted_perplexities(texts, order=5, reference_bytes=1_000_000, max_bytes_per_text=10_000, seed=0):
+def cross_fitted_perplexities(texts, order=5, reference_bytes=REFERENCE_BYTES, max_bytes_per_text=MAX_BYTES_PER_TEXT,
+                              seed=0):
     """Perplexity of every text under a model that did *not* see it ("cross-fitting").
 
     A model scores its own training text too well, so the texts are split at random into two
@@ -146,8 +150,8 @@ def cross_fitted_perplexities(texts, order=5, reference_bytes=1_000_000, max_byt
     return ppl
 
 
-def perplexity_band_filter(documents, band=(2.0, 95.0), order=5, reference_bytes=1_000_000,
-                           max_bytes_per_text=10_000, min_documents=20, seed=0):
+def perplexity_band_filter(documents, band=(2.0, 95.0), order=5, reference_bytes=REFERENCE_BYTES,
+                           max_bytes_per_text=MAX_BYTES_PER_TEXT, min_documents=MIN_DOCUMENTS, seed=0):
     """Drop documents whose perplexity lies outside the [band[0], band[1]] percentiles of their source.
 
     Each source gets its own model (code and prose are different "languages", as CCNet trains
