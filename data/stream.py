@@ -128,9 +128,10 @@ def load_info(work, name, c):
         return json.load(f)
 
 
-def load_arrays(work, name, c):
+def load_arrays(work, name, c, keys=None):
+    """The arrays of a chunk file (only those named in `keys`: an .npz member is read when asked for)."""
     with np.load(chunk_path(work, name, c) + ".npz") as arrays:
-        return dict(arrays)
+        return {key: arrays[key] for key in (keys or arrays.files)}
 
 
 # -----------------------------------------------------------------------------
@@ -434,7 +435,7 @@ def signature_rows(run, store, alive, positions):
     rows = np.zeros((len(needed), run.args.num_perm), dtype=np.uint64)
     owner = np.searchsorted(chunk_first, needed, side="right") - 1
     for c in np.unique(owner):
-        signatures = load_arrays(run.work, "minhash", int(c))["signatures"]
+        signatures = load_arrays(run.work, "minhash", int(c), ["signatures"])["signatures"]
         these = np.flatnonzero(owner == c)
         rows[these] = signatures[needed[these] - chunk_first[c]]
     return rows[np.searchsorted(needed, positions)]
@@ -448,7 +449,7 @@ def near_duplicates(run, store, alive, n_chunks):
     bands, rows = dedup.optimal_bands_rows(args.minhash_threshold, args.num_perm, *dedup.LSH_WEIGHTS)
     per_band = []
     for band in range(bands):
-        keys = np.concatenate([load_arrays(run.work, "minhash", c)["keys"][:, band] for c in range(n_chunks)]
+        keys = np.concatenate([load_arrays(run.work, "minhash", c, ["keys"])["keys"][:, band] for c in range(n_chunks)]
                               + [np.zeros(0, np.uint64)])
         per_band.append(dedup.sorted_band_candidates(keys))
     pairs = dedup.unique_pairs(per_band, max(n, 1))
