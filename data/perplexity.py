@@ -60,12 +60,15 @@ def ngram_keys(data, k):
     return keys
 
 
-def _lookup(sorted_keys, values, queries):
-    """values[index of query in sorted_keys], or 0 where the query is absent."""
+def _lookup(sorted_keys, values, queries, *more_values):
+    """values[index of query in sorted_keys], or 0 where the query is absent (and the same for each
+    array of more_values, from the one search)."""
     index = np.searchsorted(sorted_keys, queries)
     index = np.minimum(index, len(sorted_keys) - 1)
     found = sorted_keys[index] == queries
-    return np.where(found, values[index], 0)
+    if not more_values:
+        return np.where(found, values[index], 0)
+    return [np.where(found, v[index], 0) for v in (values, *more_values)]
 
 
 class WittenBellLM:
@@ -91,13 +94,14 @@ class WittenBellLM:
 
     def _log_probs(self, data, mask):
         probs = np.full(int(mask.sum()), UNIFORM)
+        all_keys = np.zeros(len(data), dtype=np.int64)  # ngram_keys(data, k), grown by one older byte per order
         for k, (ngrams, counts, context_keys, context_counts, distinct) in enumerate(self.tables, 1):
+            all_keys[k - 1:] |= data[:len(data) - (k - 1)].astype(np.int64) << (8 * (k - 1))
             if len(ngrams) == 0:
                 continue
-            keys = ngram_keys(data, k)[mask]
+            keys = all_keys[mask]
             c_hw = _lookup(ngrams, counts, keys)
-            c_h = _lookup(context_keys, context_counts, keys >> 8)
-            t_h = _lookup(context_keys, distinct, keys >> 8)
+            c_h, t_h = _lookup(context_keys, context_counts, keys >> 8, distinct)
             seen = c_h > 0
             probs = np.where(seen, (c_hw + t_h * probs) / np.maximum(c_h + t_h, 1), probs)
         return np.log(probs)
