@@ -23,6 +23,7 @@ compare which documents each removes. Benchmark-only: datatrove is not in requir
 """
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -42,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def vocabulary():
-    """(words, weights): the lower-case alphabetic words of the Language Reference and their counts."""
+    """(words, cumulative counts): the lower-case alphabetic words of the Language Reference."""
     from pydoc_data.topics import topics
 
     counts = {}
@@ -50,14 +51,14 @@ def vocabulary():
         for word in re.findall(r"[a-z]{2,12}", text.lower()):
             counts[word] = counts.get(word, 0) + 1
     words = sorted(counts)
-    return words, [counts[w] for w in words]
+    return words, list(itertools.accumulate(counts[w] for w in words))
 
 
-def document(rng, words, weights):
+def document(rng, words, cumulative):
     sentences, n_words = [], rng.randint(250, 900)
     while n_words > 0:
         k = min(n_words, rng.randint(8, 20))
-        sentence = rng.choices(words, weights, k=k)
+        sentence = rng.choices(words, cum_weights=cumulative, k=k)
         sentences.append(" ".join([sentence[0].capitalize()] + sentence[1:]) + ".")
         n_words -= k
     return " ".join(sentences)
@@ -80,14 +81,14 @@ def jaccard(a, b):
 def generate(path, size_bytes, seed=0):
     """Write the corpus; returns (documents, planted near pairs, planted exact copies, their Jaccard values)."""
     rng = random.Random(seed)
-    words, weights = vocabulary()
+    words, cumulative = vocabulary()
     pending, written, n_docs, similarities, exact = [], 0, 0, [], 0
     with open(path + ".tmp", "w") as f:
         while written < size_bytes:
             if pending and pending[0][0] <= n_docs:
                 _, text = pending.pop(0)
             else:
-                text = document(rng, words, weights)
+                text = document(rng, words, cumulative)
                 roll = rng.random()
                 if roll < 0.10:
                     copy = near_copy(text, rng, words)
