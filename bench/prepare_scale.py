@@ -18,8 +18,10 @@ MB/s of input, the report's per-pass MB/s, and peak memory — of the largest pr
 sum counts pages shared by forked workers once per process, so it is an upper bound).
 
 --datatrove: if the `datatrove` package imports, also run its MinHash dedup pipeline (signatures,
-buckets, clusters, filter; 14 bands × 9 rows, word 5-grams, as ours) on the smallest corpus, and
-compare which documents each removes. Benchmark-only: datatrove is not in requirements.txt.
+buckets, clusters; 14 bands × 9 rows, word 5-grams, as ours) on every record of the smallest corpus,
+read the documents its filter step would drop from its .remove file, and compare them with those
+our in-memory dedup.near_dedup removes from the same records. Benchmark-only: datatrove is not in
+requirements.txt.
 """
 
 import argparse

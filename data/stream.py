@@ -20,8 +20,8 @@ chunks of about `chunk_bytes` and every stage is a pass over the chunks:
             prepare.split_order); BPE on a --bpe-train-bytes sample; tokenisation per chunk of
             the final order (work/tokens_*), written to shards as they fill.
 
-What stays in memory grows with the number of documents, not with their text: about 40 bytes a
-document (offsets, source, hash, perplexity, masks, positions) plus, one band at a time, 16 bytes
+What stays in memory grows with the number of documents, not with their text: numbers per
+document (offsets, source, hash, perplexity, masks, positions: ~50 bytes) plus, one band at a time, 16 bytes
 a document for the sort. Text, signatures and tokens are only ever held a chunk at a time.
 The classifier and the substring stages (both off by default) still run on the documents in
 memory; every other stage is streamed.
