@@ -142,7 +142,8 @@ def prose_rule_failures(text, rules=ProseRules()):
         failures.append("bullet_lines")
     if lines and sum(line.endswith(("...", "…")) for line in lines) > rules.max_ellipsis_line_fraction * len(lines):
         failures.append("ellipsis_lines")
-    if sum(any(c.isalpha() for c in w) for w in words) < rules.min_alphabetic_word_fraction * len(words):
+    # w.isalpha() first: most words are all letters, and the per-character loop is 60% of the rules' time
+    if sum(w.isalpha() or any(map(str.isalpha, w)) for w in words) < rules.min_alphabetic_word_fraction * len(words):
         failures.append("alphabetic_words")
     duplicate_line_fraction, duplicate_char_fraction = _duplicate_lines(lines)
     if duplicate_line_fraction > rules.max_duplicate_line_fraction:

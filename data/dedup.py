@@ -349,6 +349,71 @@ def lsh_candidate_pairs(signatures, bands, rows):
     return pairs
 
 
+# The same candidates without one in-memory dict of buckets (data/stream.py, for corpora whose
+# signatures live on disk): each band's rows become one 64-bit key per document, and sorting a
+# band's keys puts the members of every bucket next to each other.
+
+BAND_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_keys(signatures, bands, rows):
+    """(documents × bands) uint64: key[d, k] = fmix64(Σ_i sig[d, k·r + i]·M^(r−1−i) mod 2^64).
+
+    Two documents that agree on every row of band k get the same key; two that differ collide
+    with probability ≈ 2^−64, and a collision only adds a candidate that verification rejects."""
+    signatures = np.asarray(signatures, dtype=np.uint64)
+    keys = np.zeros((len(signatures), bands), dtype=np.uint64)
+    for band in range(bands):
+        for row in range(band * rows, (band + 1) * rows):
+            keys[:, band] = keys[:, band] * BAND_MULTIPLIER + signatures[:, row]
+    return _fmix64(keys)
+
+
+# classroom: begin sorted_band_candidates
+def sorted_band_candidates(keys, large_bucket=LARGE_BUCKET):
+    """Pairs (i, j), i < j, of documents with equal keys in one band, as an (m, 2) int64 array.
+
+    A stable argsort of the keys lists each bucket's members contiguously and in increasing
+    order; a bucket of size L gives its L(L−1)/2 pairs, or above `large_bucket` members a star
+    from its first member (union-find needs only connectivity), as lsh_candidate_pairs does."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])) if len(keys) else np.zeros(0, int)
+    sizes = np.diff(np.concatenate([starts, [len(keys)]]))
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        members = order[start:start + size].astype(np.int64)
+        if size > large_bucket:
+            pairs.append(np.stack([np.full(size - 1, members[0]), members[1:]], axis=1))
+        else:
+            i, j = np.triu_indices(size, 1)
+            pairs.append(np.stack([members[i], members[j]], axis=1))
+    return np.concatenate(pairs)
+# classroom: end sorted_band_candidates
+
+
+def unique_pairs(pair_arrays, n):
+    """The distinct pairs of several (m, 2) arrays, sorted as sorted() sorts tuples (i, then j)."""
+    codes = np.unique(np.concatenate([p[:, 0] * n + p[:, 1] for p in pair_arrays] + [np.zeros(0, np.int64)]))
+    return np.stack([codes // n, codes % n], axis=1) if len(codes) else np.zeros((0, 2), dtype=np.int64)
+
+
+def clusters_of_pairs(pairs):
+    """Union-find over the pairs: the clusters (sorted lists of ≥ 2 indices), smallest member first,
+    in the order of their smallest members. Only the documents in some pair get a union-find node,
+    so the memory follows the number of pairs, not of documents."""
+    nodes = np.unique(pairs)
+    local = np.searchsorted(nodes, pairs)  # order-preserving, so a root is still the smallest member
+    union_find = UnionFind(len(nodes))
+    for i, j in local.tolist():
+        union_find.union(i, j)
+    members = {}
+    for i in range(len(nodes)):
+        members.setdefault(union_find.find(i), []).append(int(nodes[i]))
+    return [m for m in members.values() if len(m) > 1]
+
+
 class UnionFind:
     """Disjoint sets with path halving: find(x) returns the root of x's set."""
 

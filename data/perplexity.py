@@ -25,6 +25,9 @@ from data.sources import utf8
 
 BOUNDARY = 0  # NUL pads each document's start; normalise_text removes NUL from the text itself
 UNIFORM = 1.0 / 256
+REFERENCE_BYTES = 1_000_000  # text each source's two cross-fitted models are trained on (half each)
+MAX_BYTES_PER_TEXT = 10_000  # a document is scored (and used as reference) by its beginning
+MIN_DOCUMENTS = 20  # fewer documents in a source: no percentile band
 
 
 def _pack(texts, order, max_bytes):
@@ -57,12 +60,15 @@ def ngram_keys(data, k):
     return keys
 
 
-def _lookup(sorted_keys, values, queries):
-    """values[index of query in sorted_keys], or 0 where the query is absent."""
+def _lookup(sorted_keys, values, queries, *more_values):
+    """values[index of query in sorted_keys], or 0 where the query is absent (and the same for each
+    array of more_values, from the one search)."""
     index = np.searchsorted(sorted_keys, queries)
     index = np.minimum(index, len(sorted_keys) - 1)
     found = sorted_keys[index] == queries
-    return np.where(found, values[index], 0)
+    if not more_values:
+        return np.where(found, values[index], 0)
+    return [np.where(found, v[index], 0) for v in (values, *more_values)]
 
 
 class WittenBellLM:
@@ -88,13 +94,14 @@ class WittenBellLM:
 
     def _log_probs(self, data, mask):
         probs = np.full(int(mask.sum()), UNIFORM)
+        all_keys = np.zeros(len(data), dtype=np.int64)  # ngram_keys(data, k), grown by one older byte per order
         for k, (ngrams, counts, context_keys, context_counts, distinct) in enumerate(self.tables, 1):
+            all_keys[k - 1:] |= data[:len(data) - (k - 1)].astype(np.int64) << (8 * (k - 1))
             if len(ngrams) == 0:
                 continue
-            keys = ngram_keys(data, k)[mask]
+            keys = all_keys[mask]
             c_hw = _lookup(ngrams, counts, keys)
-            c_h = _lookup(context_keys, context_counts, keys >> 8)
-            t_h = _lookup(context_keys, distinct, keys >> 8)
+            c_h, t_h = _lookup(context_keys, context_counts, keys >> 8, distinct)
             seen = c_h > 0
             probs = np.where(seen, (c_hw + t_h * probs) / np.maximum(c_h + t_h, 1), probs)
         return np.log(probs)
@@ -124,7 +131,8 @@ class WittenBellLM:
         return result
 
 
-def cross_fitted_perplexities(texts, order=5, reference_bytes=1_000_000, max_bytes_per_text=10_000, seed=0):
+def cross_fitted_perplexities(texts, order=5, reference_bytes=REFERENCE_BYTES, max_bytes_per_text=MAX_BYTES_PER_TEXT,
+                              seed=0):
     """Perplexity of every text under a model that did *not* see it ("cross-fitting").
 
     A model scores its own training text too well, so the texts are split at random into two
@@ -146,8 +154,8 @@ def cross_fitted_perplexities(texts, order=5, reference_bytes=1_000_000, max_byt
     return ppl
 
 
-def perplexity_band_filter(documents, band=(2.0, 95.0), order=5, reference_bytes=1_000_000,
-                           max_bytes_per_text=10_000, min_documents=20, seed=0):
+def perplexity_band_filter(documents, band=(2.0, 95.0), order=5, reference_bytes=REFERENCE_BYTES,
+                           max_bytes_per_text=MAX_BYTES_PER_TEXT, min_documents=MIN_DOCUMENTS, seed=0):
     """Drop documents whose perplexity lies outside the [band[0], band[1]] percentiles of their source.
 
     Each source gets its own model (code and prose are different "languages", as CCNet trains

@@ -17,8 +17,19 @@ Stages, each counted in report.json's funnel:
     decontam     13-gram overlap with evaluation texts                 (curate.decontaminate)
     mixture      sample each source to its weight                      (sources.mix)
 
-then a train/validation split by document, BPE training on the training documents only (the
-validation text stays unseen, so bits per byte on it are honest), parallel tokenisation, shards.
+then a train/validation split by document, BPE training on (the first --bpe-train-bytes of) the
+training documents only (the validation text stays unseen, so bits per byte on it are honest),
+parallel tokenisation, shards.
+
+The run streams (data/stream.py): the corpus is cut into chunks, every stage is a pass over them in
+--workers processes with the texts, signatures and tokens on disk under DIR/prepare_work, so memory
+stays within --max-memory whatever the corpus size; an interrupted run resumes from its last
+finished chunk; several machines share the work with
+
+    torchrun --nnodes N --nproc-per-node P -m data.prepare --out SHARED_DIR --source web=pages/
+
+`curate_documents` below is the same curation on documents held in memory: the readable
+reference that tests/test_data_stream.py checks the streamed passes against.
 
 Output (the contract with train_gpt.py):
 
@@ -36,6 +47,8 @@ eval_texts=heldout_prompts)` adds a source to the mixture and evaluation texts t
 """
 
 import argparse
+import array
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -46,14 +59,16 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from data import curate, dedup, langid, perplexity, quality, sources, tasks
+from data import curate, dedup, langid, perplexity, quality, sources, stream, tasks
 from data.errors import DataError
 from data.shards import token_dtype, write_shard
 from data.tokenizer import DEFAULT_PATTERN, PRETRAINED, load_tokenizer, save_tokenizer, train_bpe
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from settings import ConfigError, add_settings, check_ranges, runtime_flags, setting
 
 # Defaults: `python -m data.prepare --out DIR` runs in about a minute on 2 CPU cores.
 OUT = "runs/default/data"
@@ -61,6 +76,8 @@ MAX_BYTES = 6_000_000  # curated text in the final mixture (the stdlib has ~2.5 
 OVERREAD = 3.0  # raw bytes read per curated byte wanted: curation removes a third, and a larger
 #                pool lets the dedup stages meet both copies of a duplicate
 VOCAB_SIZE = 4096
+BPE_TRAIN_BYTES = 100_000_000  # BPE's memory grows with the distinct words it sees: a sample of 100 MB, not 40 GB
+MAX_MEMORY = 2e9
 VAL_FRACTION = 0.05
 SHARD_TOKENS = 10_000_000
 PPL_BAND = (2.0, 95.0)  # keep documents between these perplexity percentiles of their source
@@ -70,81 +87,88 @@ NUM_PERM = 128
 SHINGLE_WORDS = 5
 SUBSTRING_MIN_TOKENS = 50  # Lee et al. 2022 remove repeated spans of ≥ 50 tokens
 SEED = 0
-# Flags that change only speed or printing, left out of the stage fingerprint; `rules` is no flag but
-# what check_args makes of --rule (which is in the fingerprint), `language_list` of --languages.
-RUNTIME_FLAGS = {"workers", "quiet", "force", "rules", "language_list"}
 LANGUAGES = "en"  # the default corpus is English; the language stage removes prose in other languages
 CLASSIFIER_REFERENCE = "none"
 CLASSIFIER_THRESHOLD = 0.5
 TASK_WEIGHT = 0.05  # --task-worksheets: their share of the mixture (a "midtraining"-style sprinkle of the tasks)
 
 
+# Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).
+# Checks that involve two flags or a file (--vocab-size with --tokenizer train, --ppl-band's order,
+# --languages, --rule) stay as explicit code in check_args.
+@dataclass
+class Hyperparameters:
+    out: str = setting(OUT, "output directory for tokenizer, shards, meta.json and the report")
+    source: list = setting([], "a corpus (file or directory of .txt/.md/.rst/.py, .jsonl, .html) with a mixture weight "
+                           "and kind prose|code|curated; PATH 'stdlib-code' / 'stdlib-prose' are the built-in corpora; "
+                           "repeat for a mixture; default: code=stdlib-code:0.6 prose=stdlib-prose:0.4",
+                           action="append", metavar="NAME=PATH[:WEIGHT[:KIND]]")
+    text_field: str = setting("text", "field holding the text in .jsonl files")
+    max_bytes: int = setting(MAX_BYTES, "bytes of curated text in the final mixture", check="> 0")
+    overread: float = setting(OVERREAD, "raw bytes read per curated byte wanted (curation removes some)")
+    vocab_size: int = setting(VOCAB_SIZE, "BPE vocabulary: 256 bytes + merges (6 special tokens come on top)")
+    tokenizer: str = setting("train", "'train' a BPE here, or use 'gpt2' / 'cl100k_base' (if tiktoken can load them) "
+                             "or an existing tokenizer directory")
+    bpe_train_bytes: int = setting(BPE_TRAIN_BYTES, "train BPE on the first this many bytes of the training text "
+                                   "(0 = all of it; its memory grows with the distinct words seen)", check="≥ 0")
+    val_fraction: float = setting(VAL_FRACTION, "fraction of the text held out for validation, in whole documents",
+                                  check="(0, 1)")
+    shard_tokens: int = setting(SHARD_TOKENS, "tokens per .bin shard", check="> 0")
+    workers: int = setting(0, "processes for the filters, perplexity scoring, MinHash signatures and tokenisation "
+                           "(0 = one per CPU core, at most 8)", runtime=True)
+    max_memory: float = setting(MAX_MEMORY, "bytes of memory the run may use: sets the chunk size (data/stream.py); "
+                                "only per-document numbers grow with the corpus", check="> 0", runtime=True)
+    max_doc_chars: int = setting(curate.MAX_DOCUMENT_CHARS,
+                                 "documents are cut at a line break before this many characters")
+    max_whitespace_run: int = setting(curate.MAX_WHITESPACE_RUN, "longer whitespace runs are cut to this length")
+    rule: list = setting([], "override a quality threshold, e.g. prose.min_words=50 or code.max_line_length=500",
+                         action="append", metavar="KIND.NAME=VALUE")
+    ppl_band: list = setting(list(PPL_BAND), "keep documents between these perplexity percentiles of their source "
+                             "(0 100 disables)", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    ppl_order: int = setting(PPL_ORDER, "order n of the byte n-gram model (1-7)", check="[1, 7]")
+    languages: str = setting(LANGUAGES, "comma-separated languages to keep (ISO 639-1; the identifier knows "
+                             "de,en,es,fr,it,nl,pl,pt,ru,sv,tr); 'any' turns language identification off")
+    classifier_reference: str = setting(CLASSIFIER_REFERENCE,
+                                        "good text for the quality classifier's positives: 'stdlib-topics' (the "
+                                        "bundled Language Reference) or a file/directory; its negatives are random "
+                                        "prose of the pool; 'none' = off")
+    classifier_threshold: float = setting(CLASSIFIER_THRESHOLD,
+                                          "keep prose documents whose classifier score P(good) is at least this",
+                                          check="[0, 1]")
+    classifier_keep_fraction: float | None = setting(None, "instead of a threshold, keep this top fraction of the "
+                                                     "prose documents by score", check="(0, 1]")
+    classifier_char_ngrams: int = setting(quality.CHAR_NGRAMS, "also hash character n-grams of this length "
+                                          "(0 = word uni- and bigrams only)", check="≥ 0")
+    classifier_epochs: int = setting(quality.EPOCHS, "classifier training epochs", check="≥ 1")
+    minhash_threshold: float = setting(MINHASH_THRESHOLD, "Jaccard similarity above which documents are "
+                                       "near-duplicates", check="(0, 1]")
+    num_perm: int = setting(NUM_PERM, "MinHash permutations", check="≥ 1")
+    shingle_words: int = setting(SHINGLE_WORDS, "words per MinHash shingle", check="≥ 1")
+    substring_dedup: bool = setting(False, "also cut repeated spans with a suffix array (slower)")
+    substring_min_tokens: int = setting(SUBSTRING_MIN_TOKENS, "minimum length of a repeated span, in pre-tokeniser "
+                                        "chunks", check="≥ 1")
+    decontaminate: list = setting([], "evaluation texts to remove from training data: .jsonl ('prompt' or 'text' "
+                                  "field) or plain text with one text per line; repeatable",
+                                  action="append", metavar="FILE")
+    decontaminate_ngram: int = setting(curate.DECONTAMINATION_NGRAM, "words per n-gram for decontamination",
+                                       check="≥ 1")
+    task_worksheets: int = setting(0, "add this many task worksheets (train-split questions with answers) to the "
+                                   "mixture", check="≥ 0")
+    task_weight: float = setting(TASK_WEIGHT, "mixture weight of the task worksheets", check="> 0")
+    seed: int = setting(SEED, "random seed (file order, sampling, split, MinHash)")
+    quiet: bool = setting(False, "print only the final summary", runtime=True)
+    force: bool = setting(False, "prepare again even if --out holds the output of this configuration", runtime=True)
+
+
+# Flags that change only speed or printing are left out of the stage fingerprint; `rules` is no flag but
+# what check_args makes of --rule (which is in the fingerprint), `language_list` of --languages.
+RUNTIME_FLAGS = runtime_flags(Hyperparameters) | {"rules", "language_list"}
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=OUT, help="output directory for tokenizer, shards, meta.json and the report")
-    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH[:WEIGHT[:KIND]]",
-                   help="a corpus (file or directory of .txt/.md/.rst/.py, .jsonl, .html) with a mixture weight and "
-                        "kind prose|code|curated; PATH 'stdlib-code' / 'stdlib-prose' are the built-in corpora; "
-                        "repeat for a mixture; default: code=stdlib-code:0.6 prose=stdlib-prose:0.4")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
-    p.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="bytes of curated text in the final mixture")
-    p.add_argument("--overread", type=float, default=OVERREAD,
-                   help="raw bytes read per curated byte wanted (curation removes some)")
-    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
-                   help="BPE vocabulary: 256 bytes + merges (6 special tokens come on top)")
-    p.add_argument("--tokenizer", default="train",
-                   help="'train' a BPE here, or use 'gpt2' / 'cl100k_base' (if tiktoken can load them) "
-                        "or an existing tokenizer directory")
-    p.add_argument("--bpe-train-bytes", type=int, default=0,
-                   help="train BPE on at most this many bytes of the training text (0 = all)")
-    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
-                   help="fraction of the text held out for validation, in whole documents")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per .bin shard")
-    p.add_argument("--workers", type=int, default=0, help="tokeniser processes (0 = one per CPU core, at most 8)")
-    p.add_argument("--max-doc-chars", type=int, default=curate.MAX_DOCUMENT_CHARS,
-                   help="documents are cut at a line break before this many characters")
-    p.add_argument("--max-whitespace-run", type=int, default=curate.MAX_WHITESPACE_RUN,
-                   help="longer whitespace runs are cut to this length")
-    p.add_argument("--rule", action="append", default=[], metavar="KIND.NAME=VALUE",
-                   help="override a quality threshold, e.g. prose.min_words=50 or code.max_line_length=500")
-    p.add_argument("--ppl-band", type=float, nargs=2, default=list(PPL_BAND), metavar=("LOW", "HIGH"),
-                   help="keep documents between these perplexity percentiles of their source (0 100 disables)")
-    p.add_argument("--ppl-order", type=int, default=PPL_ORDER, help="order n of the byte n-gram model (1-7)")
-    p.add_argument("--languages", default=LANGUAGES,
-                   help="comma-separated languages to keep (ISO 639-1; the identifier knows "
-                        "de,en,es,fr,it,nl,pl,pt,ru,sv,tr); 'any' turns language identification off")
-    p.add_argument("--classifier-reference", default=CLASSIFIER_REFERENCE,
-                   help="good text for the quality classifier's positives: 'stdlib-topics' (the bundled Language "
-                        "Reference) or a file/directory; its negatives are random prose of the pool; 'none' = off")
-    p.add_argument("--classifier-threshold", type=float, default=CLASSIFIER_THRESHOLD,
-                   help="keep prose documents whose classifier score P(good) is at least this")
-    p.add_argument("--classifier-keep-fraction", type=float, default=None,
-                   help="instead of a threshold, keep this top fraction of the prose documents by score")
-    p.add_argument("--classifier-char-ngrams", type=int, default=quality.CHAR_NGRAMS,
-                   help="also hash character n-grams of this length (0 = word uni- and bigrams only)")
-    p.add_argument("--classifier-epochs", type=int, default=quality.EPOCHS, help="classifier training epochs")
-    p.add_argument("--minhash-threshold", type=float, default=MINHASH_THRESHOLD,
-                   help="Jaccard similarity above which documents are near-duplicates")
-    p.add_argument("--num-perm", type=int, default=NUM_PERM, help="MinHash permutations")
-    p.add_argument("--shingle-words", type=int, default=SHINGLE_WORDS, help="words per MinHash shingle")
-    p.add_argument("--substring-dedup", action="store_true",
-                   help="also cut repeated spans with a suffix array (slower)")
-    p.add_argument("--substring-min-tokens", type=int, default=SUBSTRING_MIN_TOKENS,
-                   help="minimum length of a repeated span, in pre-tokeniser chunks")
-    p.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
-                   help="evaluation texts to remove from training data: .jsonl ('prompt' or 'text' field) "
-                        "or plain text with one text per line; repeatable")
-    p.add_argument("--decontaminate-ngram", type=int, default=curate.DECONTAMINATION_NGRAM,
-                   help="words per n-gram for decontamination")
-    p.add_argument("--task-worksheets", type=int, default=0,
-                   help="add this many task worksheets (train-split questions with answers) to the mixture")
-    p.add_argument("--task-weight", type=float, default=TASK_WEIGHT, help="mixture weight of the task worksheets")
-    p.add_argument("--seed", type=int, default=SEED, help="random seed (file order, sampling, split, MinHash)")
-    p.add_argument("--quiet", action="store_true", help="print only the final summary")
-    p.add_argument("--force", action="store_true",
-                   help="prepare again even if --out holds the output of this configuration")
-    return p
+    return add_settings(argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
+                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter),
+                        Hyperparameters)
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +201,15 @@ class Log:
         self.timing[name] = round(time.time() - self.last, 2)
         self.last = time.time()
         self.say(f"{name:<15} {len(documents):>7,} documents {total / 1e6:8.2f} MB   ({self.timing[name]:.1f}s)")
+
+    def stage_counts(self, name, by_source):
+        """stage() from per-source counts {source: {"documents", "bytes"}} (data/stream.py's passes)."""
+        documents = sum(e["documents"] for e in by_source.values())
+        total = sum(e["bytes"] for e in by_source.values())
+        self.funnel.append({"stage": name, "documents": documents, "bytes": total, "by_source": by_source})
+        self.timing[name] = round(time.time() - self.last, 2)
+        self.last = time.time()
+        self.say(f"{name:<15} {documents:>7,} documents {total / 1e6:8.2f} MB   ({self.timing[name]:.1f}s)")
 
     def timed(self, name):
         self.timing[name] = round(time.time() - self.last, 2)
@@ -230,24 +263,19 @@ def read_eval_texts(path, problems):
 
 
 def check_args(args):
+    """Every flag's range (Hyperparameters' `check`s), then the checks that involve two flags or a file;
+    a DataError names the flag."""
+    try:
+        check_ranges(args, Hyperparameters)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
     if args.vocab_size < 256 and args.tokenizer == "train":
         raise DataError(f"--vocab-size {args.vocab_size}: a byte-level BPE needs at least 256")
     if args.vocab_size > 2**31 - 1:
         raise DataError(f"--vocab-size {args.vocab_size}: too large")
-    if not 0 < args.val_fraction < 1:
-        raise DataError(f"--val-fraction {args.val_fraction}: must lie strictly between 0 and 1")
-    if args.max_bytes <= 0:
-        raise DataError(f"--max-bytes {args.max_bytes}: must be positive")
-    if args.shard_tokens <= 0:
-        raise DataError(f"--shard-tokens {args.shard_tokens}: must be positive")
-    if args.task_worksheets < 0 or args.task_weight <= 0:
-        raise DataError(f"--task-worksheets {args.task_worksheets} / --task-weight {args.task_weight}: "
-                        "need a count >= 0 and a positive weight")
     low, high = args.ppl_band
     if not 0 <= low < high <= 100:
         raise DataError(f"--ppl-band {low} {high}: need 0 <= LOW < HIGH <= 100")
-    if not 1 <= args.ppl_order <= 7:
-        raise DataError(f"--ppl-order {args.ppl_order}: must be between 1 and 7")
     args.language_list = [] if args.languages == "any" else [x.strip() for x in args.languages.split(",") if x.strip()]
     if args.languages != "any" and not args.language_list:
         raise DataError(f"--languages {args.languages!r}: give languages like en,de or 'any'")
@@ -255,18 +283,8 @@ def check_args(args):
     if unknown:
         raise DataError(f"--languages {args.languages}: {','.join(unknown)} unknown; the identifier knows "
                         f"{','.join(langid.known_languages())} (or 'any')")
-    if not 0 <= args.classifier_threshold <= 1:
-        raise DataError(f"--classifier-threshold {args.classifier_threshold}: must lie in [0, 1]")
-    if args.classifier_keep_fraction is not None and not 0 < args.classifier_keep_fraction <= 1:
-        raise DataError(f"--classifier-keep-fraction {args.classifier_keep_fraction}: must lie in (0, 1]")
-    if args.classifier_char_ngrams < 0 or args.classifier_epochs < 1:
-        raise DataError("--classifier-char-ngrams must be >= 0 and --classifier-epochs >= 1")
     if args.classifier_reference not in ("none", "stdlib-topics") and not os.path.exists(args.classifier_reference):
         raise DataError(f"--classifier-reference {args.classifier_reference}: no such file or directory")
-    if not 0 < args.minhash_threshold <= 1:
-        raise DataError(f"--minhash-threshold {args.minhash_threshold}: must lie in (0, 1]")
-    if args.num_perm < 1 or args.shingle_words < 1 or args.substring_min_tokens < 1 or args.decontaminate_ngram < 1:
-        raise DataError("--num-perm, --shingle-words, --substring-min-tokens and --decontaminate-ngram must be >= 1")
     if args.tokenizer != "train":
         if args.tokenizer not in PRETRAINED and not os.path.isdir(args.tokenizer):
             raise DataError(f"--tokenizer {args.tokenizer}: not 'train', {' / '.join(PRETRAINED)} or a directory")
@@ -377,21 +395,31 @@ def curate_documents(source_list, args, eval_texts, problems, log, report):
     return documents
 
 
-def split_documents(documents, val_fraction, seed):
-    """Shuffle the documents, then hold out whole documents until they hold val_fraction of the
-    bytes (at least one document each side). Splitting by bytes, not by document count, keeps the
-    validation set's size steady when a few documents are very long."""
-    if len(documents) < 2:
-        raise DataError(f"only {len(documents)} document(s) survived curation; need at least 2 "
-                        f"(one for validation) — add text with --source or relax the filters (--rule, --ppl-band)")
-    documents = list(documents)
-    random.Random(seed).shuffle(documents)
-    wanted = val_fraction * sum(nbytes(d) for d in documents)
+def split_order(sizes, val_fraction, seed):
+    """Shuffle the documents (given by their byte sizes), then hold out whole documents until they
+    hold val_fraction of the bytes (at least one document each side). Splitting by bytes, not by
+    document count, keeps the validation set's size steady when a few documents are very long.
+    Returns (train positions, val positions) as arrays, in the shuffled order."""
+    order = array.array("q", range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    wanted = val_fraction * sum(sizes)
     n_val, held_out = 0, 0
-    while n_val < len(documents) - 1 and (n_val == 0 or held_out < wanted):
-        held_out += nbytes(documents[n_val])
+    while n_val < len(order) - 1 and (n_val == 0 or held_out < wanted):
+        held_out += sizes[order[n_val]]
         n_val += 1
-    return documents[n_val:], documents[:n_val]
+    return order[n_val:], order[:n_val]
+
+
+def split_documents(documents, val_fraction, seed):
+    """split_order on in-memory documents: (train documents, val documents)."""
+    if len(documents) < 2:
+        raise DataError(TOO_FEW_DOCUMENTS.format(len(documents)))
+    train, val = split_order([nbytes(d) for d in documents], val_fraction, seed)
+    return [documents[i] for i in train], [documents[i] for i in val]
+
+
+TOO_FEW_DOCUMENTS = ("only {} document(s) survived curation; need at least 2 (one for validation) — add text "
+                     "with --source or relax the filters (--rule, --ppl-band)")
 
 
 # -----------------------------------------------------------------------------
@@ -448,43 +476,68 @@ def tokenize_texts(texts, tokenizer_ref, workers):
     return arrays, workers
 
 
+class ShardWriter:
+    """Cuts a stream of tokens into shards of shard_tokens tokens, writing each as it fills."""
+
+    def __init__(self, out_dir, prefix, vocab_size, shard_tokens):
+        self.out_dir, self.prefix, self.vocab_size, self.shard_tokens = out_dir, prefix, vocab_size, shard_tokens
+        self.dtype = token_dtype(vocab_size)
+        self.names, self.buffer, self.buffered, self.total = [], [], 0, 0
+
+    def _flush(self, tokens):
+        name = f"{self.prefix}_{len(self.names):06d}.bin"
+        write_shard(os.path.join(self.out_dir, name), tokens, self.vocab_size)
+        self.names.append(name)
+
+    def add(self, tokens):
+        self.buffer.append(np.asarray(tokens).astype(self.dtype))
+        self.buffered += len(tokens)
+        while self.buffered >= self.shard_tokens:
+            stream = np.concatenate(self.buffer)
+            self._flush(stream[:self.shard_tokens])
+            self.buffer, self.buffered = [stream[self.shard_tokens:]], self.buffered - self.shard_tokens
+            self.total += self.shard_tokens
+
+    def close(self):
+        """Write the last, partial shard (an empty split still gets one). Returns (shard names, total tokens)."""
+        if self.buffered or not self.names:
+            self._flush(np.concatenate(self.buffer) if self.buffer else np.zeros(0, dtype=self.dtype))
+            self.total += self.buffered
+        return self.names, self.total
+
+
+def with_end_of_text(flat, lengths, eot):
+    """Documents given as concatenated ids and their lengths → the stream <|endoftext|> doc <|endoftext|> doc …"""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else np.zeros(0, np.int64)
+    return np.insert(np.asarray(flat, dtype=np.int64), starts, eot)
+
+
 def write_shards(out_dir, prefix, token_arrays, eot, vocab_size, shard_tokens):
     """<|endoftext|> + document, for every document, cut into shards of shard_tokens tokens.
     Returns (shard file names, total tokens). An empty split still gets one (empty) shard."""
-    dtype = token_dtype(vocab_size)
-    names, buffer, buffered, total = [], [], 0, 0
-
-    def flush(tokens):
-        name = f"{prefix}_{len(names):06d}.bin"
-        write_shard(os.path.join(out_dir, name), tokens, vocab_size)
-        names.append(name)
-
+    writer = ShardWriter(out_dir, prefix, vocab_size, shard_tokens)
     for ids in token_arrays:
-        buffer.append(np.concatenate([[eot], ids]).astype(dtype))
-        buffered += len(ids) + 1
-        while buffered >= shard_tokens:
-            stream = np.concatenate(buffer)
-            flush(stream[:shard_tokens])
-            buffer, buffered = [stream[shard_tokens:]], buffered - shard_tokens
-            total += shard_tokens
-    if buffered or not names:
-        flush(np.concatenate(buffer) if buffer else np.zeros(0, dtype=dtype))
-        total += buffered
-    return names, total
+        writer.add(np.concatenate([[eot], ids]))
+    return writer.close()
 
 
-def get_tokenizer(args, train_docs, out_dir, log, report):
-    """Train a BPE on the training documents (or take a given one); save it under out_dir/tokenizer."""
+def get_tokenizer(args, train_texts, out_dir, log, report):
+    """Train a BPE on the first --bpe-train-bytes of the training texts (an iterable, read lazily)
+    or take a given tokenizer; save it under out_dir/tokenizer."""
     tokenizer_dir = os.path.join(out_dir, "tokenizer")
     if args.tokenizer == "train":
-        texts, total = [], 0
-        for doc in train_docs:
-            if args.bpe_train_bytes and total >= args.bpe_train_bytes:
-                break
-            texts.append(doc.text)
-            total += nbytes(doc)
+        sample = {"bytes": 0}
+
+        def texts():
+            for text in train_texts:
+                if args.bpe_train_bytes and sample["bytes"] >= args.bpe_train_bytes:
+                    return
+                yield text
+                sample["bytes"] += len(sources.utf8(text))
+
         start = time.time()
-        ranks = train_bpe(texts, args.vocab_size, DEFAULT_PATTERN)
+        ranks = train_bpe(texts(), args.vocab_size, DEFAULT_PATTERN)
+        total = sample["bytes"]
         save_tokenizer(tokenizer_dir, ranks, DEFAULT_PATTERN, name=f"bpe{args.vocab_size}")
         report["tokenizer"] = {"trained_on_bytes": total, "train_seconds": round(time.time() - start, 2)}
         log.timed("bpe_training")
@@ -551,61 +604,86 @@ def prepare(args, extra_sources=(), eval_texts=()):
     for path in args.decontaminate:
         eval_texts.extend(read_eval_texts(path, problems))
 
-    documents = curate_documents(source_list, args, eval_texts, problems, log, report)
-    if not documents:
+    ranks = stream.ranks_from_environment()
+    log.quiet = args.quiet or ranks.rank != 0  # one rank's progress lines are everyone's
+    workers = args.workers or min(os.cpu_count() or 1, 8)
+    run = stream.StreamingRun(args, fingerprint, ranks, workers, log)
+    store, documents = run.curate(source_list, eval_texts, problems, report)
+    if not len(documents):
         raise DataError("no document survived curation (see the funnel above); add text with --source "
                         "or relax the filters (--rule, --ppl-band, --minhash-threshold)")
-    train_docs, val_docs = split_documents(documents, args.val_fraction, args.seed)
+    if len(documents) < 2:
+        raise DataError(TOO_FEW_DOCUMENTS.format(len(documents)))
+    train_positions, val_positions = split_order(store.nbytes[documents], args.val_fraction, args.seed)
+    train_docs = documents[np.asarray(train_positions, dtype=np.int64)]
+    val_docs = documents[np.asarray(val_positions, dtype=np.int64)]
     report["split"] = {"train_documents": len(train_docs), "val_documents": len(val_docs)}
 
     out = args.out
-    begin_stage(out, "prepare", fingerprint, args.force)  # from here on the files in out change
-    os.makedirs(out, exist_ok=True)
-    for stale in glob.glob(os.path.join(out, "train_*.bin")) + glob.glob(os.path.join(out, "val_*.bin")):
-        os.remove(stale)  # shards of an earlier, larger run would otherwise linger
-    enc, tokenizer_dir = get_tokenizer(args, train_docs, out, log, report)
+    tokenizer_dir = os.path.join(out, "tokenizer")
+    if ranks.rank == 0:
+        begin_stage(out, "prepare", fingerprint, args.force)  # from here on the files in out change
+        os.makedirs(out, exist_ok=True)
+        for stale in glob.glob(os.path.join(out, "train_*.bin")) + glob.glob(os.path.join(out, "val_*.bin")):
+            os.remove(stale)  # shards of an earlier, larger run would otherwise linger
+        get_tokenizer(args, (store.text(i) for i in train_docs), out, log, report)
+    ranks.barrier()
+    enc = load_tokenizer(tokenizer_dir)
 
-    workers = args.workers or min(os.cpu_count() or 1, 8)
-    train_ids, used = tokenize_texts([d.text for d in train_docs], tokenizer_dir, workers)
-    val_ids, _ = tokenize_texts([d.text for d in val_docs], tokenizer_dir, workers)
-    log.timed(f"tokenise ({used} process{'es' if used > 1 else ''})")
-    train_shards, train_tokens = write_shards(out, "train", train_ids, enc.eot_token, enc.n_vocab, args.shard_tokens)
-    val_shards, val_tokens = write_shards(out, "val", val_ids, enc.eot_token, enc.n_vocab, args.shard_tokens)
-    val_bytes = sum(nbytes(d) for d in val_docs)
-    meta = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "tokenizer": "tokenizer",
-            "train_shards": train_shards, "val_shards": val_shards, "train_tokens": int(train_tokens),
-            "val_tokens": int(val_tokens), "val_bytes": int(val_bytes)}
-    log.timed("shards")
+    chunks = {split: run.tokenize(store, ids, split, tokenizer_dir) for split, ids in (("train", train_docs),
+                                                                                      ("val", val_docs))}
+    log.timed(f"tokenise ({workers} process{'es' if workers > 1 else ''} x {ranks.world} rank"
+              f"{'s' if ranks.world > 1 else ''})")
+    if ranks.rank == 0:
+        shards, tokens = {}, {}
+        tokens_by_source = collections.Counter()
+        for split, ids in (("train", train_docs), ("val", val_docs)):
+            writer = ShardWriter(out, split, enc.n_vocab, args.shard_tokens)
+            for document_ids, (flat, lengths) in zip(run.chunk_documents(store, ids), run.token_chunks(split, chunks[split])):
+                writer.add(with_end_of_text(flat, lengths, enc.eot_token))
+                for s, n in zip(store.source[document_ids].tolist(), lengths.tolist()):
+                    tokens_by_source[s] += n
+                if split == "val":
+                    tokens["val_without_eot"] = tokens.get("val_without_eot", 0) + int(lengths.sum())
+            shards[split], tokens[split] = writer.close()
+        val_bytes = int(store.nbytes[val_docs].sum())
+        meta = {"vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "tokenizer": "tokenizer",
+                "train_shards": shards["train"], "val_shards": shards["val"], "train_tokens": int(tokens["train"]),
+                "val_tokens": int(tokens["val"]), "val_bytes": val_bytes}
+        log.timed("shards")
+        every = np.concatenate([train_docs, val_docs])
+        bytes_by_source = {store.source_names[s]: int(store.nbytes[every][store.source[every] == s].sum())
+                           for s in np.unique(store.source[every])}
+        _token_statistics(report, {store.source_names[s]: n for s, n in tokens_by_source.items()},
+                          bytes_by_source, tokens.get("val_without_eot", 0), val_bytes)
+        report["malformed"] = {"count": len(problems), "examples": problems[:100]}
+        report["funnel"] = log.funnel
+        report["timing_s"] = log.timing
+        report["throughput_mb_per_s"] = run.throughput
+        report["meta"] = meta
+        report["timing_s"]["total"] = round(time.time() - log.start, 2)
+        _write_json(os.path.join(out, "report.json"), report)
+        from data.report import plot_report
 
-    _token_statistics(report, train_docs + val_docs, train_ids + val_ids, val_ids, val_bytes)
-    report["malformed"] = {"count": len(problems), "examples": problems[:100]}
-    report["funnel"] = log.funnel
-    report["timing_s"] = log.timing
-    report["meta"] = meta
-    report["timing_s"]["total"] = round(time.time() - log.start, 2)
-    _write_json(os.path.join(out, "report.json"), report)
-    from data.report import plot_report
-
-    plot_report(report, os.path.join(out, "report.png"))
-    _write_json(os.path.join(out, "meta.json"), meta)
-    finish_stage(out, "prepare", fingerprint, log.start,
-                 {k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens", "val_bytes")})
-    return meta, report
+        plot_report(report, os.path.join(out, "report.png"))
+        _write_json(os.path.join(out, "meta.json"), meta)
+        finish_stage(out, "prepare", fingerprint, log.start,
+                     {k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens", "val_bytes")})
+    ranks.barrier()  # every rank returns the files rank 0 wrote
+    run.cleanup()
+    with open(os.path.join(out, "meta.json")) as f, open(os.path.join(out, "report.json")) as g:
+        return json.load(f), json.load(g)
 
 
-def _token_statistics(report, documents, token_arrays, val_ids, val_bytes):
+def _token_statistics(report, tokens_by_source, bytes_by_source, val_tokens_without_eot, val_bytes):
     """Achieved token share of each source and the tokenizer's bytes per token."""
-    tokens_by_source, bytes_by_source = {}, {}
-    for doc, ids in zip(documents, token_arrays):
-        tokens_by_source[doc.source] = tokens_by_source.get(doc.source, 0) + len(ids)
-        bytes_by_source[doc.source] = bytes_by_source.get(doc.source, 0) + nbytes(doc)
     total_tokens = max(sum(tokens_by_source.values()), 1)
     for name, entry in report["mixture"].items():
         entry["tokens"] = tokens_by_source.get(name, 0)
         entry["token_share"] = round(tokens_by_source.get(name, 0) / total_tokens, 4)
     report["tokenizer"]["bytes_per_token_by_source"] = {
         name: round(bytes_by_source[name] / max(tokens_by_source[name], 1), 3) for name in tokens_by_source}
-    report["tokenizer"]["bytes_per_token_val"] = round(val_bytes / max(sum(len(x) for x in val_ids), 1), 3)
+    report["tokenizer"]["bytes_per_token_val"] = round(val_bytes / max(val_tokens_without_eot, 1), 3)
 
 
 def _write_json(path, obj):

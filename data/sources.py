@@ -25,6 +25,7 @@ stops the run. Text is decoded as UTF-8 with `surrogateescape`, so invalid bytes
 surrogates until data/curate.py's `normalise_text` replaces and counts them.
 """
 
+import array
 import ast
 import html.parser
 import json
@@ -62,6 +63,16 @@ class Source:
     load: Callable  # load(max_bytes, seed, problems) -> list[Document]
     description: str = ""
     path: str = ""  # a user corpus's file or directory ("" for the built-in and in-memory sources)
+    stream: Callable = None  # stream(max_bytes, seed, problems) -> iterator of the same Documents, read lazily
+
+    def documents(self, max_bytes, seed, problems):
+        """The documents `load` returns, one at a time (data/stream.py reads sources this way)."""
+        return self.stream(max_bytes, seed, problems) if self.stream else iter(self.load(max_bytes, seed, problems))
+
+
+def streamed_source(name, weight, kind, stream, description="", path=""):
+    """A Source whose `load` is the list of what `stream` yields."""
+    return Source(name, weight, kind, lambda *a: list(stream(*a)), description, path, stream)
 
 
 def decode(raw: bytes) -> str:
@@ -78,15 +89,14 @@ def utf8(text: str) -> bytes:
         return text.encode("utf-8", errors="replace")
 
 
-def _take_until(documents, max_bytes):
+def take_until(documents, max_bytes):
     """Documents from an iterator until their UTF-8 size reaches max_bytes (the last one included)."""
-    taken, total = [], 0
+    total = 0
     for doc in documents:
         if total >= max_bytes:
-            break
-        taken.append(doc)
+            return
+        yield doc
         total += len(utf8(doc.text))
-    return taken
 
 
 # -----------------------------------------------------------------------------
@@ -143,10 +153,10 @@ def _iter_stdlib_code(seed, problems):
 
 
 def stdlib_code_source(weight=0.6, name="code") -> Source:
-    def load(max_bytes, seed, problems):
-        return _take_until(_iter_stdlib_code(seed, problems), max_bytes)
+    def stream(max_bytes, seed, problems):
+        return take_until(_iter_stdlib_code(seed, problems), max_bytes)
 
-    return Source(name, weight, "code", load, "Python standard library .py files")
+    return streamed_source(name, weight, "code", stream, "Python standard library .py files")
 
 
 def docstrings_and_comments(source_text, path="<string>", problems=None) -> str:
@@ -202,11 +212,11 @@ def _iter_stdlib_prose(seed, problems):
 
 
 def stdlib_prose_source(weight=0.4, name="prose") -> Source:
-    def load(max_bytes, seed, problems):
-        return _take_until(_iter_stdlib_prose(seed, problems), max_bytes)
+    def stream(max_bytes, seed, problems):
+        return take_until(_iter_stdlib_prose(seed, problems), max_bytes)
 
-    return Source(name, weight, "prose", load,
-                  "Language Reference (pydoc_data), stdlib .txt/.rst, docstrings and comments")
+    return streamed_source(name, weight, "prose", stream,
+                           "Language Reference (pydoc_data), stdlib .txt/.rst, docstrings and comments")
 
 
 def default_sources():
@@ -262,11 +272,26 @@ def html_to_text(markup: str) -> str:
 
 
 def read_jsonl(path, text_field, source, kind, problems):
-    """One document per line from the string field `text_field`; bad lines are reported as file:line."""
-    raw = _read_file(path, problems)
-    if raw is None:
+    """One document per line from the string field `text_field`; bad lines are reported as file:line.
+
+    Read line by line, never whole: a JSONL file may be many GB. Lines end at "\n" only (JSON
+    strings may hold a raw U+2028, which str.splitlines would also cut at)."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        problems.append(f"{path}: unreadable ({e.strerror})")
         return
-    for lineno, line in enumerate(decode(raw).splitlines(), 1):
+    with f:
+        if b"\x00" in f.read(8192):  # as _read_file: text files have no NUL bytes
+            problems.append(f"{path}: binary file, skipped")
+            return
+        f.seek(0)
+        yield from _jsonl_records(f, path, text_field, source, kind, problems)
+
+
+def _jsonl_records(lines, path, text_field, source, kind, problems):
+    for lineno, raw_line in enumerate(lines, 1):
+        line = decode(raw_line)
         if not line.strip():
             continue
         try:
@@ -321,14 +346,14 @@ def path_source(name, path, weight=1.0, kind="prose", text_field="text") -> Sour
     if not os.path.exists(path):
         raise DataError(f"--source {name}={path}: no such file or directory")
 
-    def load(max_bytes, seed, problems):
+    def stream(max_bytes, seed, problems):
         def documents():
             for file in corpus_files(path, problems):
                 yield from read_corpus_file(file, text_field, name, kind, problems)
 
-        return _take_until(documents(), max_bytes)
+        return take_until(documents(), max_bytes)
 
-    return Source(name, weight, kind, load, f"user corpus {path}", path)
+    return streamed_source(name, weight, kind, stream, f"user corpus {path}", path)
 
 
 def text_list_source(name, texts, weight, kind="curated") -> Source:
@@ -336,10 +361,10 @@ def text_list_source(name, texts, weight, kind="curated") -> Source:
     Its kind defaults to "curated": generated texts skip the filters meant for web text."""
     texts = list(texts)
 
-    def load(max_bytes, seed, problems):
-        return _take_until((Document(t, name, f"{name}[{i}]", kind) for i, t in enumerate(texts)), max_bytes)
+    def stream(max_bytes, seed, problems):
+        return take_until((Document(t, name, f"{name}[{i}]", kind) for i, t in enumerate(texts)), max_bytes)
 
-    return Source(name, weight, kind, load, f"{len(texts)} texts given in Python")
+    return streamed_source(name, weight, kind, stream, f"{len(texts)} texts given in Python")
 
 
 def parse_source_flag(spec, text_field="text") -> Source:
@@ -381,33 +406,46 @@ def _is_number(s):
 # The mixture
 # -----------------------------------------------------------------------------
 
-def mix(documents_by_source, weights, max_bytes, seed=0):
+def mix_positions(sizes_by_source, weights, max_bytes, seed=0):
     """Sample documents so that source i contributes a share w_i of the bytes (w normalised).
 
     With C_i curated bytes available in source i, the largest total T the mixture can reach
     without repeating documents is  T = min(max_bytes, min_i C_i / w_i);  source i then gives
     w_i·T bytes of randomly chosen documents. (Up-sampling a small source for several epochs is
     the other option; it is left out so that no document is seen twice.)
-    Returns (documents, {source: {"target_share", "available_bytes", "bytes"}}).
+
+    Works on sizes alone, so that data/stream.py can mix documents that live on disk:
+    sizes_by_source maps a source to the UTF-8 sizes of its documents. Returns
+    ({source: array of the chosen positions, in the order drawn}, {source: {"target_share",
+    "available_bytes", "bytes"}}). Positions are 8-byte array entries, not Python objects.
     """
     total_weight = sum(weights.values())
     shares = {name: w / total_weight for name, w in weights.items()}
-    available = {name: sum(_nbytes(d) for d in documents_by_source.get(name, [])) for name in shares}
+    available = {name: int(sum(sizes_by_source.get(name, ()))) for name in shares}
     reachable = [available[n] / shares[n] for n in shares if available[n] > 0]
     total = min([max_bytes] + reachable) if reachable else 0
     rng = random.Random(seed)
-    chosen, info = [], {}
+    chosen, info = {}, {}
     for name in shares:
-        docs = list(documents_by_source.get(name, []))
-        rng.shuffle(docs)
-        budget, taken = shares[name] * total, 0
-        for doc in docs:
+        sizes = sizes_by_source.get(name, ())
+        order = array.array("q", range(len(sizes)))
+        rng.shuffle(order)  # the same permutation as shuffling the documents themselves
+        budget, taken, picked = shares[name] * total, 0, array.array("q")
+        for position in order:
             if taken >= budget:
                 break
-            chosen.append(doc)
-            taken += _nbytes(doc)
+            picked.append(position)
+            taken += int(sizes[position])
+        chosen[name] = picked
         info[name] = {"target_share": shares[name], "available_bytes": available[name], "bytes": taken}
     return chosen, info
+
+
+def mix(documents_by_source, weights, max_bytes, seed=0):
+    """mix_positions on in-memory documents: returns (documents, info)."""
+    sizes = {name: [_nbytes(d) for d in docs] for name, docs in documents_by_source.items()}
+    chosen, info = mix_positions(sizes, weights, max_bytes, seed)
+    return [documents_by_source[name][p] for name in chosen for p in chosen[name]], info
 
 
 def _nbytes(doc):

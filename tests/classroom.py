@@ -45,6 +45,7 @@ GRADERS = {
                            "tests/test_data_dedup.py::test_signatures_do_not_overflow_for_large_hashes"],
     "lsh_probability": ["tests/test_data_dedup.py::test_lsh_probability_by_inclusion_exclusion",
                         "tests/test_data_dedup.py::test_optimal_bands_rows"],
+    "sorted_band_candidates": ["tests/test_data_dedup.py::test_sorted_band_candidates_by_brute_force"],
     "naive_bayes_fit": ["tests/test_data_langid.py::test_naive_bayes_fit_by_hand"],
     "hashed_ngram_features": ["tests/test_data_quality.py::test_hashed_ngram_features_by_hand"],
     "merge_pair": ["tests/test_data_tokenizer.py::test_merge_pair_is_left_to_right_and_non_overlapping",

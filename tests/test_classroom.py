@@ -159,6 +159,16 @@ WRONG_BODIES = {
         s = np.asarray(s, dtype=np.float64)
         return 1.0 - (1.0 - s ** bands) ** rows  # bands and rows swapped
         """,
+    "sorted_band_candidates": """
+        keys = np.asarray(keys)
+        order = np.argsort(keys, kind="stable")
+        pairs = [np.zeros((0, 2), dtype=np.int64)]
+        for key in np.unique(keys):  # every bucket in full: a bucket of 10,000 documents gives 50 million pairs
+            members = order[keys[order] == key].astype(np.int64)
+            i, j = np.triu_indices(len(members), 1)
+            pairs.append(np.stack([members[i], members[j]], axis=1))
+        return np.concatenate(pairs)
+        """,
     "naive_bayes_fit": """
         counts = np.asarray(counts, dtype=np.float64)
         documents_per_class = np.asarray(documents_per_class, dtype=np.float64)

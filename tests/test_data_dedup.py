@@ -9,7 +9,7 @@ import pytest
 from data.dedup import (LSH_WEIGHTS, jaccard, lcp_array, lsh_candidate_pairs, lsh_probability, minhash_signatures,
                         mod_mersenne61, mul_mod_mersenne61, near_dedup, near_duplicate_clusters, optimal_bands_rows,
                         permutation_parameters, permute, repeated_span_mask, shingle_hashes, substring_dedup,
-                        suffix_array, text_word_hashes, word_hashes, words_of)
+                        sorted_band_candidates, suffix_array, text_word_hashes, word_hashes, words_of)
 from data.sources import Document
 
 
@@ -231,3 +231,18 @@ def test_lsh_probability_by_inclusion_exclusion():
     grid = np.array([0.2, 0.5, 0.9])
     np.testing.assert_allclose(lsh_probability(grid, 8, 4), [by_inclusion_exclusion(s, 8, 4) for s in grid],
                                atol=1e-12)
+
+
+def test_sorted_band_candidates_by_brute_force():
+    """Equal keys → every pair of the bucket (i < j, sorted by i then j); a bucket above large_bucket → the
+    star from its first member. The expected pairs come from a double loop over the documents."""
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 40, size=120).astype(np.uint64)  # buckets of about 3
+    keys[rng.choice(120, size=15, replace=False)] = 999  # one bucket of 15 > large_bucket=10
+    found = [tuple(p) for p in sorted_band_candidates(keys, large_bucket=10).tolist()]
+    star = sorted(np.flatnonzero(keys == 999).tolist())
+    expected = [(i, j) for i in range(120) for j in range(i + 1, 120) if keys[i] == keys[j] and keys[i] != 999]
+    expected += [(star[0], j) for j in star[1:]]
+    assert sorted(found) == sorted(expected) and len(found) == len(set(found))
+    assert all(i < j for i, j in found)
+    assert sorted_band_candidates(np.zeros(0, dtype=np.uint64)).shape == (0, 2)

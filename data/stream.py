@@ -1,0 +1,706 @@
+"""Streaming curation for data.prepare: the same stages over a stream of documents, in bounded
+memory, on every core, on several ranks, resumable (seed Part 1, section 1.3: tokenisation at
+scale is "a parallel preprocessing job" writing memory-mapped shards).
+
+data/prepare.py's `curate_documents` holds every document in memory at once; it stays as the
+reference that tests/test_data_stream.py compares this module against. Here the corpus is cut into
+chunks of about `chunk_bytes` and every stage is a pass over the chunks:
+
+    pass 1  read the sources as a stream; per chunk normalise, language, quality rules and the
+            exact-dedup hash; the surviving texts go to disk                    (work/curated/)
+    pass 2  perplexity: two cross-fitted models per source, fitted on a reference sample of
+            1 MB, then every chunk scored; the percentile band needs one float a document
+    pass 3  exact dedup: the first document of each 64-bit hash (8 bytes a document)
+    pass 4  MinHash signatures and LSH band keys per chunk, on disk             (work/minhash/)
+            per band, a stable argsort of all documents' keys puts every bucket's members next
+            to each other (dedup.sorted_band_candidates): no dictionary of buckets; only the
+            candidates' signature rows are read back for verification
+    pass 5  decontamination per chunk
+    then    the mixture and the split, computed from document sizes alone (sources.mix_positions,
+            prepare.split_order); BPE on a --bpe-train-bytes sample; tokenisation per chunk of
+            the final order (work/tokens_*), written to shards as they fill.
+
+What stays in memory grows with the number of documents, not with their text: numbers per
+document (offsets, source, hash, perplexity, masks, positions: ~50 bytes) plus, one band at a time, 16 bytes
+a document for the sort. Text, signatures and tokens are only ever held a chunk at a time.
+The classifier and the substring stages (both off by default) still run on the documents in
+memory; every other stage is streamed.
+
+Every pass writes one result file per chunk (atomically, its .json last), so:
+  * resumable: a run interrupted in any pass skips the chunks already written (work/manifest.json
+    records the fingerprint and chunk size it was started with);
+  * processes: `--workers N` computes chunks in N forked processes;
+  * ranks: under torchrun (WORLD_SIZE > 1, a gloo group) rank r computes the chunks c with
+    c mod world = r into the shared --out directory; after each pass (a barrier) every rank reads
+    all chunks' results, so near-duplicates are found across ranks from everyone's band keys and
+    every rank takes the same decisions; rank 0 alone writes the tokenizer, shards and reports.
+    Each rank reads the whole input stream to cut the same chunks (reading is cheap next to
+    curating), and curates only its own.
+"""
+
+import collections
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from data import curate, dedup, langid, perplexity, quality, sources
+from data.errors import DataError
+from data.hf_tokenizer import write_json
+from data.sources import KINDS, Document, decode, utf8
+
+WORK = "prepare_work"  # under --out; removed when the run finishes
+# Peak working memory per byte of chunk text, measured on a 2 MB chunk of bench/prepare_scale.py's corpus
+# (getrusage before/after one pass's chunk function): perplexity scoring 88 bytes (int64 n-gram keys
+# and lookups per byte), MinHash 50, the filters 34. Chunks in flight = 2 per worker + 1 being read.
+MEMORY_PER_CHUNK_BYTE = 100
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 10_000, 64_000_000
+REPORT_SAMPLE = 100_000  # per-document lists in report.json (histograms) keep at most this many values
+
+
+def chunk_bytes_for(max_memory, workers):
+    """Text per chunk so that the chunks in flight use about half of --max-memory (the other
+    half is for the per-document arrays, the perplexity models and the interpreter)."""
+    in_flight = 2 * workers + 1
+    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, max_memory / 2 / (MEMORY_PER_CHUNK_BYTE * in_flight))))
+
+
+# -----------------------------------------------------------------------------
+# Ranks
+# -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def ranks_from_environment():
+    """Under torchrun (WORLD_SIZE > 1) join, or reuse, a gloo group; otherwise a single rank.
+    torch is imported only then: a one-process run stays numpy-only."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+# -----------------------------------------------------------------------------
+# Chunk files: one per chunk and pass, written atomically, the .json last
+# -----------------------------------------------------------------------------
+
+def chunk_path(work, name, c):
+    return os.path.join(work, name, f"{c:06d}")
+
+
+def chunk_done(work, name, c):
+    return os.path.exists(chunk_path(work, name, c) + ".json")
+
+
+def save_chunk(work, name, c, arrays, info, blobs=None):
+    """arrays → .npz, each blob (bytes) → .<key>, then info → .json, which marks the chunk done."""
+    path = chunk_path(work, name, c)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for key, blob in (blobs or {}).items():
+        with open(f"{path}.{key}.tmp{os.getpid()}", "wb") as f:
+            f.write(blob)
+        os.replace(f"{path}.{key}.tmp{os.getpid()}", f"{path}.{key}")
+    np.savez(f"{path}.tmp{os.getpid()}.npz", **arrays)
+    os.replace(f"{path}.tmp{os.getpid()}.npz", f"{path}.npz")
+    write_json(f"{path}.json", info)
+
+
+def load_info(work, name, c):
+    with open(chunk_path(work, name, c) + ".json") as f:
+        return json.load(f)
+
+
+def load_arrays(work, name, c, keys=None):
+    """The arrays of a chunk file (only those named in `keys`: an .npz member is read when asked for)."""
+    with np.load(chunk_path(work, name, c) + ".npz") as arrays:
+        return {key: arrays[key] for key in (keys or arrays.files)}
+
+
+# -----------------------------------------------------------------------------
+# Map a function over chunks: skip the finished ones, this rank's share, in worker processes
+# -----------------------------------------------------------------------------
+
+_STATE = {}  # what a pass's chunk function reads; forked workers inherit it
+
+
+def _compute(task):
+    function, work, name, c, payload = task
+    arrays, info, blobs = function(_STATE, payload)
+    save_chunk(work, name, c, arrays, info, blobs)
+    return info["bytes"]
+
+
+def map_chunks(run, name, function, tasks, state):
+    """For every (c, payload) of `tasks` that is this rank's (c mod world = rank) and not yet done,
+    function(state, payload) → (arrays, info with "bytes", blobs) saved as chunk c of pass `name`.
+    At most two chunks per worker are in flight, so reading never runs ahead of the memory bound.
+    Returns the pass's throughput in MB/s over the chunks computed here (None if none were)."""
+    global _STATE
+    _STATE = state
+    start, computed = time.time(), 0
+    mine = ((c, payload) for c, payload in tasks
+            if c % run.ranks.world == run.ranks.rank and not chunk_done(run.work, name, c))
+    pool = None
+    if run.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        try:  # fork: workers inherit _STATE (models, masks) without pickling it
+            pool = multiprocessing.get_context("fork").Pool(run.workers)
+        except (OSError, RuntimeError, ImportError) as e:
+            print(f"[prepare] multiprocessing unavailable ({type(e).__name__}: {e}); one process", file=sys.stderr)
+    if pool is None:
+        for c, payload in mine:
+            computed += _compute((function, run.work, name, c, payload))
+    else:
+        with pool:
+            pending = collections.deque()
+            for c, payload in mine:
+                pending.append(pool.apply_async(_compute, ((function, run.work, name, c, payload),)))
+                while len(pending) >= 2 * run.workers:
+                    computed += pending.popleft().get()
+            while pending:
+                computed += pending.popleft().get()
+    run.ranks.barrier()
+    _STATE = {}
+    seconds = time.time() - start
+    return round(computed / 1e6 / seconds, 2) if computed else None
+
+
+# -----------------------------------------------------------------------------
+# Pass 1: read, normalise, language, quality; the survivors go to disk
+# -----------------------------------------------------------------------------
+
+def document_chunks(source_list, args, problems, chunk_bytes, counter):
+    """(c, documents) chunks of the sources' stream: each source read up to its share of
+    max_bytes × overread (as prepare.load_sources), cut every chunk_bytes characters.
+    counter["chunks"] ends as the number of chunks."""
+    total_weight = sum(s.weight for s in source_list)
+    chunk, size, counter["chunks"] = [], 0, 0
+    for source in source_list:
+        budget = int(args.max_bytes * args.overread * source.weight / total_weight)
+        for doc in source.documents(budget, args.seed, problems):
+            chunk.append(doc)
+            size += len(doc.text)
+            if size >= chunk_bytes:
+                yield counter["chunks"], chunk
+                counter["chunks"] += 1
+                chunk, size = [], 0
+    if chunk:
+        yield counter["chunks"], chunk
+        counter["chunks"] += 1
+
+
+def _counts(documents):
+    by_source = {}
+    for doc in documents:
+        entry = by_source.setdefault(doc.source, {"documents": 0, "bytes": 0})
+        entry["documents"] += 1
+        entry["bytes"] += len(utf8(doc.text))
+    return by_source
+
+
+def curate_chunk(state, documents):
+    """Pass 1 on one chunk: the per-document filters of prepare.curate_documents, in its order."""
+    args, names = state["args"], state["source_names"]
+    funnel = {"loaded": _counts(documents)}
+    stats, kept = curate.NormaliseStats(), []
+    for doc in documents:
+        text, doc_stats = curate.normalise_text(doc.text, args.max_whitespace_run, args.max_doc_chars)
+        stats.add(doc_stats)
+        if text:
+            kept.append(dataclasses.replace(doc, text=text))
+    funnel["normalised"] = _counts(kept)
+    info = {"normalise": dataclasses.asdict(stats)}
+    if args.language_list:
+        kept, _, info["language"] = langid.language_filter(kept, args.language_list, state["identifier"])
+        funnel["language"] = _counts(kept)
+    kept, _, info["quality"] = curate.quality_filter(kept, *args.rules)
+    funnel["quality"] = _counts(kept)
+    texts = [utf8(d.text) for d in kept]
+    origins = [utf8(d.origin) for d in kept]
+    arrays = {"offsets": np.cumsum([0] + [len(t) for t in texts]).astype(np.int64),
+              "origin_offsets": np.cumsum([0] + [len(o) for o in origins]).astype(np.int64),
+              "source": np.array([names.index(d.source) for d in kept], dtype=np.int16),
+              "kind": np.array([KINDS.index(d.kind) for d in kept], dtype=np.int8),
+              "hash": np.array([curate.exact_hash(d.text) for d in kept], dtype=np.uint64)}
+    info.update(funnel=funnel, bytes=sum(e["bytes"] for e in funnel["loaded"].values()))
+    return arrays, info, {"text": b"".join(texts), "origins": b"".join(origins)}
+
+
+class CuratedStore:
+    """The documents that survived pass 1, on disk: chunk c's texts in curated/<c>.text, read back
+    with os.pread. In memory only per-document numbers: source, kind, hash, UTF-8 size."""
+
+    def __init__(self, work, n_chunks, source_names):
+        self.work, self.n_chunks, self.source_names = work, n_chunks, source_names
+        parts = [load_arrays(work, "curated", c) for c in range(n_chunks)]
+        self.offsets = [p["offsets"] for p in parts]
+        self.origin_offsets = [p["origin_offsets"] for p in parts]
+        counts = [len(p["source"]) for p in parts]
+        self.chunk_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.source = np.concatenate([p["source"] for p in parts] + [np.zeros(0, np.int16)])
+        self.kind = np.concatenate([p["kind"] for p in parts] + [np.zeros(0, np.int8)])
+        self.hash = np.concatenate([p["hash"] for p in parts] + [np.zeros(0, np.uint64)])
+        self.nbytes = np.concatenate([np.diff(o) for o in self.offsets] + [np.zeros(0, np.int64)])
+        self.replaced = {}  # index → text, where the (in-memory) substring stage changed a document
+
+    def __len__(self):
+        return len(self.source)
+
+    def chunk_of(self, i):
+        return int(np.searchsorted(self.chunk_start, i, side="right") - 1)
+
+    def chunk_texts(self, c):
+        """All texts of chunk c (a list), in one read."""
+        with open(chunk_path(self.work, "curated", c) + ".text", "rb") as f:
+            blob = f.read()
+        offsets = self.offsets[c]
+        first = self.chunk_start[c]
+        return [self.replaced.get(first + k, decode(blob[offsets[k]:offsets[k + 1]])) for k in range(len(offsets) - 1)]
+
+    def _read(self, i, kind, offsets):
+        c = self.chunk_of(i)
+        k = i - self.chunk_start[c]
+        fd = os.open(chunk_path(self.work, "curated", c) + f".{kind}", os.O_RDONLY)
+        try:
+            return decode(os.pread(fd, int(offsets[c][k + 1] - offsets[c][k]), int(offsets[c][k])))
+        finally:
+            os.close(fd)
+
+    def text(self, i):
+        i = int(i)
+        return self.replaced[i] if i in self.replaced else self._read(i, "text", self.offsets)
+
+    def origin(self, i):
+        return self._read(int(i), "origins", self.origin_offsets)
+
+    def document(self, i):
+        return Document(self.text(i), self.source_names[self.source[i]], self.origin(i), KINDS[self.kind[i]])
+
+
+def _merge_counts(total, part):
+    for source, entry in part.items():
+        into = total.setdefault(source, {"documents": 0, "bytes": 0})
+        into["documents"] += entry["documents"]
+        into["bytes"] += entry["bytes"]
+
+
+def merge_pass1_reports(infos):
+    """The report sections of pass 1, summed over chunks in chunk order (so "first example" stays first)."""
+    funnel, normalise = {}, curate.NormaliseStats()
+    language = {"labelled": 0, "by_language": {}, "removed": 0, "examples": {}, "seconds": 0.0}
+    quality_report = {"removed_by_rule": {}, "flagged_by_rule": {}, "examples": {}}
+    for info in infos:
+        for stage, counts in info["funnel"].items():
+            _merge_counts(funnel.setdefault(stage, {}), counts)
+        normalise.add(curate.NormaliseStats(**info["normalise"]))
+        if "language" in info:
+            part = info["language"]
+            language["languages"] = part["languages"]
+            language["labelled"] += part["labelled"]
+            language["removed"] += part["removed"]
+            language["seconds"] += part["labelled"] / max(part["documents_per_second"], 1e-9)
+            for lang, n in part["by_language"].items():
+                language["by_language"][lang] = language["by_language"].get(lang, 0) + n
+            for lang, origins in part["examples"].items():
+                language["examples"][lang] = (language["examples"].get(lang, []) + origins)[:3]
+        for key in ("removed_by_rule", "flagged_by_rule"):
+            for rule, n in info["quality"][key].items():
+                quality_report[key][rule] = quality_report[key].get(rule, 0) + n
+        for rule, origin in info["quality"]["examples"].items():
+            quality_report["examples"].setdefault(rule, origin)
+    language["documents_per_second"] = round(language["labelled"] / max(language.pop("seconds"), 1e-9), 1)
+    language = {k: language[k] for k in ("languages", "labelled", "by_language", "removed", "examples",
+                                         "documents_per_second") if k in language}
+    return funnel, dataclasses.asdict(normalise), language, quality_report
+
+
+# -----------------------------------------------------------------------------
+# Pass 2: perplexity
+# -----------------------------------------------------------------------------
+
+def fit_perplexity_models(store, order, seed):
+    """perplexity.cross_fitted_perplexities' two models per source, fitted on the same reference
+    documents: source s's documents are split by a seeded permutation into folds 0 and 1 and a
+    model is fitted on the first REFERENCE_BYTES/2 characters of each fold. Returns (fold of every
+    document, −1 where unscored; {source id: (model of fold 0, model of fold 1)}; skipped sources)."""
+    fold = np.full(len(store), -1, dtype=np.int8)
+    models, skipped = {}, {}
+    for s, name in enumerate(store.source_names):
+        members = np.flatnonzero(store.source == s)
+        if not len(members):
+            continue
+        if KINDS[store.kind[members[0]]] == "curated":
+            skipped[name] = {"skipped": "curated source"}
+            continue
+        if len(members) < perplexity.MIN_DOCUMENTS:
+            skipped[name] = {"skipped": f"fewer than {perplexity.MIN_DOCUMENTS} documents"}
+            continue
+        half = np.random.default_rng(seed).permutation(len(members)) % 2
+        fold[members] = half
+        pair = []
+        for f in (0, 1):
+            reference, total = [], 0
+            for i in np.flatnonzero(half == f):
+                if total >= perplexity.REFERENCE_BYTES / 2:
+                    break
+                reference.append(store.text(members[i])[:perplexity.MAX_BYTES_PER_TEXT])
+                total += len(reference[-1])
+            pair.append(perplexity.WittenBellLM(order).fit(reference))
+        models[s] = tuple(pair)
+    return fold, models, skipped
+
+
+def score_chunk(state, c):
+    """Perplexity of chunk c's scored documents, each under the model of the *other* fold."""
+    store, fold, models = state["store"], state["fold"], state["models"]
+    first, last = store.chunk_start[c], store.chunk_start[c + 1]
+    texts = store.chunk_texts(c)
+    ppl = np.full(len(texts), np.nan)
+    for s, (model_0, model_1) in models.items():
+        for f, model in ((0, model_1), (1, model_0)):
+            local = np.flatnonzero((store.source[first:last] == s) & (fold[first:last] == f))
+            if len(local):
+                ppl[local] = model.perplexities([texts[i] for i in local], perplexity.MAX_BYTES_PER_TEXT)
+    return {"ppl": ppl}, {"bytes": int(store.nbytes[first:last].sum())}, None
+
+
+def _sample(values, limit=REPORT_SAMPLE):
+    values = np.asarray(values)
+    if len(values) > limit:
+        values = values[np.linspace(0, len(values) - 1, limit).astype(np.int64)]
+    return values.round(4).tolist()
+
+
+def perplexity_band(store, ppl, models, band):
+    """perplexity.perplexity_band_filter's decision from the scores: keep mask and report per source."""
+    keep, info = np.ones(len(store), dtype=bool), {}
+    for s in models:
+        members = np.flatnonzero(store.source == s)
+        log_ppl = np.log10(ppl[members])
+        low, high = np.percentile(log_ppl, band)
+        too_low, too_high = log_ppl < low, log_ppl > high
+        keep[members[too_low | too_high]] = False
+        ranked = np.argsort(log_ppl)
+        info[store.source_names[s]] = {
+            "log10_perplexity": _sample(log_ppl), "cut_low": float(low), "cut_high": float(high),
+            "removed_low": int(too_low.sum()), "removed_high": int(too_high.sum()),
+            "lowest": [store.origin(members[i]) for i in ranked[:3]],
+            "highest": [store.origin(members[i]) for i in ranked[::-1][:3]]}
+    return keep, info
+
+
+# -----------------------------------------------------------------------------
+# Pass 4: MinHash signatures and band keys
+# -----------------------------------------------------------------------------
+
+def sign_chunk(state, c):
+    """Signatures (rows: chunk c's alive documents) and their LSH band keys."""
+    store, alive, args = state["store"], state["alive"], state["args"]
+    first, last = store.chunk_start[c], store.chunk_start[c + 1]
+    texts = store.chunk_texts(c)
+    local = np.flatnonzero(alive[first:last])
+    shingles = [dedup.shingle_hashes(texts[i], args.shingle_words) for i in local]
+    signatures = (dedup.minhash_signatures(shingles, args.num_perm, args.seed) if shingles
+                  else np.zeros((0, args.num_perm), dtype=np.uint64))
+    keys = dedup.band_keys(signatures, state["bands"], state["rows"])
+    return ({"signatures": signatures, "keys": keys},
+            {"bytes": int(store.nbytes[first:last][local].sum())}, None)
+
+
+def signature_rows(run, store, alive, positions):
+    """Signature rows of the given near-dedup positions (indices among the alive documents), read
+    chunk by chunk: only these rows stay in memory."""
+    positions = np.asarray(positions, dtype=np.int64)
+    needed = np.unique(positions)
+    alive_per_chunk = np.array([alive[store.chunk_start[c]:store.chunk_start[c + 1]].sum()
+                                for c in range(store.n_chunks)], dtype=np.int64)
+    chunk_first = np.concatenate([[0], np.cumsum(alive_per_chunk)])
+    rows = np.zeros((len(needed), run.args.num_perm), dtype=np.uint64)
+    owner = np.searchsorted(chunk_first, needed, side="right") - 1
+    for c in np.unique(owner):
+        signatures = load_arrays(run.work, "minhash", int(c), ["signatures"])["signatures"]
+        these = np.flatnonzero(owner == c)
+        rows[these] = signatures[needed[these] - chunk_first[c]]
+    return rows[np.searchsorted(needed, positions)]
+
+
+def near_duplicates(run, store, alive, n_chunks):
+    """dedup.near_dedup's decision from the chunk files: drop mask (over all documents) and report."""
+    args = run.args
+    index = np.flatnonzero(alive)  # near-dedup position p is document index[p]
+    n = len(index)
+    bands, rows = dedup.optimal_bands_rows(args.minhash_threshold, args.num_perm, *dedup.LSH_WEIGHTS)
+    per_band = []
+    for band in range(bands):
+        keys = np.concatenate([load_arrays(run.work, "minhash", c, ["keys"])["keys"][:, band] for c in range(n_chunks)]
+                              + [np.zeros(0, np.uint64)])
+        per_band.append(dedup.sorted_band_candidates(keys))
+    pairs = dedup.unique_pairs(per_band, max(n, 1))
+    rng = np.random.default_rng(args.seed)
+    random_pairs = rng.integers(0, n, size=(min(2000, n * (n - 1) // 2), 2)) if n > 1 else np.zeros((0, 2), int)
+    random_pairs = random_pairs[random_pairs[:, 0] != random_pairs[:, 1]]
+    looked_up = signature_rows(run, store, alive, np.concatenate([pairs.ravel(), random_pairs.ravel()]))
+    pair_rows, random_rows = looked_up[:pairs.size], looked_up[pairs.size:]
+    similarities = np.mean(pair_rows[0::2] == pair_rows[1::2], axis=1) if len(pairs) else np.zeros(0)
+    random_similarities = np.mean(random_rows[0::2] == random_rows[1::2], axis=1)
+    clusters = dedup.clusters_of_pairs(pairs[similarities >= args.minhash_threshold])
+    drop = np.zeros(len(store), dtype=bool)
+    for members in clusters:
+        drop[index[members[1:]]] = True
+    clusters.sort(key=len, reverse=True)
+    info = {"threshold": args.minhash_threshold, "num_perm": args.num_perm, "ngram": args.shingle_words,
+            "bands": bands, "rows": rows, "candidate_pairs": len(similarities),
+            "duplicate_pairs": int(np.sum(similarities >= args.minhash_threshold)),
+            "clusters": len(clusters), "removed": int(drop.sum()),
+            "largest_clusters": [[store.origin(index[i]) for i in members[:5]]
+                                 + ([f"... {len(members) - 5} more"] if len(members) > 5 else [])
+                                 for members in clusters[:5]],
+            "candidate_similarities": _sample(similarities),
+            "random_pair_similarities": random_similarities.round(4).tolist()}
+    return drop, info
+
+
+# -----------------------------------------------------------------------------
+# Pass 5: decontamination; then tokenisation
+# -----------------------------------------------------------------------------
+
+def contamination_chunk(state, c):
+    store, alive, index = state["store"], state["alive"], state["index"]
+    first, last = store.chunk_start[c], store.chunk_start[c + 1]
+    texts = store.chunk_texts(c)
+    flags = np.array([bool(alive[first + k]) and index.contaminated(t) for k, t in enumerate(texts)], dtype=bool)
+    return {"contaminated": flags}, {"bytes": int(store.nbytes[first:last][alive[first:last]].sum())}, None
+
+
+_encodings = {}
+
+
+def tokenize_chunk(state, indices):
+    """Token ids of the documents `indices` (in order), concatenated, and the length of each."""
+    from data.tokenizer import load_tokenizer
+
+    store, directory = state["store"], state["tokenizer_dir"]
+    if directory not in _encodings:
+        _encodings[directory] = load_tokenizer(directory)
+    encoding = _encodings[directory]
+    ids = [encoding.encode_ordinary(store.text(i)) for i in indices]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=int(lengths.sum()))
+    return {"ids": flat, "lengths": lengths}, {"bytes": int(store.nbytes[indices].sum())}, None
+
+
+def order_chunks(indices, sizes, chunk_bytes):
+    """(c, indices[a:b]) cutting an ordered list of documents every chunk_bytes bytes."""
+    start, total, c = 0, 0, 0
+    for k, i in enumerate(indices):
+        total += int(sizes[i])
+        if total >= chunk_bytes:
+            yield c, np.asarray(indices[start:k + 1], dtype=np.int64)
+            c, start, total = c + 1, k + 1, 0
+    if start < len(indices):
+        yield c, np.asarray(indices[start:], dtype=np.int64)
+
+
+# -----------------------------------------------------------------------------
+# The whole streamed curation
+# -----------------------------------------------------------------------------
+
+class StreamingRun:
+    """One streamed data.prepare run: its flags, work directory, ranks and worker count."""
+
+    def __init__(self, args, fingerprint, ranks, workers, log):
+        self.args, self.ranks, self.workers, self.log = args, ranks, workers, log
+        self.work = os.path.join(args.out, WORK)
+        self.throughput = {}
+        if ranks.rank == 0:
+            manifest = _read_json(os.path.join(self.work, "manifest.json"))
+            if manifest is None or manifest.get("fingerprint") != fingerprint or args.force:
+                shutil.rmtree(self.work, ignore_errors=True)
+                os.makedirs(self.work)
+                write_json(os.path.join(self.work, "manifest.json"),
+                           {"fingerprint": fingerprint, "chunk_bytes": chunk_bytes_for(args.max_memory, workers)})
+            else:
+                log.say(f"resuming the unfinished run in {self.work}")
+        ranks.barrier()
+        self.chunk_bytes = _read_json(os.path.join(self.work, "manifest.json"))["chunk_bytes"]
+
+    def curate(self, source_list, eval_texts, problems, report):
+        """Passes 1-5 and the mixture: the final documents as indices into the returned store."""
+        args, log = self.args, self.log
+        names = [s.name for s in source_list]
+        if len(set(names)) != len(names):
+            raise DataError(f"--source: source names must differ, got {names}")
+        counter = {}
+        state = {"args": args, "source_names": names,
+                 "identifier": langid.default_identifier() if args.language_list else None}
+        self.throughput["curate"] = map_chunks(
+            self, "curated", curate_chunk, document_chunks(source_list, args, problems, self.chunk_bytes, counter), state)
+        n_chunks = counter["chunks"]
+        infos = [load_info(self.work, "curated", c) for c in range(n_chunks)]
+        funnel, report["normalise"], language, report["quality"] = merge_pass1_reports(infos)
+        for stage in ("loaded", "normalised") + (("language",) if args.language_list else ()) + ("quality",):
+            log.stage_counts(stage, funnel.get(stage, {}))
+            if stage == "loaded" and problems:
+                log.say(f"{len(problems)} malformed or skipped inputs (all in report.json), e.g. {problems[0]}")
+        report["language"] = language if args.language_list else {"enabled": False}
+        prose_rules, code_rules = args.rules
+        report["quality"]["rules"] = {"prose": dataclasses.asdict(prose_rules), "code": dataclasses.asdict(code_rules)}
+
+        store = CuratedStore(self.work, n_chunks, names)
+        alive = np.ones(len(store), dtype=bool)
+
+        by_source = {}
+        if tuple(args.ppl_band) != (0.0, 100.0):
+            fold, models, skipped = fit_perplexity_models(store, args.ppl_order, args.seed)
+            self.throughput["perplexity"] = map_chunks(self, "perplexity", score_chunk, ((c, c) for c in range(n_chunks)),
+                                                       {"store": store, "fold": fold, "models": models})
+            ppl = np.concatenate([load_arrays(self.work, "perplexity", c)["ppl"] for c in range(n_chunks)]
+                                 + [np.zeros(0)])
+            keep, scored = perplexity_band(store, ppl, models, tuple(args.ppl_band))
+            alive &= keep
+            by_source = {name: scored.get(name) or skipped[name] for name in names if name in scored or name in skipped}
+        report["perplexity"] = {"band_percentiles": list(args.ppl_band), "order": args.ppl_order, "by_source": by_source}
+        self._stage("perplexity", store, alive)
+
+        if args.classifier_reference != "none":  # in memory: the classifier trains on the pool's prose
+            members = np.flatnonzero(alive)
+            documents = [store.document(i) for i in members]
+            kept, _, report["classifier"] = quality.classifier_filter(
+                documents, args.classifier_reference, args.classifier_threshold, args.classifier_keep_fraction,
+                eval_texts, args.seed, problems, char_ngrams=args.classifier_char_ngrams, epochs=args.classifier_epochs)
+            kept_ids = {id(d) for d in kept}
+            alive[[i for i, d in zip(members, documents) if id(d) not in kept_ids]] = False
+            self._stage("classifier", store, alive)
+        else:
+            report["classifier"] = {"enabled": False}
+
+        members = np.flatnonzero(alive)
+        unique_hashes, first = np.unique(store.hash[members], return_index=True)
+        duplicate = np.ones(len(members), dtype=bool)
+        duplicate[first] = False
+        removed = members[duplicate]
+        alive[removed] = False
+        report["exact_dedup"] = {"removed": int(len(removed)), "examples": [
+            [store.origin(members[first[np.searchsorted(unique_hashes, store.hash[r])]]), store.origin(r)]
+            for r in removed[:5]]}
+        self._stage("exact_dedup", store, alive)
+
+        bands, rows = dedup.optimal_bands_rows(args.minhash_threshold, args.num_perm, *dedup.LSH_WEIGHTS)
+        self.throughput["minhash"] = map_chunks(self, "minhash", sign_chunk, ((c, c) for c in range(n_chunks)),
+                                                {"store": store, "alive": alive, "args": args,
+                                                 "bands": bands, "rows": rows})
+        drop, report["near_dedup"] = near_duplicates(self, store, alive, n_chunks)
+        alive &= ~drop
+        self._stage("near_dedup", store, alive)
+
+        if args.substring_dedup:  # in memory: one suffix array over the whole corpus
+            members = np.flatnonzero(alive)
+            documents = [dataclasses.replace(store.document(i), origin=str(i)) for i in members]
+            kept, _, report["substring_dedup"] = dedup.substring_dedup(documents, args.substring_min_tokens)
+            report["substring_dedup"]["examples"] = [store.origin(int(o)) for o in report["substring_dedup"]["examples"]]
+            alive[members] = False
+            for doc in kept:
+                i = int(doc.origin)
+                alive[i] = True
+                if doc.text != store.text(i):
+                    store.replaced[i] = doc.text
+                    store.nbytes[i] = len(utf8(doc.text))
+            self._stage("substring_dedup", store, alive)
+        else:
+            report["substring_dedup"] = {"enabled": False}
+
+        index = curate.ContaminationIndex(eval_texts, args.decontaminate_ngram)
+        contaminated = np.zeros(len(store), dtype=bool)
+        if len(index):
+            self.throughput["decontaminate"] = map_chunks(
+                self, "decontaminate", contamination_chunk, ((c, c) for c in range(n_chunks)),
+                {"store": store, "alive": alive, "index": index})
+            contaminated = np.concatenate([load_arrays(self.work, "decontaminate", c)["contaminated"]
+                                           for c in range(n_chunks)] + [np.zeros(0, bool)])
+        removed = np.flatnonzero(contaminated)
+        alive[removed] = False
+        report["decontamination"] = {"eval_texts": len(eval_texts), "ngram": args.decontaminate_ngram,
+                                     "removed": int(len(removed)), "examples": [store.origin(i) for i in removed[:5]]}
+        self._stage("decontaminated", store, alive)
+
+        members_of = {s.name: np.flatnonzero(alive & (store.source == k)) for k, s in enumerate(source_list)}
+        chosen, report["mixture"] = sources.mix_positions({name: store.nbytes[m] for name, m in members_of.items()},
+                                                          {s.name: s.weight for s in source_list}, args.max_bytes,
+                                                          args.seed)
+        final = np.concatenate([members_of[name][np.asarray(chosen[name], dtype=np.int64)] for name in chosen]
+                               + [np.zeros(0, np.int64)])
+        mixed = np.zeros(len(store), dtype=bool)
+        mixed[final] = True
+        self._stage("mixture", store, mixed)
+        total = sum(m["bytes"] for m in report["mixture"].values())
+        if total < 0.95 * args.max_bytes:
+            scarce = min(report["mixture"], key=lambda n: report["mixture"][n]["available_bytes"] /
+                         report["mixture"][n]["target_share"])
+            log.say(f"the mixture has {total / 1e6:.2f} MB, less than --max-bytes: source {scarce!r} has only "
+                    f"{report['mixture'][scarce]['available_bytes'] / 1e6:.2f} MB after curation")
+        report["streaming"] = {"chunk_bytes": self.chunk_bytes, "chunks": n_chunks, "workers": self.workers,
+                               "ranks": self.ranks.world, "max_memory": args.max_memory}
+        return store, final
+
+    def _stage(self, name, store, mask):
+        counts = {}
+        for s, source in enumerate(store.source_names):
+            selected = mask & (store.source == s)
+            if selected.any():
+                counts[source] = {"documents": int(selected.sum()), "bytes": int(store.nbytes[selected].sum())}
+        self.log.stage_counts(name, counts)
+
+    def tokenize(self, store, indices, split, tokenizer_dir):
+        """Pass 6 for one split: token chunks of the documents `indices`, in order. Returns the number of chunks."""
+        tasks = order_chunks(indices, store.nbytes, self.chunk_bytes)
+        counter = collections.Counter()
+
+        def counted():
+            for c, payload in tasks:
+                counter["chunks"] += 1
+                yield c, payload
+
+        mb_per_s = map_chunks(self, f"tokens_{split}", tokenize_chunk, counted(),
+                              {"store": store, "tokenizer_dir": tokenizer_dir})
+        self.throughput[f"tokenise_{split}"] = mb_per_s
+        return counter["chunks"]
+
+    def chunk_documents(self, store, indices):
+        """The document indices of each token chunk of a split, as `tokenize` cut them."""
+        for _, payload in order_chunks(indices, store.nbytes, self.chunk_bytes):
+            yield payload
+
+    def token_chunks(self, split, n_chunks):
+        for c in range(n_chunks):
+            arrays = load_arrays(self.work, f"tokens_{split}", c)
+            yield arrays["ids"], arrays["lengths"]
+
+    def cleanup(self):
+        if self.ranks.rank == 0:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+

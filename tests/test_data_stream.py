@@ -1,0 +1,156 @@
+"""data/stream.py: the streamed curation against the in-memory reference (prepare.curate_documents),
+the band-key candidates against lsh_candidate_pairs, resuming an interrupted run, and 2 gloo ranks."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import torchrun
+from data import dedup, prepare, stream
+from data.prepare import Log, build_parser, check_args, curate_documents, main, split_documents
+from data.shards import read_shard
+from data.sources import parse_source_flag
+
+WORDS = ("river mountain forest village market teacher student garden winter summer bridge letter window "
+         "morning evening story music doctor kitchen animal harbour lantern meadow orchard thunder").split()
+
+
+def _paragraph(rng, n_sentences=9):
+    return " ".join(" ".join(["The"] + [rng.choice(WORDS) for _ in range(rng.randint(8, 14))]) + "."
+                    for _ in range(n_sentences))
+
+
+def _perturbed(text, rng, changes=1):
+    words = text.split()
+    for _ in range(changes):
+        k = rng.randrange(1, len(words) - 1)
+        words[k] = rng.choice(WORDS)
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two JSONL files of prose (exact and near duplicates spread far apart, so across chunks and
+    ranks), one evaluation text planted in a document, and a directory of code files."""
+    rng = random.Random(1)
+    root = tmp_path_factory.mktemp("stream_corpus")
+    paragraphs = [_paragraph(rng) for _ in range(120)]
+    records = list(paragraphs)
+    records += [paragraphs[k] for k in (3, 50)]  # exact copies
+    records += [_perturbed(paragraphs[k], rng) for k in (7, 8, 60, 61, 90)]  # near copies (J ≈ 0.9)
+    records[40] += " The teacher river mountain winter music story evening letter doctor kitchen animal village."
+    half = len(records) // 2
+    (root / "web").mkdir()
+    for name, part in (("a.jsonl", records[:half]), ("b.jsonl", records[half:] + ["{broken"])):
+        (root / "web" / name).write_text("\n".join(json.dumps({"text": r}) if r != "{broken" else r for r in part) + "\n")
+    (root / "code").mkdir()
+    for i in range(30):
+        body = "\n".join(f"    total_{j} = compute_{rng.choice(WORDS)}(value_{j}, {rng.randint(0, 99)})"
+                         for j in range(rng.randint(8, 20)))
+        (root / "code" / f"mod{i}.py").write_text(f"def function_{i}(value):\n{body}\n    return total_0\n")
+    (root / "eval.txt").write_text("The teacher river mountain winter music story evening letter doctor kitchen "
+                                   "animal village.\n")
+    return root
+
+
+def _argv(corpus, out, *extra):
+    return ["--out", str(out), "--source", f"web={corpus / 'web'}:0.7", "--source", f"code={corpus / 'code'}:0.3:code",
+            "--vocab-size", "300", "--max-bytes", "150000", "--shard-tokens", "5000", "--rule", "prose.min_words=50",
+            "--decontaminate", str(corpus / "eval.txt"), "--quiet", *extra]
+
+
+def _args(argv):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def test_streamed_curation_equals_the_in_memory_reference(corpus, tmp_path):
+    """Many small chunks, two worker processes: the same documents in the same order, split the same way."""
+    args = _args(_argv(corpus, tmp_path / "out", "--max-memory", "1e5", "--workers", "2"))
+    source_list = [parse_source_flag(spec) for spec in args.source]
+    eval_texts = prepare.read_eval_texts(args.decontaminate[0], [])
+    reference_report, streamed_report = {}, {}
+    documents = curate_documents(source_list, args, eval_texts, [], Log(quiet=True), reference_report)
+    train, val = split_documents(documents, args.val_fraction, args.seed)
+
+    run = stream.StreamingRun(args, "test", stream.Ranks(), 2, Log(quiet=True))
+    store, final = run.curate(source_list, eval_texts, [], streamed_report)
+    assert streamed_report["streaming"]["chunks"] >= 8  # the test means something only with many chunks
+    train_positions, val_positions = prepare.split_order(store.nbytes[final], args.val_fraction, args.seed)
+    assert [store.text(final[p]) for p in train_positions] == [d.text for d in train]
+    assert [store.text(final[p]) for p in val_positions] == [d.text for d in val]
+    for section in ("exact_dedup", "decontamination", "mixture", "quality"):
+        assert streamed_report[section] == reference_report[section], section
+    assert streamed_report["exact_dedup"]["removed"] >= 1 and streamed_report["decontamination"]["removed"] == 1
+    near, near_reference = streamed_report["near_dedup"], reference_report["near_dedup"]
+    assert near["removed"] == near_reference["removed"] >= 4
+    assert near["candidate_similarities"] == near_reference["candidate_similarities"]
+    assert near["random_pair_similarities"] == near_reference["random_pair_similarities"]
+    for name, info in reference_report["perplexity"]["by_source"].items():
+        assert streamed_report["perplexity"]["by_source"][name] == info
+
+
+def test_band_key_candidates_are_lsh_candidate_pairs(monkeypatch):
+    rng = np.random.default_rng(0)
+    signatures = rng.integers(0, 2**61, size=(300, 32), dtype=np.uint64)
+    signatures[150:170] = signatures[0:20]  # whole copies: share every band
+    signatures[200:260, :8] = signatures[0, :8]  # 60 documents share band 0 only: a bucket above the star limit
+    bands, rows = 4, 8
+    monkeypatch.setattr(dedup, "LARGE_BUCKET", 50)
+    keys = dedup.band_keys(signatures, bands, rows)
+    found = dedup.unique_pairs([dedup.sorted_band_candidates(keys[:, b], large_bucket=50) for b in range(bands)], 300)
+    assert [tuple(p) for p in found.tolist()] == sorted(dedup.lsh_candidate_pairs(signatures, bands, rows))
+    assert len(found) == 20 + 60  # 20 copies (every band), and a star from document 0 over the 60 sharing band 0
+    clusters, _ = dedup.near_duplicate_clusters(signatures, 0.5, bands, rows, verify=False)
+    assert dedup.clusters_of_pairs(found) == clusters
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_from_its_last_chunk(corpus, tmp_path, monkeypatch):
+    """Stop in the middle of the MinHash pass; the second run recomputes neither pass 1 nor the
+    finished signature chunks, and writes exactly what an uninterrupted run writes."""
+    main(_argv(corpus, tmp_path / "whole", "--max-memory", "1e5", "--workers", "1"))
+    computed, armed = [], [True]
+    original = stream._compute
+
+    def interrupting(task):
+        computed.append((task[2], task[3]))
+        if armed[0] and computed.count(("minhash", 2)):  # killed while computing the third signature chunk
+            armed[0] = False
+            raise Interrupted
+        return original(task)
+
+    monkeypatch.setattr(stream, "_compute", interrupting)
+    with pytest.raises(Interrupted):
+        main(_argv(corpus, tmp_path / "resumed", "--max-memory", "1e5", "--workers", "1"))
+    first_run = list(computed)
+    computed.clear()
+    main(_argv(corpus, tmp_path / "resumed", "--max-memory", "1e5", "--workers", "1"))
+    assert not [task for task in computed if task[0] in ("curated", "perplexity")]
+    assert [task for task in computed if task[0] == "minhash"][0] == ("minhash", 2)
+    assert len(first_run) > 10
+    for name in ["meta.json", "tokenizer/tokenizer.tiktoken"] + json.loads((tmp_path / "whole" / "meta.json").read_text())["train_shards"]:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    assert not (tmp_path / "resumed" / stream.WORK).exists()
+
+
+def test_two_gloo_ranks_write_what_one_process_writes(corpus, tmp_path):
+    one = tmp_path / "one"
+    main(_argv(corpus, one, "--max-memory", "1e5", "--workers", "1"))
+    two = tmp_path / "two"
+    torchrun(2, _argv(corpus, two, "--max-memory", "1e5", "--workers", "1"), timeout=300, script="data/prepare.py")
+    meta = json.loads((one / "meta.json").read_text())
+    assert json.loads((two / "meta.json").read_text()) == meta
+    for name in meta["train_shards"] + meta["val_shards"]:  # the same tokens, in the same shards
+        assert np.array_equal(read_shard(str(one / name)), read_shard(str(two / name))), name
+    assert (one / "tokenizer/tokenizer.tiktoken").read_bytes() == (two / "tokenizer/tokenizer.tiktoken").read_bytes()
+    reports = [json.loads((d / "report.json").read_text()) for d in (one, two)]
+    assert reports[1]["streaming"]["ranks"] == 2 and reports[0]["streaming"]["ranks"] == 1
+    assert [s["documents"] for s in reports[0]["funnel"]] == [s["documents"] for s in reports[1]["funnel"]]
+    assert reports[1]["near_dedup"]["removed"] == reports[0]["near_dedup"]["removed"] >= 4
