@@ -10,6 +10,7 @@ import functools
 import hashlib
 import re
 import unicodedata
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,17 @@ def normalise_text(text, max_whitespace_run=MAX_WHITESPACE_RUN, max_chars=MAX_DO
         text = text[:cut if cut > max_chars // 2 else max_chars].rstrip()
         stats.truncated_documents = 1
     return text, stats
+
+
+def normalise_documents(documents, max_whitespace_run=MAX_WHITESPACE_RUN, max_chars=MAX_DOCUMENT_CHARS):
+    """normalise_text on each document; returns (the non-empty ones, their NormaliseStats as a dict)."""
+    stats, kept = NormaliseStats(), []
+    for doc in documents:
+        text, doc_stats = normalise_text(doc.text, max_whitespace_run, max_chars)
+        stats.add(doc_stats)
+        if text:
+            kept.append(dataclasses.replace(doc, text=text))
+    return kept, dataclasses.asdict(stats)
 
 
 # -----------------------------------------------------------------------------

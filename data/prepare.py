@@ -311,16 +311,6 @@ def load_sources(source_list, args, problems, log):
     return documents
 
 
-def normalise(documents, args):
-    stats, kept = curate.NormaliseStats(), []
-    for doc in documents:
-        text, doc_stats = curate.normalise_text(doc.text, args.max_whitespace_run, args.max_doc_chars)
-        stats.add(doc_stats)
-        if text:
-            kept.append(dataclasses.replace(doc, text=text))
-    return kept, dataclasses.asdict(stats)
-
-
 def curate_documents(source_list, args, eval_texts, problems, log, report):
     """Stages 1-7 and the mixture; returns the documents of the final mixture."""
     documents = load_sources(source_list, args, problems, log)
@@ -328,7 +318,8 @@ def curate_documents(source_list, args, eval_texts, problems, log, report):
     if problems:
         log.say(f"{len(problems)} malformed or skipped inputs (all in report.json), e.g. {problems[0]}")
 
-    documents, report["normalise"] = normalise(documents, args)
+    documents, report["normalise"] = curate.normalise_documents(documents, args.max_whitespace_run,
+                                                                  args.max_doc_chars)
     log.stage("normalised", documents)
 
     if args.language_list:

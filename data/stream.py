@@ -52,6 +52,7 @@ import numpy as np
 from data import curate, dedup, langid, perplexity, quality, sources
 from data.errors import DataError
 from data.hf_tokenizer import write_json
+from data.report import read_json
 from data.sources import KINDS, Document, decode, utf8
 
 WORK = "prepare_work"  # under --out; removed when the run finishes
@@ -219,14 +220,9 @@ def curate_chunk(state, documents):
     """Pass 1 on one chunk: the per-document filters of prepare.curate_documents, in its order."""
     args, names = state["args"], state["source_names"]
     funnel = {"loaded": _counts(documents)}
-    stats, kept = curate.NormaliseStats(), []
-    for doc in documents:
-        text, doc_stats = curate.normalise_text(doc.text, args.max_whitespace_run, args.max_doc_chars)
-        stats.add(doc_stats)
-        if text:
-            kept.append(dataclasses.replace(doc, text=text))
+    kept, normalise_stats = curate.normalise_documents(documents, args.max_whitespace_run, args.max_doc_chars)
     funnel["normalised"] = _counts(kept)
-    info = {"normalise": dataclasses.asdict(stats)}
+    info = {"normalise": normalise_stats}
     if args.language_list:
         kept, _, info["language"] = langid.language_filter(kept, args.language_list, state["identifier"])
         funnel["language"] = _counts(kept)
@@ -530,7 +526,7 @@ class StreamingRun:
         self.work = os.path.join(args.out, WORK)
         self.throughput = {}
         if ranks.rank == 0:
-            manifest = _read_json(os.path.join(self.work, "manifest.json"))
+            manifest = read_json(os.path.join(self.work, "manifest.json"))
             if manifest is None or manifest.get("fingerprint") != fingerprint or args.force:
                 shutil.rmtree(self.work, ignore_errors=True)
                 os.makedirs(self.work)
@@ -539,7 +535,7 @@ class StreamingRun:
             else:
                 log.say(f"resuming the unfinished run in {self.work}")
         ranks.barrier()
-        self.chunk_bytes = _read_json(os.path.join(self.work, "manifest.json"))["chunk_bytes"]
+        self.chunk_bytes = read_json(os.path.join(self.work, "manifest.json"))["chunk_bytes"]
 
     def curate(self, source_list, eval_texts, problems, report):
         """Passes 1-5 and the mixture: the final documents as indices into the returned store."""
@@ -695,12 +691,4 @@ class StreamingRun:
     def cleanup(self):
         if self.ranks.rank == 0:
             shutil.rmtree(self.work, ignore_errors=True)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 

@@ -38,6 +38,7 @@ Usage:
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +60,7 @@ from data.hf_tokenizer import write_json
 from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_fingerprint
 from data.tasks import generate_tasks, judge
 from data.tokenizer import load_tokenizer
+from settings import build_parser_from, check_ranges, comma_list, setting
 from train_gpt import ConfigError, count_params, pick_device
 
 EXPERIMENTS = ("optimal", "compute", "noise", "kl", "sensitivity", "online")  # the order `all` runs them in
@@ -877,51 +879,55 @@ def write_claims(args, outcomes):
 # 5. Command line
 # =============================================================================
 
-def float_list(text):
-    return sft.comma_list(float)(text)
+FLOATS = comma_list(float)
+POSITIVE = "> 0"
+
+
+@dataclasses.dataclass
+class Hyperparameters:
+    source_run: str = setting("runs/default", "a finished `make run` directory: sft/model.pt, reward/model.pt and "
+                              "reward/preferences_{train,val}.jsonl are read, never written")
+    run: str = setting("runs/claims", "where the experiments' runs, figures and claims.md go")
+    experiment: str = setting("all", f"all, or one or more of {','.join(EXPERIMENTS)}")
+    families: str = setting("reverse,upper", "task families (the cpu preset's)")
+    eval_tasks: int = setting(500, "held-out prompts judged for every policy", check=POSITIVE)
+    ppo_iterations: int = setting(15, "PPO iterations per run (main job: 60)", check=POSITIVE)
+    ppo_rollouts: int = setting(64, "PPO rollouts per iteration", check=POSITIVE)
+    ppo_minibatch: int = setting(16, "PPO minibatch size", check=POSITIVE)
+    ppo_lr: float = setting(3e-5, "PPO learning rate (ppo.py's default)", check=POSITIVE)
+    dpo_steps: int = setting(250, "DPO steps of 16 pairs per run (main job: 700)", check=POSITIVE)
+    dpo_lr: float = setting(3e-5, "DPO learning rate (dpo.py's default)", check=POSITIVE)
+    rm_pairs: int = setting(8000, "pairs (whole prompts) the noise experiment's reward models and DPO runs train on",
+                            check=POSITIVE)
+    rm_epochs: int = setting(2, "epochs of those reward models", check=POSITIVE)
+    val_pairs: int = setting(1000, "clean held-out pairs for the learned rewards' accuracy", check=POSITIVE)
+    noise_levels: list = setting([0.0, 0.2, 0.4], "shares of pairs flipped", type=FLOATS)
+    kl_dpo_betas: list = setting([0.5, 0.1, 0.02], "DPO's β, large to small", type=FLOATS)
+    kl_ppo_betas: list = setting([0.3, 0.05, 0.01], "PPO's β, large to small", type=FLOATS)
+    grid_dpo_lrs: list = setting([3e-5, 1e-4], "DPO learning rates of the grid", type=FLOATS)
+    grid_dpo_betas: list = setting([0.5, 0.1], "DPO β of the grid", type=FLOATS)
+    grid_ppo_lrs: list = setting([3e-5, 1e-4], "PPO learning rates of the grid", type=FLOATS)
+    grid_ppo_betas: list = setting([0.3, 0.05], "PPO β of the grid", type=FLOATS)
+    online_rounds: int = setting(2, "rounds of online DPO", check=POSITIVE)
+    online_prompts: int = setting(400, "prompts sampled (k = 4) and judged per round", check=POSITIVE)
+    optimal_prompts: int = setting(48, "prompts of the enumerated set", check=POSITIVE)
+    optimal_k: int = setting(8, "SFT samples per prompt in its candidate set (+ the answer)", check=POSITIVE)
+    optimal_beta: float = setting(1.0, "β of π* and of DPO", check=POSITIVE)
+    reward_scale: float = setting(3.0, "r(x, y) = scale · gold (PPO: β / scale on gold)", check=POSITIVE)
+    optimal_labels: int = setting(4, "Bradley–Terry labels drawn per candidate pair", check=POSITIVE)
+    optimal_dpo_steps: int = setting(300, "DPO steps on the candidate pairs", check=POSITIVE)
+    optimal_dpo_lr: float = setting(1e-4, "DPO learning rate on the candidate pairs", check=POSITIVE)
+    optimal_ppo_iterations: int = setting(20, "PPO iterations (judge reward)", check=POSITIVE)
+    optimal_ppo_lr: float = setting(1e-4, "PPO learning rate (judge reward)", check=POSITIVE)
+    threads: int = setting(1, "torch CPU threads", check=POSITIVE)
+    device: str = setting("auto", "cpu, cuda, … (auto: cuda if available)")
+    seed: int = setting(1337, "seed of the data made here (flips, candidates, labels)")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m experiments.alignment_claims", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source-run", default="runs/default", help="a finished `make run` directory: sft/model.pt, "
-                   "reward/model.pt and reward/preferences_{train,val}.jsonl are read, never written")
-    p.add_argument("--run", default="runs/claims", help="where the experiments' runs, figures and claims.md go")
-    p.add_argument("--experiment", default="all", help=f"all, or one or more of {','.join(EXPERIMENTS)}")
-    p.add_argument("--families", default="reverse,upper", help="task families (the cpu preset's)")
-    p.add_argument("--eval-tasks", type=int, default=500, help="held-out prompts judged for every policy")
-    p.add_argument("--ppo-iterations", type=int, default=15, help="PPO iterations per run (main job: 60)")
-    p.add_argument("--ppo-rollouts", type=int, default=64, help="PPO rollouts per iteration")
-    p.add_argument("--ppo-minibatch", type=int, default=16, help="PPO minibatch size")
-    p.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO learning rate (ppo.py's default)")
-    p.add_argument("--dpo-steps", type=int, default=250, help="DPO steps of 16 pairs per run (main job: 700)")
-    p.add_argument("--dpo-lr", type=float, default=3e-5, help="DPO learning rate (dpo.py's default)")
-    p.add_argument("--rm-pairs", type=int, default=8000, help="pairs (whole prompts) the noise experiment's reward "
-                   "models and DPO runs train on")
-    p.add_argument("--rm-epochs", type=int, default=2, help="epochs of those reward models")
-    p.add_argument("--val-pairs", type=int, default=1000, help="clean held-out pairs for the learned rewards' accuracy")
-    p.add_argument("--noise-levels", type=float_list, default=[0.0, 0.2, 0.4], help="shares of pairs flipped")
-    p.add_argument("--kl-dpo-betas", type=float_list, default=[0.5, 0.1, 0.02], help="DPO's β, large to small")
-    p.add_argument("--kl-ppo-betas", type=float_list, default=[0.3, 0.05, 0.01], help="PPO's β, large to small")
-    p.add_argument("--grid-dpo-lrs", type=float_list, default=[3e-5, 1e-4], help="DPO learning rates of the grid")
-    p.add_argument("--grid-dpo-betas", type=float_list, default=[0.5, 0.1], help="DPO β of the grid")
-    p.add_argument("--grid-ppo-lrs", type=float_list, default=[3e-5, 1e-4], help="PPO learning rates of the grid")
-    p.add_argument("--grid-ppo-betas", type=float_list, default=[0.3, 0.05], help="PPO β of the grid")
-    p.add_argument("--online-rounds", type=int, default=2, help="rounds of online DPO")
-    p.add_argument("--online-prompts", type=int, default=400, help="prompts sampled (k = 4) and judged per round")
-    p.add_argument("--optimal-prompts", type=int, default=48, help="prompts of the enumerated set")
-    p.add_argument("--optimal-k", type=int, default=8, help="SFT samples per prompt in its candidate set (+ the answer)")
-    p.add_argument("--optimal-beta", type=float, default=1.0, help="β of π* and of DPO")
-    p.add_argument("--reward-scale", type=float, default=3.0, help="r(x, y) = scale · gold (PPO: β / scale on gold)")
-    p.add_argument("--optimal-labels", type=int, default=4, help="Bradley–Terry labels drawn per candidate pair")
-    p.add_argument("--optimal-dpo-steps", type=int, default=300, help="DPO steps on the candidate pairs")
-    p.add_argument("--optimal-dpo-lr", type=float, default=1e-4, help="DPO learning rate on the candidate pairs")
-    p.add_argument("--optimal-ppo-iterations", type=int, default=20, help="PPO iterations (judge reward)")
-    p.add_argument("--optimal-ppo-lr", type=float, default=1e-4, help="PPO learning rate (judge reward)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="auto", help="cpu, cuda, … (auto: cuda if available)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the data made here (flips, candidates, labels)")
-    return p
+    parser = build_parser_from(Hyperparameters, __doc__.split("\n")[0])
+    parser.prog = "python -m experiments.alignment_claims"
+    return parser
 
 
 def validate(args):
@@ -929,14 +935,7 @@ def validate(args):
     unknown = [e for e in names if e not in EXPERIMENTS]
     if unknown or not names:
         raise ConfigError(f"--experiment {args.experiment!r}: use all or some of {','.join(EXPERIMENTS)}")
-    for flag in ("eval_tasks", "ppo_iterations", "ppo_rollouts", "ppo_minibatch", "dpo_steps", "rm_pairs", "rm_epochs",
-                 "val_pairs", "online_rounds", "online_prompts", "optimal_prompts", "optimal_k", "optimal_labels",
-                 "optimal_dpo_steps", "optimal_ppo_iterations", "threads"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
-    for flag in ("optimal_beta", "reward_scale", "ppo_lr", "dpo_lr", "optimal_dpo_lr", "optimal_ppo_lr"):
-        if not getattr(args, flag) > 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
+    check_ranges(args, Hyperparameters)
     if any(not 0 <= x < 0.5 for x in args.noise_levels) or len(args.noise_levels) < 2:
         raise ConfigError(f"--noise-levels: at least two shares in [0, 0.5) (got {args.noise_levels})")
     for flag in ("kl_dpo_betas", "kl_ppo_betas", "grid_dpo_betas", "grid_ppo_betas", "grid_dpo_lrs", "grid_ppo_lrs"):
