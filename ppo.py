@@ -765,12 +765,12 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
     policy.train()
     if critic is not None:
         critic.train()
+    shared = isinstance(critic, SharedValueHead)
     totals = defaultdict(list)
     for _ in range(args.ppo_epochs):
         for rows in length_grouped_minibatches(rollout, args.minibatch_size):
             batch = rollout.select(rows)
             mask = batch.response_mask
-            shared = isinstance(critic, SharedValueHead)
             with autocast:
                 hidden = response_hidden_states(policy, batch)
                 logprobs, entropy = logprobs_from_hidden(policy, hidden, batch, args.temperature, with_entropy=True)
