@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 from data.errors import DataError
 from data.shards import ShardError, read_shard
-from data.stages import (RESUME_FILE, finish_stage, read_stage, stage_decision, stage_fingerprint,
-                         write_stage)
+from data.stages import (RESUME_FILE, exit_torchrun_worker, finish_stage, read_stage, stage_decision,
+                         stage_fingerprint, write_stage)
 from kernels.flash_attention import naive_attention
 from settings import ConfigError, add_settings, check_ranges, runtime_flags, setting
 
@@ -1856,3 +1856,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:
+        exit_torchrun_worker()  # a finished torchrun worker: skip the teardown that can abort (data/stages.py)

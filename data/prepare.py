@@ -67,7 +67,7 @@ from data import curate, dedup, langid, perplexity, quality, sources, stream, ta
 from data.errors import DataError
 from data.shards import token_dtype, write_shard
 from data.tokenizer import DEFAULT_PATTERN, PRETRAINED, load_tokenizer, save_tokenizer, train_bpe
-from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from data.stages import begin_stage, exit_torchrun_worker, finish_stage, finished_stage, stage_fingerprint
 from settings import ConfigError, add_settings, check_ranges, runtime_flags, setting
 
 # Defaults: `python -m data.prepare --out DIR` runs in about a minute on 2 CPU cores.
@@ -706,3 +706,5 @@ def main(argv=None, extra_sources=(), eval_texts=()):
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:
+        exit_torchrun_worker()  # a finished torchrun worker: skip the teardown that can abort (data/stages.py)
