@@ -298,13 +298,11 @@ def check_args(args):
 
 def load_sources(source_list, args, problems, log):
     """Read each source up to its share of max_bytes × overread raw bytes."""
-    total_weight = sum(s.weight for s in source_list)
     names = [s.name for s in source_list]
     if len(set(names)) != len(names):
         raise DataError(f"--source: source names must differ, got {names}")
     documents = []
-    for source in source_list:
-        budget = int(args.max_bytes * args.overread * source.weight / total_weight)
+    for source, budget in zip(source_list, sources.read_budgets(source_list, args.max_bytes, args.overread)):
         loaded = source.load(budget, args.seed, problems)
         documents.extend(loaded)
         log.say(f"source {source.name!r}: {len(loaded):,} documents ({source.description})")

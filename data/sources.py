@@ -33,6 +33,7 @@ import os
 import random
 import sysconfig
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,6 +65,7 @@ class Source:
     description: str = ""
     path: str = ""  # a user corpus's file or directory ("" for the built-in and in-memory sources)
     stream: Callable = None  # stream(max_bytes, seed, problems) -> iterator of the same Documents, read lazily
+    text_field: str = "text"  # the JSON field a user corpus's .jsonl records keep their text in
 
     def documents(self, max_bytes, seed, problems):
         """The documents `load` returns, one at a time (data/stream.py reads sources this way)."""
@@ -87,6 +89,13 @@ def utf8(text: str) -> bytes:
         return text.encode("utf-8", errors="surrogateescape")
     except UnicodeEncodeError:
         return text.encode("utf-8", errors="replace")
+
+
+def read_budgets(source_list, max_bytes, overread):
+    """Raw UTF-8 bytes to read of each source: its share of max_bytes × overread (curation then
+    removes some; the mixture takes max_bytes)."""
+    total_weight = sum(s.weight for s in source_list)
+    return [int(max_bytes * overread * s.weight / total_weight) for s in source_list]
 
 
 def take_until(documents, max_bytes):
@@ -271,8 +280,10 @@ def html_to_text(markup: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def read_jsonl(path, text_field, source, kind, problems):
-    """One document per line from the string field `text_field`; bad lines are reported as file:line.
+def read_jsonl(path, text_field, source, kind, problems, offset=0, first_line=1):
+    """(document, byte offset, line number) per line of a JSONL file, from the string field
+    `text_field`; bad lines are reported as file:line. `offset` and `first_line` start the reading
+    at a record found before (data/stream.py re-reads a chunk's records from there).
 
     Read line by line, never whole: a JSONL file may be many GB. Lines end at "\n" only (JSON
     strings may hold a raw U+2028, which str.splitlines would also cut at)."""
@@ -282,46 +293,57 @@ def read_jsonl(path, text_field, source, kind, problems):
         problems.append(f"{path}: unreadable ({e.strerror})")
         return
     with f:
-        if b"\x00" in f.read(8192):  # as _read_file: text files have no NUL bytes
+        if offset == 0 and b"\x00" in f.read(8192):  # as _read_file: text files have no NUL bytes
             problems.append(f"{path}: binary file, skipped")
             return
-        f.seek(0)
-        yield from _jsonl_records(f, path, text_field, source, kind, problems)
+        f.seek(offset)
+        for lineno, raw_line in enumerate(f, first_line):
+            doc = _jsonl_record(raw_line, f"{path}:{lineno}", text_field, source, kind, problems)
+            if doc is not None:
+                yield doc, offset, lineno
+            offset += len(raw_line)
 
 
-def _jsonl_records(lines, path, text_field, source, kind, problems):
-    for lineno, raw_line in enumerate(lines, 1):
-        line = decode(raw_line)
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{lineno}: invalid JSON ({e.msg})")
-            continue
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            problems.append(f"{path}:{lineno}: no string field '{text_field}'")
-            continue
-        yield Document(text, source, f"{path}:{lineno}", kind)
+def _jsonl_record(raw_line, where, text_field, source, kind, problems):
+    line = decode(raw_line)
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        problems.append(f"{where}: invalid JSON ({e.msg})")
+        return None
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        problems.append(f"{where}: no string field '{text_field}'")
+        return None
+    return Document(text, source, where, kind)
 
 
-def read_corpus_file(path, text_field, source, kind, problems):
-    """Documents of one user file, chosen by its extension."""
+def located_documents(path, text_field, source, kind, problems, offset=0, first_line=1):
+    """(document, byte offset, line number) for each document of one user file, chosen by its
+    extension: where each one starts, so that a later reader can begin there. A JSONL file is read
+    from `offset` (line `first_line`); any other file is one document at offset 0, line 1."""
     lower = path.lower()
     if lower.endswith(JSONL_EXTENSIONS):
-        yield from read_jsonl(path, text_field, source, kind, problems)
+        yield from read_jsonl(path, text_field, source, kind, problems, offset, first_line)
         return
     raw = _read_file(path, problems)
     if raw is None:
         return
     if lower.endswith(HTML_EXTENSIONS):
         try:
-            yield Document(html_to_text(decode(raw)), source, path, kind)
+            yield Document(html_to_text(decode(raw)), source, path, kind), 0, 1
         except Exception as e:  # html.parser is lenient, but a page must never stop the run
             problems.append(f"{path}: HTML not parseable ({type(e).__name__}: {e})")
     else:
-        yield Document(decode(raw), source, path, kind)
+        yield Document(decode(raw), source, path, kind), 0, 1
+
+
+def read_corpus_file(path, text_field, source, kind, problems):
+    """The documents of one user file, in order."""
+    for doc, _, _ in located_documents(path, text_field, source, kind, problems):
+        yield doc
 
 
 def corpus_files(path, problems):
@@ -353,7 +375,8 @@ def path_source(name, path, weight=1.0, kind="prose", text_field="text") -> Sour
 
         return take_until(documents(), max_bytes)
 
-    return streamed_source(name, weight, kind, stream, f"user corpus {path}", path)
+    return dataclasses.replace(streamed_source(name, weight, kind, stream, f"user corpus {path}", path),
+                               text_field=text_field)
 
 
 def text_list_source(name, texts, weight, kind="curated") -> Source:

@@ -6,8 +6,13 @@ data/prepare.py's `curate_documents` holds every document in memory at once; it 
 reference that tests/test_data_stream.py compares this module against. Here the corpus is cut into
 chunks of about `chunk_bytes` and every stage is a pass over the chunks:
 
-    pass 1  read the sources as a stream; per chunk normalise, language, quality rules and the
-            exact-dedup hash; the surviving texts go to disk                    (work/curated/)
+    pass 0  index the user's files, each file read by one process of one rank: per document its
+            size and where its record starts; files are taken in rounds until each source's
+            budget is reached (a corpus much larger than the run needs is not read whole)
+                                                                                  (work/index/)
+    pass 1  the sources' documents, in order, cut into chunks from the index alone; per chunk
+            read its documents back from their offsets, normalise, language, quality rules and
+            the exact-dedup hash; the surviving texts go to disk                (work/curated/)
     pass 2  perplexity: two cross-fitted models per source, fitted on a reference sample of
             1 MB, then every chunk scored; the percentile band needs one float a document
     pass 3  exact dedup: the first document of each 64-bit hash (8 bytes a document)
@@ -21,10 +26,10 @@ chunks of about `chunk_bytes` and every stage is a pass over the chunks:
             the final order (work/tokens_*), written to shards as they fill.
 
 What stays in memory grows with the number of documents, not with their text: numbers per
-document (offsets, source, hash, perplexity, masks, positions: ~50 bytes) plus, one band at a time, 16 bytes
-a document for the sort. Text, signatures and tokens are only ever held a chunk at a time.
-The classifier and the substring stages (both off by default) still run on the documents in
-memory; every other stage is streamed.
+document (the file index's sizes and offsets, 40 bytes; source, hash, perplexity, masks, positions:
+~50) plus, one band at a time, 16 bytes a document for the sort. Text, signatures and tokens
+are only ever held a chunk at a time. The classifier and the substring stages (both off by
+default) still run on the documents in memory; every other stage is streamed.
 
 Every pass writes one result file per chunk (atomically, its .json last), so:
   * resumable: a run interrupted in any pass skips the chunks already written (work/manifest.json
@@ -40,6 +45,7 @@ Every pass writes one result file per chunk (atomically, its .json last), so:
 
 import collections
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -184,20 +190,131 @@ def map_chunks(run, name, function, tasks, state):
 
 
 # -----------------------------------------------------------------------------
+# Pass 0: an index of the user's files, each file read by one rank
+# -----------------------------------------------------------------------------
+
+def input_files(source_list):
+    """(source index, path) of every file of the user corpora (sources with a path), in reading
+    order, and per source the problems of listing them (unsupported extensions). The built-in and
+    in-memory sources have no files: they are small, and every rank reads them in pass 1's plan."""
+    files, listing = [], [[] for _ in source_list]
+    for s, source in enumerate(source_list):
+        if source.path:
+            files += [(s, path) for path in sources.corpus_files(source.path, listing[s])]
+    return files, listing
+
+
+def index_file(state, payload):
+    """Pass 0 on one file: per document its size in characters (chunks are cut by these) and in
+    UTF-8 bytes (a source's budget counts these), where its record starts (byte offset, line), and
+    how many of the file's problems came before it."""
+    s, path = payload
+    source = state["sources"][s]
+    problems, columns = [], {"chars": [], "bytes": [], "offset": [], "line": [], "problems_before": []}
+    for doc, offset, line in sources.located_documents(path, source.text_field, source.name, source.kind, problems):
+        for key, value in (("chars", len(doc.text)), ("bytes", len(utf8(doc.text))), ("offset", offset),
+                           ("line", line), ("problems_before", len(problems))):
+            columns[key].append(value)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    arrays = {key: np.array(v, dtype=np.int64) for key, v in columns.items()}
+    return arrays, {"problems": problems, "bytes": size}, None
+
+
+class FileIndex:
+    """Pass 0's results: which files are indexed, and what each holds. `documents` replays how
+    sources.take_until reads a user corpus up to its budget, from the index alone."""
+
+    def __init__(self, work, files, listing):
+        self.work, self.files, self.listing = work, files, listing
+        self.parts, self.problems, self.file_bytes = {}, {}, {}
+        self.ordinals = [[c for c, (t, _) in enumerate(files) if t == s] for s in range(len(listing))]
+
+    def load(self, c):
+        self.parts[c] = load_arrays(self.work, "index", c)
+        info = load_info(self.work, "index", c)
+        self.problems[c], self.file_bytes[c] = info["problems"], info["bytes"]
+
+    def reaches(self, s, budget):
+        """Whether the indexed files of source s hold the document at which its reading stops: one
+        whose preceding documents' bytes reach the budget (take_until reads it, then stops)."""
+        sizes = np.concatenate([self.parts[c]["bytes"] for c in self.ordinals[s] if c in self.parts]
+                               + [np.zeros(0, np.int64)])
+        return len(sizes) > 0 and int(sizes[:-1].sum()) >= budget
+
+    def documents(self, s, budget, problems):
+        """(file ordinal, k, characters, offset, line) of each document that reading source s up to
+        `budget` bytes yields, in order; what the reader meets on the way goes to `problems`, in order."""
+        problems.extend(self.listing[s])
+        total = 0
+        for c in self.ordinals[s]:
+            part, reported = self.parts[c], 0
+            for k in range(len(part["bytes"])):
+                problems.extend(self.problems[c][reported:part["problems_before"][k]])
+                reported = part["problems_before"][k]
+                if total >= budget:
+                    return
+                yield c, k, int(part["chars"][k]), int(part["offset"][k]), int(part["line"][k])
+                total += int(part["bytes"][k])
+            problems.extend(self.problems[c][reported:])
+
+
+def index_input_files(run, source_list):
+    """Pass 0, in rounds: each round indexes, for every source whose reading does not yet stop inside
+    its indexed files, its next world × workers files (file c on rank c mod world). A corpus far
+    larger than the run needs is not read whole: at most one round past its budget."""
+    files, listing = input_files(source_list)
+    index = FileIndex(run.work, files, listing)
+    budgets = sources.read_budgets(source_list, run.args.max_bytes, run.args.overread)
+    width, cursor = run.ranks.world * run.workers, [0] * len(source_list)
+    start, mine = time.time(), 0
+    while True:
+        batch = []
+        for s, ordinals in enumerate(index.ordinals):
+            if cursor[s] < len(ordinals) and not (cursor[s] and index.reaches(s, budgets[s])):
+                batch += ordinals[cursor[s]:cursor[s] + width]
+                cursor[s] += width
+        if not batch:
+            break
+        map_chunks(run, "index", index_file, ((c, files[c]) for c in batch), {"sources": source_list})
+        for c in batch:
+            index.load(c)
+            mine += index.file_bytes[c] if c % run.ranks.world == run.ranks.rank else 0
+    seconds = time.time() - start
+    run.throughput["index"] = round(mine / 1e6 / seconds, 2) if files and seconds > 0 else None
+    return index
+
+
+# -----------------------------------------------------------------------------
 # Pass 1: read, normalise, language, quality; the survivors go to disk
 # -----------------------------------------------------------------------------
 
-def document_chunks(source_list, args, problems, chunk_bytes, counter):
-    """(c, documents) chunks of the sources' stream: each source read up to its share of
-    max_bytes × overread (as prepare.load_sources), cut every chunk_bytes characters.
-    counter["chunks"] ends as the number of chunks."""
-    total_weight = sum(s.weight for s in source_list)
+def document_chunks(source_list, args, problems, chunk_bytes, counter, index):
+    """(c, items) chunks of the sources' stream, each source read up to its share of max_bytes ×
+    overread (as prepare.load_sources), cut every chunk_bytes characters. An item is a Document
+    (built-in and in-memory sources, read here) or a segment (file ordinal, first, end, offset,
+    line) of a user file's documents first…end−1 from the index, read by whoever curates the
+    chunk (`chunk_documents`). counter["chunks"] ends as the number of chunks."""
     chunk, size, counter["chunks"] = [], 0, 0
-    for source in source_list:
-        budget = int(args.max_bytes * args.overread * source.weight / total_weight)
-        for doc in source.documents(budget, args.seed, problems):
-            chunk.append(doc)
-            size += len(doc.text)
+    budgets = sources.read_budgets(source_list, args.max_bytes, args.overread)
+    for s, (source, budget) in enumerate(zip(source_list, budgets)):
+        if source.path:
+            entries = index.documents(s, budget, problems)
+        else:
+            entries = ((doc, len(doc.text)) for doc in source.documents(budget, args.seed, problems))
+        for entry in entries:
+            if source.path:
+                c, k, chars, offset, line = entry
+                if chunk and isinstance(chunk[-1], list) and chunk[-1][0] == c and chunk[-1][2] == k:
+                    chunk[-1][2] = k + 1  # the next document of the same file: the segment grows
+                else:
+                    chunk.append([c, k, k + 1, offset, line])
+            else:
+                doc, chars = entry
+                chunk.append(doc)
+            size += chars
             if size >= chunk_bytes:
                 yield counter["chunks"], chunk
                 counter["chunks"] += 1
@@ -205,6 +322,22 @@ def document_chunks(source_list, args, problems, chunk_bytes, counter):
     if chunk:
         yield counter["chunks"], chunk
         counter["chunks"] += 1
+
+
+def chunk_documents(state, items):
+    """The Documents of a pass-1 chunk: its segments read from their files, from the recorded offsets
+    (their problems were recorded by pass 0)."""
+    documents = []
+    for item in items:
+        if isinstance(item, Document):
+            documents.append(item)
+            continue
+        c, first, end, offset, line = item
+        s, path = state["files"][c]
+        source = state["sources"][s]
+        located = sources.located_documents(path, source.text_field, source.name, source.kind, [], offset, line)
+        documents += [doc for doc, _, _ in itertools.islice(located, end - first)]
+    return documents
 
 
 def _counts(documents):
@@ -216,9 +349,10 @@ def _counts(documents):
     return by_source
 
 
-def curate_chunk(state, documents):
+def curate_chunk(state, items):
     """Pass 1 on one chunk: the per-document filters of prepare.curate_documents, in its order."""
     args, names = state["args"], state["source_names"]
+    documents = chunk_documents(state, items)
     funnel = {"loaded": _counts(documents)}
     kept, normalise_stats = curate.normalise_documents(documents, args.max_whitespace_run, args.max_doc_chars)
     funnel["normalised"] = _counts(kept)
@@ -543,11 +677,11 @@ class StreamingRun:
         names = [s.name for s in source_list]
         if len(set(names)) != len(names):
             raise DataError(f"--source: source names must differ, got {names}")
-        counter = {}
-        state = {"args": args, "source_names": names,
+        counter, file_index = {}, index_input_files(self, source_list)
+        state = {"args": args, "source_names": names, "sources": source_list, "files": file_index.files,
                  "identifier": langid.default_identifier() if args.language_list else None}
-        self.throughput["curate"] = map_chunks(
-            self, "curated", curate_chunk, document_chunks(source_list, args, problems, self.chunk_bytes, counter), state)
+        chunks = document_chunks(source_list, args, problems, self.chunk_bytes, counter, file_index)
+        self.throughput["curate"] = map_chunks(self, "curated", curate_chunk, chunks, state)
         n_chunks = counter["chunks"]
         infos = [load_info(self.work, "curated", c) for c in range(n_chunks)]
         funnel, report["normalise"], language, report["quality"] = merge_pass1_reports(infos)
@@ -652,7 +786,8 @@ class StreamingRun:
             log.say(f"the mixture has {total / 1e6:.2f} MB, less than --max-bytes: source {scarce!r} has only "
                     f"{report['mixture'][scarce]['available_bytes'] / 1e6:.2f} MB after curation")
         report["streaming"] = {"chunk_bytes": self.chunk_bytes, "chunks": n_chunks, "workers": self.workers,
-                               "ranks": self.ranks.world, "max_memory": args.max_memory}
+                               "ranks": self.ranks.world, "max_memory": args.max_memory,
+                               "input_files": len(file_index.files), "indexed_files": len(file_index.parts)}
         return store, final
 
     def _stage(self, name, store, mask):

@@ -154,3 +154,90 @@ def test_two_gloo_ranks_write_what_one_process_writes(corpus, tmp_path):
     assert reports[1]["streaming"]["ranks"] == 2 and reports[0]["streaming"]["ranks"] == 1
     assert [s["documents"] for s in reports[0]["funnel"]] == [s["documents"] for s in reports[1]["funnel"]]
     assert reports[1]["near_dedup"]["removed"] == reports[0]["near_dedup"]["removed"] >= 4
+
+
+@pytest.fixture(scope="module")
+def many_files(tmp_path_factory):
+    """A directory of eight JSONL files with bad lines, plus a binary file, a text file and one of an
+    unsupported kind: what the file index must replay exactly as sources.take_until reads it."""
+    rng = random.Random(2)
+    root = tmp_path_factory.mktemp("many_files")
+    for i in range(8):
+        lines = [json.dumps({"text": _paragraph(rng, rng.randint(2, 6))}) for _ in range(rng.randint(3, 9))]
+        lines.insert(rng.randrange(len(lines)), "{not json")
+        lines.insert(rng.randrange(len(lines)), json.dumps({"body": "no text field"}))
+        (root / f"part{i}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "part3b.jsonl").write_bytes(b"\x00\x01binary")
+    (root / "notes.txt").write_text(_paragraph(rng))
+    (root / "image.png").write_bytes(b"\x89PNG")
+    return root
+
+
+class ThreadRanks(stream.Ranks):
+    """Two ranks as two threads of this process, meeting at a threading barrier."""
+
+    def __init__(self, rank, barrier):
+        super().__init__(rank, 2)
+        self.meeting = barrier
+
+    def barrier(self):
+        self.meeting.wait(timeout=60)
+
+
+@pytest.mark.parametrize("max_bytes", [1_500, 4_000, 10**9])  # the budget inside a file, later, never reached
+def test_the_file_index_reads_what_the_stream_reads(many_files, tmp_path, max_bytes):
+    """Pass 0 + the chunk plan + chunk_documents give take_until's documents and problems, in order;
+    a corpus larger than the budget is indexed only up to one round past it."""
+    argv = ["--out", str(tmp_path / "out"), "--source", f"web={many_files}", "--max-bytes", str(max_bytes),
+            "--overread", "1", "--quiet"]
+    args = _args(argv)
+    source_list = [parse_source_flag(spec) for spec in args.source]
+    expected_problems = []
+    expected = source_list[0].load(max_bytes, args.seed, expected_problems)
+    run = stream.StreamingRun(args, "test", stream.Ranks(), 1, Log(quiet=True))
+    index = stream.index_input_files(run, source_list)
+    problems, counter = [], {}
+    chunks = list(stream.document_chunks(source_list, args, problems, 400, counter, index))
+    state = {"sources": source_list, "files": index.files}
+    documents = [doc for _, items in chunks for doc in stream.chunk_documents(state, items)]
+    assert documents == expected and problems == expected_problems
+    assert len(chunks) > 2 and any("unsupported extension" in p for p in problems)
+    if max_bytes == 1_500:
+        assert len(index.parts) < len(index.files)  # the files past the budget's round were not read
+    else:
+        assert any("invalid JSON" in p for p in problems)
+    if max_bytes == 10**9:
+        assert len(index.parts) == len(index.files) and any("binary" in p for p in problems)
+
+
+def test_each_file_is_indexed_by_one_rank(many_files, tmp_path, monkeypatch):
+    """Two ranks (threads here): rank r reads exactly the files c with c mod 2 = r, and both end
+    with the same index."""
+    import threading
+
+    args = _args(["--out", str(tmp_path / "out"), "--source", f"web={many_files}", "--quiet"])
+    source_list = [parse_source_flag(spec) for spec in args.source]
+    read_by, original = {}, stream.sources.located_documents
+
+    def recording(path, *rest):
+        read_by.setdefault(path, set()).add(threading.current_thread().name)
+        return original(path, *rest)
+
+    monkeypatch.setattr(stream.sources, "located_documents", recording)
+    meeting, indexes = threading.Barrier(2), {}
+    os_work = tmp_path / "out" / stream.WORK
+    os_work.mkdir(parents=True)
+
+    def rank(r):
+        run = stream.StreamingRun.__new__(stream.StreamingRun)
+        run.args, run.ranks, run.workers, run.work, run.throughput = args, ThreadRanks(r, meeting), 1, str(os_work), {}
+        indexes[r] = stream.index_input_files(run, source_list)
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    files = indexes[0].files
+    assert len(files) == 10 and read_by == {path: {f"rank{c % 2}"} for c, (_, path) in enumerate(files)}
+    assert sorted(indexes[0].parts) == sorted(indexes[1].parts) == list(range(len(files)))
