@@ -18,9 +18,11 @@ MB/s of input, the report's per-pass MB/s, and peak memory — of the largest pr
 sum counts pages shared by forked workers once per process, so it is an upper bound).
 
 --datatrove: if the `datatrove` package imports, also run its MinHash dedup pipeline (signatures,
-buckets, clusters; 14 bands × 9 rows, word 5-grams, as ours) on every record of the smallest corpus,
-read the documents its filter step would drop from its .remove file, and compare them with those
-our in-memory dedup.near_dedup removes from the same records. Benchmark-only: datatrove is not in
+buckets, clusters; 14 bands × 9 rows, word 5-grams, as ours) on every record of the smallest corpus
+(or of --datatrove-size-mb), read the documents its filter step would drop from its .remove file,
+and compare them with those our in-memory dedup.near_dedup removes from the same records. Each
+side runs in a forked child, so that its time and peak memory (the child's, its own workers
+included) are its own. Benchmark-only: datatrove is not in
 requirements.txt.
 """
 
@@ -234,19 +236,46 @@ def datatrove_near_dedup(corpus, work):
     return set(removed.tolist()), seconds
 
 
+def in_child(function, *args):
+    """function(*args) in a forked child process: (its result, the child's peak RSS in bytes —
+    its waited-for descendants included, as wait4 reports it)."""
+    import pickle
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            payload, code = pickle.dumps(function(*args)), 0
+        except BaseException as e:  # noqa: BLE001 - sent back to the parent and raised there
+            payload, code = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}")), 1
+        with os.fdopen(write_end, "wb") as f:
+            f.write(payload)
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        payload = f.read()
+    _, status, usage = os.wait4(pid, 0)
+    result = pickle.loads(payload)
+    if status:
+        raise result
+    return result, usage.ru_maxrss * 1024
+
+
 def datatrove_comparison(corpus, work):
     try:
         import datatrove  # noqa: F401
     except ImportError:
         print("\ndatatrove: not installed (pip install datatrove); no comparison")
         return
-    ours, n, our_seconds = ours_near_dedup(corpus)
-    theirs, their_seconds = datatrove_near_dedup(corpus, work)
+    (ours, n, our_seconds), our_peak = in_child(ours_near_dedup, corpus)
+    (theirs, their_seconds), their_peak = in_child(datatrove_near_dedup, corpus, work)
     agree = n - len(ours ^ theirs)
     print(f"\nnear-duplicate decisions on {os.path.basename(corpus)} ({n:,} documents, one process each, "
-          f"MinHash step only): ours {len(ours):,} removed in {our_seconds:.0f} s, datatrove {len(theirs):,} removed "
-          f"in {their_seconds:.0f} s; the same decision on {agree / n:.2%} of documents; removed by both "
-          f"{len(ours & theirs):,}, only by ours {len(ours - theirs):,}, only by datatrove {len(theirs - ours):,}")
+          f"MinHash step only): ours {len(ours):,} removed in {our_seconds:.0f} s, peak {our_peak / 1e9:.2f} GB; "
+          f"datatrove {len(theirs):,} removed in {their_seconds:.0f} s, peak {their_peak / 1e9:.2f} GB; the same "
+          f"decision on {agree / n:.2%} of documents; removed by both {len(ours & theirs):,}, only by ours "
+          f"{len(ours - theirs):,}, only by datatrove {len(theirs - ours):,}")
 
 
 def main(argv=None):
@@ -256,6 +285,8 @@ def main(argv=None):
     p.add_argument("--dir", default="/tmp/prepare_scale", help="where corpora and outputs go")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--datatrove", action="store_true", help="also compare with datatrove's MinHash dedup")
+    p.add_argument("--datatrove-size-mb", type=int, default=None,
+                   help="the corpus size to compare on (default: the smallest of --sizes-mb)")
     args = p.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
     rows = []
@@ -278,8 +309,10 @@ def main(argv=None):
                   f"{tree / 1e9:.2f} GB | {passes} | {report['near_dedup']['removed']:,} | "
                   f"{report['exact_dedup']['removed']:,} |", flush=True)
     if args.datatrove:
-        smallest = min(int(x) for x in args.sizes_mb.split(","))
-        corpus = os.path.join(args.dir, f"corpus_{smallest}mb_seed{args.seed}.jsonl")
+        size_mb = args.datatrove_size_mb or min(int(x) for x in args.sizes_mb.split(","))
+        corpus = os.path.join(args.dir, f"corpus_{size_mb}mb_seed{args.seed}.jsonl")
+        if not os.path.exists(corpus):
+            generate(corpus, size_mb * 10**6, args.seed)
         datatrove_comparison(corpus, args.dir)
 
 
