@@ -58,7 +58,7 @@ import sft
 from data.errors import DataError
 from data.hf_tokenizer import write_json
 from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_fingerprint
-from data.tasks import generate_tasks, judge
+from data.tasks import generate_tasks, judge, read_jsonl
 from data.tokenizer import load_tokenizer
 from settings import build_parser_from, check_ranges, comma_list, setting
 from train_gpt import ConfigError, count_params, pick_device
@@ -238,11 +238,6 @@ def evaluate(ctx, name, models):
     argv = ["--eval", f"sft={ctx.sft}", *[f"{k}={v}" for k, v in models.items()], "--reference", "sft",
             "--eval-out", ctx.path(name, "eval"), "--eval-tasks", str(ctx.args.eval_tasks), *ctx.common()]
     return sft.main(argv)["models"]
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def first_prompts(records, n_pairs):
