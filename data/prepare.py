@@ -375,12 +375,9 @@ def curate_documents(source_list, args, eval_texts, problems, log, report):
     documents, report["mixture"] = sources.mix(by_source, {s.name: s.weight for s in source_list},
                                                args.max_bytes, args.seed)
     log.stage("mixture", documents)
-    total = sum(m["bytes"] for m in report["mixture"].values())
-    if total < 0.95 * args.max_bytes:
-        scarce = min(report["mixture"], key=lambda n: report["mixture"][n]["available_bytes"] /
-                     report["mixture"][n]["target_share"])
-        log.say(f"the mixture has {total / 1e6:.2f} MB, less than --max-bytes: source {scarce!r} has only "
-                f"{report['mixture'][scarce]['available_bytes'] / 1e6:.2f} MB after curation")
+    shortfall = sources.mixture_shortfall(report["mixture"], args.max_bytes)
+    if shortfall:
+        log.say(shortfall)
     return documents
 
 

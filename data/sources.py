@@ -464,6 +464,17 @@ def mix_positions(sizes_by_source, weights, max_bytes, seed=0):
     return chosen, info
 
 
+def mixture_shortfall(mixture, max_bytes):
+    """A warning when the mixture (its report: bytes per source) falls short of max_bytes by more
+    than 5 %, naming the source that ran out first relative to its share; None otherwise."""
+    total = sum(m["bytes"] for m in mixture.values())
+    if total >= 0.95 * max_bytes:
+        return None
+    scarce = min(mixture, key=lambda n: mixture[n]["available_bytes"] / mixture[n]["target_share"])
+    return (f"the mixture has {total / 1e6:.2f} MB, less than --max-bytes: source {scarce!r} has only "
+            f"{mixture[scarce]['available_bytes'] / 1e6:.2f} MB after curation")
+
+
 def mix(documents_by_source, weights, max_bytes, seed=0):
     """mix_positions on in-memory documents: returns (documents, info)."""
     sizes = {name: [_nbytes(d) for d in docs] for name, docs in documents_by_source.items()}

@@ -13,6 +13,7 @@ Plain JSON and hashing, no torch: it sits at the bottom of the import chain with
 import hashlib
 import json
 import os
+import sys
 import time
 
 from data.errors import DataError
@@ -131,8 +132,6 @@ def exit_torchrun_worker():
     SIGABRT) after the last line of Python has run — seen in 3 of 42 two-rank FSDP resumes
     (tests/test_distributed.py), and once in CI. torchrun then reports the finished run as failed.
     Nothing is left to do by then, so leave at once with status 0, stdout and stderr flushed."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

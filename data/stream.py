@@ -7,8 +7,8 @@ reference that tests/test_data_stream.py compares this module against. Here the 
 chunks of about `chunk_bytes` and every stage is a pass over the chunks:
 
     pass 0  index the user's files, each file read by one process of one rank: per document its
-            size and where its record starts; files are taken in rounds until each source's
-            budget is reached (a corpus much larger than the run needs is not read whole)
+            size and where its record starts; each source's files are taken until their sizes
+            cover its budget (a corpus much larger than the run needs is not read whole)
                                                                                   (work/index/)
     pass 1  the sources' documents, in order, cut into chunks from the index alone; per chunk
             read its documents back from their offsets, normalise, language, quality rules and
@@ -231,18 +231,23 @@ class FileIndex:
         self.work, self.files, self.listing = work, files, listing
         self.parts, self.problems, self.file_bytes = {}, {}, {}
         self.ordinals = [[c for c, (t, _) in enumerate(files) if t == s] for s in range(len(listing))]
+        # Per source, over its files indexed so far (they are indexed in order): the documents'
+        # UTF-8 bytes, and the size of the last document.
+        self.text_bytes, self.last_size = [0] * len(listing), [0] * len(listing)
 
     def load(self, c):
-        self.parts[c] = load_arrays(self.work, "index", c)
+        self.parts[c] = part = load_arrays(self.work, "index", c)
         info = load_info(self.work, "index", c)
         self.problems[c], self.file_bytes[c] = info["problems"], info["bytes"]
+        s = self.files[c][0]
+        self.text_bytes[s] += int(part["bytes"].sum())
+        if len(part["bytes"]):
+            self.last_size[s] = int(part["bytes"][-1])
 
     def reaches(self, s, budget):
         """Whether the indexed files of source s hold the document at which its reading stops: one
         whose preceding documents' bytes reach the budget (take_until reads it, then stops)."""
-        sizes = np.concatenate([self.parts[c]["bytes"] for c in self.ordinals[s] if c in self.parts]
-                               + [np.zeros(0, np.int64)])
-        return len(sizes) > 0 and int(sizes[:-1].sum()) >= budget
+        return self.text_bytes[s] > 0 and self.text_bytes[s] - self.last_size[s] >= budget
 
     def documents(self, s, budget, problems):
         """(file ordinal, k, characters, offset, line) of each document that reading source s up to
@@ -261,10 +266,27 @@ class FileIndex:
             problems.extend(self.problems[c][reported:])
 
 
+def next_round(index, s, cursor, budget, width):
+    """The files of source s that the next round of pass 0 indexes: from `cursor` on, enough that
+    their sizes on disk cover what the budget still needs (a file's text is rarely larger than
+    the file), and at least `width`, one per process."""
+    ordinals, need, taken = index.ordinals[s], budget - index.text_bytes[s], []
+    for c in ordinals[cursor:]:
+        if len(taken) >= width and need < 0:
+            break
+        taken.append(c)
+        try:
+            need -= os.path.getsize(index.files[c][1])
+        except OSError:  # unreadable: pass 0 records the problem
+            pass
+    return taken
+
+
 def index_input_files(run, source_list):
     """Pass 0, in rounds: each round indexes, for every source whose reading does not yet stop inside
-    its indexed files, its next world × workers files (file c on rank c mod world). A corpus far
-    larger than the run needs is not read whole: at most one round past its budget."""
+    its indexed files, its next files — as many as its budget still needs by their size on disk
+    (file c on rank c mod world). Usually one round; a corpus far larger than the run needs is not
+    read whole."""
     files, listing = input_files(source_list)
     index = FileIndex(run.work, files, listing)
     budgets = sources.read_budgets(source_list, run.args.max_bytes, run.args.overread)
@@ -272,10 +294,11 @@ def index_input_files(run, source_list):
     start, mine = time.time(), 0
     while True:
         batch = []
-        for s, ordinals in enumerate(index.ordinals):
-            if cursor[s] < len(ordinals) and not (cursor[s] and index.reaches(s, budgets[s])):
-                batch += ordinals[cursor[s]:cursor[s] + width]
-                cursor[s] += width
+        for s in range(len(source_list)):
+            if cursor[s] < len(index.ordinals[s]) and not (cursor[s] and index.reaches(s, budgets[s])):
+                taken = next_round(index, s, cursor[s], budgets[s], width)
+                batch += taken
+                cursor[s] += len(taken)
         if not batch:
             break
         map_chunks(run, "index", index_file, ((c, files[c]) for c in batch), {"sources": source_list})
@@ -779,12 +802,9 @@ class StreamingRun:
         mixed = np.zeros(len(store), dtype=bool)
         mixed[final] = True
         self._stage("mixture", store, mixed)
-        total = sum(m["bytes"] for m in report["mixture"].values())
-        if total < 0.95 * args.max_bytes:
-            scarce = min(report["mixture"], key=lambda n: report["mixture"][n]["available_bytes"] /
-                         report["mixture"][n]["target_share"])
-            log.say(f"the mixture has {total / 1e6:.2f} MB, less than --max-bytes: source {scarce!r} has only "
-                    f"{report['mixture'][scarce]['available_bytes'] / 1e6:.2f} MB after curation")
+        shortfall = sources.mixture_shortfall(report["mixture"], args.max_bytes)
+        if shortfall:
+            log.say(shortfall)
         report["streaming"] = {"chunk_bytes": self.chunk_bytes, "chunks": n_chunks, "workers": self.workers,
                                "ranks": self.ranks.world, "max_memory": args.max_memory,
                                "input_files": len(file_index.files), "indexed_files": len(file_index.parts)}

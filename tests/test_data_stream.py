@@ -187,7 +187,7 @@ class ThreadRanks(stream.Ranks):
 @pytest.mark.parametrize("max_bytes", [1_500, 4_000, 10**9])  # the budget inside a file, later, never reached
 def test_the_file_index_reads_what_the_stream_reads(many_files, tmp_path, max_bytes):
     """Pass 0 + the chunk plan + chunk_documents give take_until's documents and problems, in order;
-    a corpus larger than the budget is indexed only up to one round past it."""
+    a corpus larger than the budget is indexed only as far as its files' sizes cover the budget."""
     argv = ["--out", str(tmp_path / "out"), "--source", f"web={many_files}", "--max-bytes", str(max_bytes),
             "--overread", "1", "--quiet"]
     args = _args(argv)
@@ -203,7 +203,7 @@ def test_the_file_index_reads_what_the_stream_reads(many_files, tmp_path, max_by
     assert documents == expected and problems == expected_problems
     assert len(chunks) > 2 and any("unsupported extension" in p for p in problems)
     if max_bytes == 1_500:
-        assert len(index.parts) < len(index.files)  # the files past the budget's round were not read
+        assert len(index.parts) < len(index.files)  # the files past the budget were not read
     else:
         assert any("invalid JSON" in p for p in problems)
     if max_bytes == 10**9:
@@ -225,12 +225,12 @@ def test_each_file_is_indexed_by_one_rank(many_files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(stream.sources, "located_documents", recording)
     meeting, indexes = threading.Barrier(2), {}
-    os_work = tmp_path / "out" / stream.WORK
-    os_work.mkdir(parents=True)
+    work = tmp_path / "out" / stream.WORK
+    work.mkdir(parents=True)
 
     def rank(r):
         run = stream.StreamingRun.__new__(stream.StreamingRun)
-        run.args, run.ranks, run.workers, run.work, run.throughput = args, ThreadRanks(r, meeting), 1, str(os_work), {}
+        run.args, run.ranks, run.workers, run.work, run.throughput = args, ThreadRanks(r, meeting), 1, str(work), {}
         indexes[r] = stream.index_input_files(run, source_list)
 
     threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
