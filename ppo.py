@@ -139,6 +139,8 @@ class Hyperparameters:
     lr: float = setting(3e-5, "policy learning rate (SFT used 1e-3: RL steps must be small)", check="> 0",
                         group="update")
     value_lr: float = setting(1e-4, "critic learning rate (PPO)", group="update")
+    anneal_lr: bool = setting(False, "decay both learning rates linearly to 0 over the iterations (CleanRL's "
+                                     "default): late, noisy steps shrink", group="update")
     critic: str = setting("separate", "V: its own network (separate), or a scalar head on the policy's backbone "
                           "(shared: one forward for both, loss L_policy + c₁·L_value)", choices=("separate", "shared"),
                           group="update")
@@ -812,6 +814,18 @@ def make_optimizer(policy, critic, args):
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
 
 
+def annealed_lr(base_lr, iteration, iterations):
+    """lr_i = base · (1 − (i − 1)/N) for iteration i of N: the full rate first, 1/N of it last. A
+    noise-limited update (README, "Making RL climb") wanders less once it is near a good policy."""
+    return base_lr * (1 - (iteration - 1) / iterations)
+
+
+def set_learning_rates(optimizer, args, iteration):
+    """The policy's and the critic's rate for this iteration (fixed, or annealed with --anneal-lr)."""
+    for group, base in zip(optimizer.param_groups, (args.lr, args.value_lr)):
+        group["lr"] = annealed_lr(base, iteration, args.iterations) if args.anneal_lr else base
+
+
 def train_iteration(policy, reference, critic, optimizer, prompts, score_fn, special, beta, args,
                     generator=None, autocast=contextlib.nullcontext()):
     """One PPO/GRPO iteration on `prompts`: rollout, experience, update. Returns (rollout, stats),
@@ -851,6 +865,7 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
         for iteration in range(done + 1, args.iterations + 1):
             batch = slice((iteration - 1) * args.rollouts, iteration * args.rollouts)
             beta = controller.beta
+            set_learning_rates(optimizer, args, iteration)
 
             def score_fn(prompt_ids, response_ids):
                 return reward(prompt_ids, response_ids, tasks[batch])
@@ -858,7 +873,7 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
             rollout, stats = train_iteration(policy, reference, critic, optimizer, prompts[batch], score_fn, special,
                                              beta, args, generator, autocast)
             gold = [judge(task, decode_response(enc, r)) for task, r in zip(tasks[batch], rollout.responses)]
-            record = iteration_record(iteration, rollout, stats, gold, beta)
+            record = iteration_record(iteration, rollout, stats, gold, beta, optimizer.param_groups[0]["lr"])
             records.append(record)
             log_line(metrics, record)
             if iteration % args.log_every == 0 or iteration in (1, args.iterations):
@@ -940,7 +955,7 @@ def evaluate_heldout(name, policy, reference, enc, tasks, args, device, autocast
     return result
 
 
-def iteration_record(iteration, rollout, stats, gold, beta):
+def iteration_record(iteration, rollout, stats, gold, beta, lr):
     """One line of metrics.jsonl: what the rollouts scored and how the update went."""
     mask = rollout.response_mask
     timings = ("time_generation", "time_scoring", "time_optimisation")
@@ -956,6 +971,7 @@ def iteration_record(iteration, rollout, stats, gold, beta):
         "response_length": (mask.sum(dim=1) - rollout.ended.float()).mean().item(),  # tokens, <|end|> not counted
         "ended": rollout.ended.float().mean().item(),                     # share that emitted <|end|>
         "beta": beta,
+        "lr": lr,                                                         # the policy's (--anneal-lr decays it)
         "explained_variance": None if math.isnan(ev) else ev,
         **{k: v for k, v in stats.items() if k not in timings},
         "rollout_tokens_per_sec": mask.sum().item() / max(stats["time_generation"], 1e-9),

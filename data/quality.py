@@ -219,30 +219,50 @@ def _split(items, fraction, rng):
     return [items[i] for i in order[n_held:]], [items[i] for i in order[:n_held]]
 
 
-def training_chunks(positives, negatives, seed=SEED):
-    """The classifier's examples: paragraph chunks of 80% of the positive and of the negative documents
-    (train) and of the other 20% (held out: split by document, so no document is on both sides).
-    Negatives are sampled to as many chunks as the positives have (balanced classes).
-    Returns (train texts, train labels, held-out texts, held-out labels), label 1 = good."""
+def training_plan(positive_counts, negative_counts, seed=SEED):
+    """Which paragraph chunks train and test the classifier, from how many chunks each document has:
+    80 % of the positive and of the negative documents train, the other 20 % are held out (split by
+    document, so no document is on both sides); negatives are sampled to as many chunks as the
+    positives have (balanced classes). Needs only the counts, so the streamed pipeline (data/stream.py)
+    plans from numbers and reads back just the chosen documents. Returns four (document indices,
+    chunk numbers) pairs: good train, good held-out, random train, random held-out."""
     rng = np.random.default_rng(seed)
-    pos_train, pos_held = _split(positives, HELDOUT_FRACTION, rng)
-    neg_train, neg_held = _split(negatives, HELDOUT_FRACTION, rng)
+    pos_train, pos_held = _split(np.arange(len(positive_counts)), HELDOUT_FRACTION, rng)
+    neg_train, neg_held = _split(np.arange(len(negative_counts)), HELDOUT_FRACTION, rng)
 
-    def chunks(documents, limit=None):
-        out = [c for d in documents for c in paragraph_chunks(d)]
-        if limit is not None and len(out) > limit:
-            out = [out[i] for i in sorted(rng.choice(len(out), limit, replace=False))]
-        return out
+    def pick(documents, counts, limit=None):
+        sizes = np.asarray(counts, dtype=np.int64)[np.asarray(documents, dtype=np.int64)]
+        total, ends = int(sizes.sum()), np.cumsum(sizes)
+        chosen = (np.sort(rng.choice(total, limit, replace=False)) if limit is not None and total > limit
+                  else np.arange(total))  # the j-th chunk of the documents' chunks laid end to end
+        which = np.searchsorted(ends, chosen, side="right")
+        return np.asarray(documents, dtype=np.int64)[which], chosen - (ends - sizes)[which]
 
-    good_train, good_held = chunks(pos_train), chunks(pos_held)
-    random_train, random_held = chunks(neg_train, len(good_train)), chunks(neg_held, len(good_held))
+    good_train, good_held = pick(pos_train, positive_counts), pick(pos_held, positive_counts)
+    return (good_train, good_held, pick(neg_train, negative_counts, len(good_train[0])),
+            pick(neg_held, negative_counts, len(good_held[0])))
+
+
+def training_chunks(positives, negatives, seed=SEED):
+    """The classifier's examples (training_plan's chunks of the positive and negative documents).
+    Returns (train texts, train labels, held-out texts, held-out labels), label 1 = good."""
+    pos_chunks, neg_chunks = [paragraph_chunks(t) for t in positives], [paragraph_chunks(t) for t in negatives]
+    plan = training_plan([len(c) for c in pos_chunks], [len(c) for c in neg_chunks], seed)
+    good_train, good_held, random_train, random_held = (
+        [chunks[d][k] for d, k in zip(*part)] for chunks, part in zip((pos_chunks, pos_chunks, neg_chunks, neg_chunks),
+                                                                      plan))
     return (good_train + random_train, [1] * len(good_train) + [0] * len(random_train),
             good_held + random_held, [1] * len(good_held) + [0] * len(random_held))
 
 
 def train_classifier(positives, negatives, seed=SEED, epochs=EPOCHS, lr=LR, **model_args):
     """Fit on training_chunks' training side, measure on its held-out side. Returns (classifier, report)."""
-    train_texts, train_labels, held_texts, held_labels = training_chunks(positives, negatives, seed)
+    return fit_classifier(training_chunks(positives, negatives, seed), seed, epochs, lr, **model_args)
+
+
+def fit_classifier(examples, seed=SEED, epochs=EPOCHS, lr=LR, **model_args):
+    """Fit on (train texts, train labels, held-out texts, held-out labels); report the held-out side."""
+    train_texts, train_labels, held_texts, held_labels = examples
     start = time.time()
     classifier = FastTextClassifier(seed=seed, **model_args).fit(train_texts, train_labels, epochs, lr)
     train_seconds = time.time() - start
@@ -258,6 +278,27 @@ def train_classifier(positives, negatives, seed=SEED, epochs=EPOCHS, lr=LR, **mo
     return classifier, report
 
 
+def score_cut(scores, threshold, keep_fraction):
+    """The score a prose document needs to stay: the threshold, or with keep_fraction the score above
+    which that fraction of them lies."""
+    if keep_fraction is None:
+        return threshold
+    return float(np.quantile(scores, 1 - keep_fraction)) if len(scores) else 0.5
+
+
+def filter_report(report, scores, cut, origins, seconds, **fields):
+    """The filter's part of the report: the cut, how many it scored and removed, every score, and the
+    origins of the three lowest and highest (origins(i) for prose document i)."""
+    ranked = np.argsort(scores)
+    report.update(fields)
+    report.update({"threshold": round(cut, 4), "scored": len(scores), "removed": int((scores < cut).sum()),
+                   "scores": np.round(scores, 4).tolist(),
+                   "documents_per_second": round(len(scores) / max(seconds, 1e-9), 1),
+                   "lowest": [origins(int(i)) for i in ranked[:3]],
+                   "highest": [origins(int(i)) for i in ranked[::-1][:3]]})
+    return report
+
+
 def classifier_filter(documents, reference, threshold=0.5, keep_fraction=None, eval_texts=(), seed=SEED,
                       problems=None, **model_args):
     """Train the classifier (reference texts vs random prose documents of `documents`), score every
@@ -271,25 +312,21 @@ def classifier_filter(documents, reference, threshold=0.5, keep_fraction=None, e
     prose = [d for d in documents if d.kind == "prose"]
     negatives = [d.text for d in prose if exact_hash(d.text) not in reference_hashes
                  and not index.contaminated(d.text)]
-    if len(negatives) < 2:
-        raise DataError(f"--classifier-reference {reference}: only {len(negatives)} prose document(s) in the pool "
-                        "to train against (the negatives); need at least 2 — or turn the classifier off")
+    check_negatives(len(negatives), reference)
     classifier, report = train_classifier(positives, negatives, seed, **model_args)
     start = time.time()
     scores = classifier.predict_proba([d.text for d in prose])
-    score_seconds = time.time() - start
-    if keep_fraction is not None:
-        cut = float(np.quantile(scores, 1 - keep_fraction)) if len(scores) else 0.5
-    else:
-        cut = threshold
+    seconds = time.time() - start
+    cut = score_cut(scores, threshold, keep_fraction)
     score_of = {id(d): s for d, s in zip(prose, scores)}
     kept = [d for d in documents if d.kind != "prose" or score_of[id(d)] >= cut]
     removed = [d for d in prose if score_of[id(d)] < cut]
-    ranked = np.argsort(scores)
-    report.update({"reference": reference, "reference_documents": len(positives), "negative_documents": len(negatives),
-                   "threshold": round(cut, 4), "keep_fraction": keep_fraction, "scored": len(prose),
-                   "removed": len(removed), "scores": np.round(scores, 4).tolist(),
-                   "documents_per_second": round(len(prose) / max(score_seconds, 1e-9), 1),
-                   "lowest": [prose[i].origin for i in ranked[:3]],
-                   "highest": [prose[i].origin for i in ranked[::-1][:3]]})
+    filter_report(report, scores, cut, lambda i: prose[i].origin, seconds, reference=reference,
+                  reference_documents=len(positives), negative_documents=len(negatives), keep_fraction=keep_fraction)
     return kept, removed, report
+
+
+def check_negatives(n, reference):
+    if n < 2:
+        raise DataError(f"--classifier-reference {reference}: only {n} prose document(s) in the pool "
+                        "to train against (the negatives); need at least 2 — or turn the classifier off")

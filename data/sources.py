@@ -280,10 +280,11 @@ def html_to_text(markup: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def read_jsonl(path, text_field, source, kind, problems, offset=0, first_line=1):
+def read_jsonl(path, text_field, source, kind, problems, offset=0, first_line=1, end=None):
     """(document, byte offset, line number) per line of a JSONL file, from the string field
     `text_field`; bad lines are reported as file:line. `offset` and `first_line` start the reading
-    at a record found before (data/stream.py re-reads a chunk's records from there).
+    at a record found before (data/stream.py re-reads a chunk's records from there); `end` stops it
+    before the first record that starts at or after that byte (a piece of the file, data/stream.py).
 
     Read line by line, never whole: a JSONL file may be many GB. Lines end at "\n" only (JSON
     strings may hold a raw U+2028, which str.splitlines would also cut at)."""
@@ -298,6 +299,8 @@ def read_jsonl(path, text_field, source, kind, problems, offset=0, first_line=1)
             return
         f.seek(offset)
         for lineno, raw_line in enumerate(f, first_line):
+            if end is not None and offset >= end:
+                return
             doc = _jsonl_record(raw_line, f"{path}:{lineno}", text_field, source, kind, problems)
             if doc is not None:
                 yield doc, offset, lineno
@@ -320,13 +323,14 @@ def _jsonl_record(raw_line, where, text_field, source, kind, problems):
     return Document(text, source, where, kind)
 
 
-def located_documents(path, text_field, source, kind, problems, offset=0, first_line=1):
+def located_documents(path, text_field, source, kind, problems, offset=0, first_line=1, end=None):
     """(document, byte offset, line number) for each document of one user file, chosen by its
     extension: where each one starts, so that a later reader can begin there. A JSONL file is read
-    from `offset` (line `first_line`); any other file is one document at offset 0, line 1."""
+    from `offset` (line `first_line`) up to the records starting at `end`; any other file is one
+    document at offset 0, line 1."""
     lower = path.lower()
     if lower.endswith(JSONL_EXTENSIONS):
-        yield from read_jsonl(path, text_field, source, kind, problems, offset, first_line)
+        yield from read_jsonl(path, text_field, source, kind, problems, offset, first_line, end)
         return
     raw = _read_file(path, problems)
     if raw is None:
@@ -338,6 +342,42 @@ def located_documents(path, text_field, source, kind, problems, offset=0, first_
             problems.append(f"{path}: HTML not parseable ({type(e).__name__}: {e})")
     else:
         yield Document(decode(raw), source, path, kind), 0, 1
+
+
+def first_record_at(path, start):
+    """The byte offset of the first line of a JSONL file that starts at or after byte `start` (the
+    line holding byte start − 1 belongs to whoever reads the bytes before), or None when the file is
+    binary or unreadable — reading it from byte 0 reports that, once."""
+    if start == 0:
+        return 0
+    try:
+        with open(path, "rb") as f:
+            if b"\x00" in f.read(8192):
+                return None
+            f.seek(start - 1)
+            f.readline()
+            return f.tell()
+    except OSError:
+        return None
+
+
+def lines_starting_in(path, start, end, block=1 << 20):
+    """How many lines of a file start in bytes [start, end): byte 0 if start is 0, and each byte
+    after a "\n" (at p, with start − 1 ≤ p < end − 1). A count at disk speed, no parsing."""
+    count = 1 if start == 0 and end > 0 else 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(start - 1, 0))
+            remaining = end - 1 - max(start - 1, 0)
+            while remaining > 0:
+                data = f.read(min(block, remaining))
+                if not data:
+                    break
+                count += data.count(b"\n")
+                remaining -= len(data)
+    except OSError:
+        return 0
+    return count
 
 
 def read_corpus_file(path, text_field, source, kind, problems):

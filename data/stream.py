@@ -6,10 +6,10 @@ data/prepare.py's `curate_documents` holds every document in memory at once; it 
 reference that tests/test_data_stream.py compares this module against. Here the corpus is cut into
 chunks of about `chunk_bytes` and every stage is a pass over the chunks:
 
-    pass 0  index the user's files, each file read by one process of one rank: per document its
-            size and where its record starts; each source's files are taken until their sizes
-            cover its budget (a corpus much larger than the run needs is not read whole)
-                                                                                  (work/index/)
+    pass 0  index the user's files, each file — or each 32 MB piece of a larger JSONL file —
+            read by one process of one rank: per document its size and where its record starts
+            (file, byte, line); each source's pieces are taken until their sizes cover its budget
+            (a corpus much larger than the run needs is not read whole)          (work/index/)
     pass 1  the sources' documents, in order, cut into chunks from the index alone; per chunk
             read its documents back from their offsets, normalise, language, quality rules and
             the exact-dedup hash; the surviving texts go to disk                (work/curated/)
@@ -28,8 +28,10 @@ chunks of about `chunk_bytes` and every stage is a pass over the chunks:
 What stays in memory grows with the number of documents, not with their text: numbers per
 document (the file index's sizes and offsets, 40 bytes; source, hash, perplexity, masks, positions:
 ~50) plus, one band at a time, 16 bytes a document for the sort. Text, signatures and tokens
-are only ever held a chunk at a time. The classifier and the substring stages (both off by
-default) still run on the documents in memory; every other stage is streamed.
+are only ever held a chunk at a time. The quality classifier (off by default) is streamed too: its
+training plan needs only each document's number of paragraph chunks, so just the few thousand
+chunks it trains on are read back. The substring stage (off by default) still runs on the documents
+in memory — one suffix array over the whole corpus; every other stage is streamed.
 
 Every pass writes one result file per chunk (atomically, its .json last), so:
   * resumable: a run interrupted in any pass skips the chunks already written (work/manifest.json
@@ -39,8 +41,8 @@ Every pass writes one result file per chunk (atomically, its .json last), so:
     c mod world = r into the shared --out directory; after each pass (a barrier) every rank reads
     all chunks' results, so near-duplicates are found across ranks from everyone's band keys and
     every rank takes the same decisions; rank 0 alone writes the tokenizer, shards and reports.
-    Each rank reads the whole input stream to cut the same chunks (reading is cheap next to
-    curating), and curates only its own.
+    Every rank cuts the same chunks from the shared index (and reads the small built-in sources
+    itself), and curates only its own.
 """
 
 import collections
@@ -67,6 +69,9 @@ WORK = "prepare_work"  # under --out; removed when the run finishes
 # and lookups per byte), MinHash 50, the filters 34. Chunks in flight = 2 per worker + 1 being read.
 MEMORY_PER_CHUNK_BYTE = 100
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 10_000, 64_000_000
+# Pass 0 reads a JSONL file larger than this in pieces of this size, one task each: a corpus of one
+# 40 GB file is 1,250 tasks for the ranks' processes to share, each reading (at ~2 MB/s) for seconds.
+PIECE_BYTES = 32_000_000
 REPORT_SAMPLE = 100_000  # per-document lists in report.json (histograms) keep at most this many values
 
 
@@ -194,63 +199,86 @@ def map_chunks(run, name, function, tasks, state):
 # -----------------------------------------------------------------------------
 
 def input_files(source_list):
-    """(source index, path) of every file of the user corpora (sources with a path), in reading
-    order, and per source the problems of listing them (unsupported extensions). The built-in and
-    in-memory sources have no files: they are small, and every rank reads them in pass 1's plan."""
-    files, listing = [], [[] for _ in source_list]
+    """The pieces of the user corpora's files (sources with a path), in reading order, as (source
+    index, path, start, end) byte ranges, and per source the problems of listing them (unsupported
+    extensions). A JSONL file larger than PIECE_BYTES is cut into pieces of that size — each holds
+    the records that start inside it — so that one large file is still read by every process of
+    every rank; any other file is one piece (it is one document). The built-in and in-memory
+    sources have no files: they are small, and every rank reads them in pass 1's plan."""
+    pieces, listing = [], [[] for _ in source_list]
     for s, source in enumerate(source_list):
-        if source.path:
-            files += [(s, path) for path in sources.corpus_files(source.path, listing[s])]
-    return files, listing
+        for path in sources.corpus_files(source.path, listing[s]) if source.path else []:
+            try:
+                size = os.path.getsize(path)
+            except OSError:  # unreadable: indexing it reports the problem
+                size = 0
+            if size > PIECE_BYTES and path.lower().endswith(sources.JSONL_EXTENSIONS):
+                pieces += [(s, path, a, min(a + PIECE_BYTES, size)) for a in range(0, size, PIECE_BYTES)]
+            else:
+                pieces.append((s, path, 0, size))
+    return pieces, listing
+
+
+def count_lines(state, piece):
+    """How many lines start in a piece: with those of the pieces before it, the line number its first
+    record has (pass 0 counts them first, so every piece's reports say file:line)."""
+    _, path, start, end = piece
+    return {}, {"bytes": end - start, "lines": sources.lines_starting_in(path, start, end)}, None
 
 
 def index_file(state, payload):
-    """Pass 0 on one file: per document its size in characters (chunks are cut by these) and in
-    UTF-8 bytes (a source's budget counts these), where its record starts (byte offset, line), and
-    how many of the file's problems came before it."""
-    s, path = payload
+    """Pass 0 on one piece of a file (usually the whole file): per document its size in characters
+    (chunks are cut by these) and in UTF-8 bytes (a source's budget counts these), where its record
+    starts (byte offset, line), and how many of the piece's problems came before it."""
+    (s, path, start, end), first_line = payload
     source = state["sources"][s]
     problems, columns = [], {"chars": [], "bytes": [], "offset": [], "line": [], "problems_before": []}
-    for doc, offset, line in sources.located_documents(path, source.text_field, source.name, source.kind, problems):
+    offset = sources.first_record_at(path, start)
+    located = (sources.located_documents(path, source.text_field, source.name, source.kind, problems, offset,
+                                         first_line, end) if offset is not None else ())
+    for doc, offset, line in located:
         for key, value in (("chars", len(doc.text)), ("bytes", len(utf8(doc.text))), ("offset", offset),
                            ("line", line), ("problems_before", len(problems))):
             columns[key].append(value)
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        size = 0
     arrays = {key: np.array(v, dtype=np.int64) for key, v in columns.items()}
-    return arrays, {"problems": problems, "bytes": size}, None
+    return arrays, {"problems": problems, "bytes": end - start}, None
 
 
 class FileIndex:
-    """Pass 0's results: which files are indexed, and what each holds. `documents` replays how
+    """Pass 0's results: which pieces are indexed, and what each holds. `documents` replays how
     sources.take_until reads a user corpus up to its budget, from the index alone."""
 
-    def __init__(self, work, files, listing):
-        self.work, self.files, self.listing = work, files, listing
-        self.parts, self.problems, self.file_bytes = {}, {}, {}
-        self.ordinals = [[c for c, (t, _) in enumerate(files) if t == s] for s in range(len(listing))]
-        # Per source, over its files indexed so far (they are indexed in order): the documents'
+    def __init__(self, work, pieces, listing):
+        self.work, self.pieces, self.listing = work, pieces, listing
+        self.parts, self.problems, self.lines = {}, {}, {}
+        self.ordinals = [[c for c, piece in enumerate(pieces) if piece[0] == s] for s in range(len(listing))]
+        # Per source, over its pieces indexed so far (they are indexed in order): the documents'
         # UTF-8 bytes, and the size of the last document.
         self.text_bytes, self.last_size = [0] * len(listing), [0] * len(listing)
 
+    def first_line(self, c):
+        """The line number of piece c's first record: 1 + the lines of the file's pieces before it."""
+        path, lines = self.pieces[c][1], 1
+        while c > 0 and self.pieces[c - 1][1] == path:
+            c -= 1
+            lines += self.lines[c]
+        return lines
+
     def load(self, c):
         self.parts[c] = part = load_arrays(self.work, "index", c)
-        info = load_info(self.work, "index", c)
-        self.problems[c], self.file_bytes[c] = info["problems"], info["bytes"]
-        s = self.files[c][0]
+        self.problems[c] = load_info(self.work, "index", c)["problems"]
+        s = self.pieces[c][0]
         self.text_bytes[s] += int(part["bytes"].sum())
         if len(part["bytes"]):
             self.last_size[s] = int(part["bytes"][-1])
 
     def reaches(self, s, budget):
-        """Whether the indexed files of source s hold the document at which its reading stops: one
+        """Whether the indexed pieces of source s hold the document at which its reading stops: one
         whose preceding documents' bytes reach the budget (take_until reads it, then stops)."""
         return self.text_bytes[s] > 0 and self.text_bytes[s] - self.last_size[s] >= budget
 
     def documents(self, s, budget, problems):
-        """(file ordinal, k, characters, offset, line) of each document that reading source s up to
+        """(piece ordinal, k, characters, offset, line) of each document that reading source s up to
         `budget` bytes yields, in order; what the reader meets on the way goes to `problems`, in order."""
         problems.extend(self.listing[s])
         total = 0
@@ -267,7 +295,7 @@ class FileIndex:
 
 
 def next_round(index, s, cursor, budget, width):
-    """The files of source s that the next round of pass 0 indexes: from `cursor` on, enough that
+    """The pieces of source s that the next round of pass 0 indexes: from `cursor` on, enough that
     their sizes on disk cover what the budget still needs (a file's text is rarely larger than
     the file), and at least `width`, one per process."""
     ordinals, need, taken = index.ordinals[s], budget - index.text_bytes[s], []
@@ -275,20 +303,20 @@ def next_round(index, s, cursor, budget, width):
         if len(taken) >= width and need < 0:
             break
         taken.append(c)
-        try:
-            need -= os.path.getsize(index.files[c][1])
-        except OSError:  # unreadable: pass 0 records the problem
-            pass
+        _, _, start, end = index.pieces[c]
+        need -= end - start
     return taken
 
 
 def index_input_files(run, source_list):
     """Pass 0, in rounds: each round indexes, for every source whose reading does not yet stop inside
-    its indexed files, its next files — as many as its budget still needs by their size on disk
-    (file c on rank c mod world). Usually one round; a corpus far larger than the run needs is not
-    read whole."""
-    files, listing = input_files(source_list)
-    index = FileIndex(run.work, files, listing)
+    its indexed pieces, its next pieces — as many as its budget still needs by their size on disk
+    (piece c on rank c mod world). Usually one round; a corpus far larger than the run needs is not
+    read whole. The pieces of a file cut in several first count their lines, so that each knows the
+    number of its first line."""
+    pieces, listing = input_files(source_list)
+    index = FileIndex(run.work, pieces, listing)
+    cut = {path for _, path, start, _ in pieces if start > 0}
     budgets = sources.read_budgets(source_list, run.args.max_bytes, run.args.overread)
     width, cursor = run.ranks.world * run.workers, [0] * len(source_list)
     start, mine = time.time(), 0
@@ -301,12 +329,16 @@ def index_input_files(run, source_list):
                 cursor[s] += len(taken)
         if not batch:
             break
-        map_chunks(run, "index", index_file, ((c, files[c]) for c in batch), {"sources": source_list})
+        counted = [c for c in batch if pieces[c][1] in cut]
+        map_chunks(run, "lines", count_lines, ((c, pieces[c]) for c in counted), {})
+        index.lines.update((c, load_info(run.work, "lines", c)["lines"]) for c in counted)
+        map_chunks(run, "index", index_file, ((c, (pieces[c], index.first_line(c))) for c in batch),
+                   {"sources": source_list})
         for c in batch:
             index.load(c)
-            mine += index.file_bytes[c] if c % run.ranks.world == run.ranks.rank else 0
+            mine += pieces[c][3] - pieces[c][2] if c % run.ranks.world == run.ranks.rank else 0
     seconds = time.time() - start
-    run.throughput["index"] = round(mine / 1e6 / seconds, 2) if files and seconds > 0 else None
+    run.throughput["index"] = round(mine / 1e6 / seconds, 2) if pieces and seconds > 0 else None
     return index
 
 
@@ -356,7 +388,7 @@ def chunk_documents(state, items):
             documents.append(item)
             continue
         c, first, end, offset, line = item
-        s, path = state["files"][c]
+        s, path = state["pieces"][c][:2]
         source = state["sources"][s]
         located = sources.located_documents(path, source.text_field, source.name, source.kind, [], offset, line)
         documents += [doc for doc, _, _ in itertools.islice(located, end - first)]
@@ -563,6 +595,66 @@ def perplexity_band(store, ppl, models, band):
 # Pass 4: MinHash signatures and band keys
 # -----------------------------------------------------------------------------
 
+def classifier_chunk(state, c):
+    """The quality classifier's two passes over chunk c's alive prose documents. Before training: for
+    each, whether it may be a negative (it overlaps no evaluation text) and its number of paragraph
+    chunks. After (state["classifier"] set): its score P(good)."""
+    store, prose = state["store"], state["prose"]
+    first, last = store.chunk_start[c], store.chunk_start[c + 1]
+    local = np.flatnonzero(prose[first:last])
+    texts = store.chunk_texts(c)
+    texts = [texts[k] for k in local]
+    size = {"bytes": int(store.nbytes[first:last][local].sum())}
+    if "classifier" in state:
+        return {"score": state["classifier"].predict_proba(texts)}, size, None
+    index = state["index"]
+    return ({"clean": np.array([not index.contaminated(t) for t in texts], dtype=bool),
+             "chunks": np.array([len(quality.paragraph_chunks(t)) for t in texts], dtype=np.int64)}, size, None)
+
+
+def streamed_classifier(run, store, alive, n_chunks, eval_texts, problems):
+    """quality.classifier_filter's decision from the chunk files: the training plan from per-document
+    counts (quality.training_plan), the chosen training chunks read back from their documents alone,
+    then every prose document scored chunk by chunk. Returns (keep mask, report)."""
+    args = run.args
+    positives = quality.reference_texts(args.classifier_reference, args.seed, problems)
+    prose = alive & (store.kind == KINDS.index("prose"))
+    members = np.flatnonzero(prose)
+    state = {"store": store, "prose": prose, "index": curate.ContaminationIndex(eval_texts)}
+    map_chunks(run, "classifier_plan", classifier_chunk, ((c, c) for c in range(n_chunks)), state)
+    plan = [load_arrays(run.work, "classifier_plan", c) for c in range(n_chunks)]
+    clean = np.concatenate([p["clean"] for p in plan] + [np.zeros(0, bool)])
+    chunk_counts = np.concatenate([p["chunks"] for p in plan] + [np.zeros(0, np.int64)])
+    reference_hashes = np.array(sorted({curate.exact_hash(t) for t in positives}), dtype=np.uint64)
+    negative = clean & ~np.isin(store.hash[members], reference_hashes)
+    negatives = members[negative]
+    quality.check_negatives(len(negatives), args.classifier_reference)
+    pos_chunks = [quality.paragraph_chunks(t) for t in positives]
+    parts = quality.training_plan([len(c) for c in pos_chunks], chunk_counts[negative], args.seed)
+    neg_chunks = {d: quality.paragraph_chunks(store.text(int(negatives[d])))
+                  for d in np.unique(np.concatenate([parts[2][0], parts[3][0]])).tolist()}
+    good_train, good_held, random_train, random_held = (
+        [chunks[d][k] for d, k in zip(part[0].tolist(), part[1].tolist())]
+        for chunks, part in zip((pos_chunks, pos_chunks, neg_chunks, neg_chunks), parts))
+    examples = (good_train + random_train, [1] * len(good_train) + [0] * len(random_train),
+                good_held + random_held, [1] * len(good_held) + [0] * len(random_held))
+    classifier, report = quality.fit_classifier(examples, args.seed, args.classifier_epochs,
+                                                char_ngrams=args.classifier_char_ngrams)
+    start = time.time()
+    run.throughput["classifier"] = map_chunks(run, "classifier_score", classifier_chunk,
+                                              ((c, c) for c in range(n_chunks)), {**state, "classifier": classifier})
+    scores = np.concatenate([load_arrays(run.work, "classifier_score", c)["score"] for c in range(n_chunks)]
+                            + [np.zeros(0)])
+    cut = quality.score_cut(scores, args.classifier_threshold, args.classifier_keep_fraction)
+    quality.filter_report(report, scores, cut, lambda i: store.origin(int(members[i])), time.time() - start,
+                          reference=args.classifier_reference, reference_documents=len(positives),
+                          negative_documents=len(negatives), keep_fraction=args.classifier_keep_fraction)
+    report["scores"] = _sample(scores)
+    keep = np.ones(len(store), dtype=bool)
+    keep[members[scores < cut]] = False
+    return keep, report
+
+
 def sign_chunk(state, c):
     """Signatures (rows: chunk c's alive documents) and their LSH band keys."""
     store, alive, args = state["store"], state["alive"], state["args"]
@@ -701,7 +793,7 @@ class StreamingRun:
         if len(set(names)) != len(names):
             raise DataError(f"--source: source names must differ, got {names}")
         counter, file_index = {}, index_input_files(self, source_list)
-        state = {"args": args, "source_names": names, "sources": source_list, "files": file_index.files,
+        state = {"args": args, "source_names": names, "sources": source_list, "pieces": file_index.pieces,
                  "identifier": langid.default_identifier() if args.language_list else None}
         chunks = document_chunks(source_list, args, problems, self.chunk_bytes, counter, file_index)
         self.throughput["curate"] = map_chunks(self, "curated", curate_chunk, chunks, state)
@@ -732,14 +824,9 @@ class StreamingRun:
         report["perplexity"] = {"band_percentiles": list(args.ppl_band), "order": args.ppl_order, "by_source": by_source}
         self._stage("perplexity", store, alive)
 
-        if args.classifier_reference != "none":  # in memory: the classifier trains on the pool's prose
-            members = np.flatnonzero(alive)
-            documents = [store.document(i) for i in members]
-            kept, _, report["classifier"] = quality.classifier_filter(
-                documents, args.classifier_reference, args.classifier_threshold, args.classifier_keep_fraction,
-                eval_texts, args.seed, problems, char_ngrams=args.classifier_char_ngrams, epochs=args.classifier_epochs)
-            kept_ids = {id(d) for d in kept}
-            alive[[i for i, d in zip(members, documents) if id(d) not in kept_ids]] = False
+        if args.classifier_reference != "none":
+            keep, report["classifier"] = streamed_classifier(self, store, alive, n_chunks, eval_texts, problems)
+            alive &= keep
             self._stage("classifier", store, alive)
         else:
             report["classifier"] = {"enabled": False}
@@ -807,7 +894,8 @@ class StreamingRun:
             log.say(shortfall)
         report["streaming"] = {"chunk_bytes": self.chunk_bytes, "chunks": n_chunks, "workers": self.workers,
                                "ranks": self.ranks.world, "max_memory": args.max_memory,
-                               "input_files": len(file_index.files), "indexed_files": len(file_index.parts)}
+                               "input_files": len({piece[1] for piece in file_index.pieces}),
+                               "input_pieces": len(file_index.pieces), "indexed_pieces": len(file_index.parts)}
         return store, final
 
     def _stage(self, name, store, mask):

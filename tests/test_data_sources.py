@@ -124,3 +124,21 @@ def test_mixture_hits_target_shares():
     assert info["a"]["target_share"] == 0.75 and len(chosen) == 80
     chosen, info = mix(docs, {"a": 1, "b": 1}, max_bytes=1000, seed=0)
     assert info["a"]["bytes"] == 500 and info["b"]["bytes"] == 500
+
+
+def test_pieces_of_a_jsonl_file_own_the_lines_that_start_in_them(tmp_path):
+    """A file cut at every byte: a piece [a, b) starts reading at the first line starting at or after
+    a, and the lines counted in consecutive pieces add up to the file's (checked against the line
+    starts found by hand: byte 0 and every byte after a newline)."""
+    from data.sources import first_record_at, lines_starting_in
+
+    path = tmp_path / "f.jsonl"
+    data = b'{"text": "a"}\n\n{"text": "bc"}\nx\n{"text": "d"}'  # an empty line, no final newline
+    path.write_bytes(data)
+    starts = [0] + [p + 1 for p, byte in enumerate(data) if byte == ord("\n") and p + 1 < len(data)]
+    for a in range(len(data) + 1):
+        assert first_record_at(str(path), a) == min([s for s in starts if s >= a], default=len(data)), a
+        for b in range(a, len(data) + 1):
+            assert lines_starting_in(str(path), a, b) == sum(a <= s < b for s in starts), (a, b)
+    path.write_bytes(b"\x00binary\n" + data)
+    assert first_record_at(str(path), 5) is None  # binary: reading from 0 reports it, once

@@ -93,6 +93,24 @@ def test_streamed_curation_equals_the_in_memory_reference(corpus, tmp_path):
         assert streamed_report["perplexity"]["by_source"][name] == info
 
 
+def test_the_streamed_classifier_decides_as_the_in_memory_one(corpus, tmp_path):
+    """The quality classifier planned from counts, trained on the chunks read back and scored chunk by
+    chunk: the same training examples, model, scores and kept documents as quality.classifier_filter."""
+    args = _args(_argv(corpus, tmp_path / "out", "--max-memory", "1e5", "--workers", "2",
+                       "--classifier-reference", "stdlib-topics", "--classifier-keep-fraction", "0.6"))
+    source_list = [parse_source_flag(spec) for spec in args.source]
+    eval_texts = prepare.read_eval_texts(args.decontaminate[0], [])
+    reference_report, streamed_report = {}, {}
+    documents = curate_documents(source_list, args, eval_texts, [], Log(quiet=True), reference_report)
+    run = stream.StreamingRun(args, "test", stream.Ranks(), 2, Log(quiet=True))
+    store, final = run.curate(source_list, eval_texts, [], streamed_report)
+    assert sorted(store.text(i) for i in final) == sorted(d.text for d in documents)
+    timings = ("train_seconds", "documents_per_second")
+    reference, streamed = ({k: v for k, v in r["classifier"].items() if k not in timings}
+                           for r in (reference_report, streamed_report))
+    assert streamed == reference and reference["removed"] >= 20 and reference["train_chunks"]["random"] > 50
+
+
 def test_band_key_candidates_are_lsh_candidate_pairs(monkeypatch):
     rng = np.random.default_rng(0)
     signatures = rng.integers(0, 2**61, size=(300, 32), dtype=np.uint64)
@@ -184,10 +202,13 @@ class ThreadRanks(stream.Ranks):
         self.meeting.wait(timeout=60)
 
 
+@pytest.mark.parametrize("piece_bytes", [10**9, 97])  # whole files; files cut in pieces, many mid-line
 @pytest.mark.parametrize("max_bytes", [1_500, 4_000, 10**9])  # the budget inside a file, later, never reached
-def test_the_file_index_reads_what_the_stream_reads(many_files, tmp_path, max_bytes):
-    """Pass 0 + the chunk plan + chunk_documents give take_until's documents and problems, in order;
-    a corpus larger than the budget is indexed only as far as its files' sizes cover the budget."""
+def test_the_file_index_reads_what_the_stream_reads(many_files, tmp_path, max_bytes, piece_bytes, monkeypatch):
+    """Pass 0 + the chunk plan + chunk_documents give take_until's documents and problems (file:line
+    included), in order, whether files are read whole or in pieces; a corpus larger than the budget
+    is indexed only as far as its files' sizes cover the budget."""
+    monkeypatch.setattr(stream, "PIECE_BYTES", piece_bytes)
     argv = ["--out", str(tmp_path / "out"), "--source", f"web={many_files}", "--max-bytes", str(max_bytes),
             "--overread", "1", "--quiet"]
     args = _args(argv)
@@ -198,30 +219,33 @@ def test_the_file_index_reads_what_the_stream_reads(many_files, tmp_path, max_by
     index = stream.index_input_files(run, source_list)
     problems, counter = [], {}
     chunks = list(stream.document_chunks(source_list, args, problems, 400, counter, index))
-    state = {"sources": source_list, "files": index.files}
+    state = {"sources": source_list, "pieces": index.pieces}
     documents = [doc for _, items in chunks for doc in stream.chunk_documents(state, items)]
     assert documents == expected and problems == expected_problems
     assert len(chunks) > 2 and any("unsupported extension" in p for p in problems)
+    assert (len(index.pieces) > 3 * 11) == (piece_bytes == 97)  # 8 JSONL files of 200–2,000 bytes, cut
     if max_bytes == 1_500:
-        assert len(index.parts) < len(index.files)  # the files past the budget were not read
+        assert len(index.parts) < len(index.pieces)  # the pieces past the budget were not read
     else:
         assert any("invalid JSON" in p for p in problems)
     if max_bytes == 10**9:
-        assert len(index.parts) == len(index.files) and any("binary" in p for p in problems)
+        assert len(index.parts) == len(index.pieces) and sum("binary" in p for p in problems) == 1
 
 
-def test_each_file_is_indexed_by_one_rank(many_files, tmp_path, monkeypatch):
-    """Two ranks (threads here): rank r reads exactly the files c with c mod 2 = r, and both end
-    with the same index."""
+@pytest.mark.parametrize("piece_bytes", [10**9, 300])
+def test_each_piece_is_indexed_by_one_rank(many_files, tmp_path, monkeypatch, piece_bytes):
+    """Two ranks (threads here): rank r reads exactly the pieces c with c mod 2 = r — whole files, or
+    with small pieces one file shared by both ranks — and both end with the same index."""
     import threading
 
+    monkeypatch.setattr(stream, "PIECE_BYTES", piece_bytes)
     args = _args(["--out", str(tmp_path / "out"), "--source", f"web={many_files}", "--quiet"])
     source_list = [parse_source_flag(spec) for spec in args.source]
     read_by, original = {}, stream.sources.located_documents
 
-    def recording(path, *rest):
-        read_by.setdefault(path, set()).add(threading.current_thread().name)
-        return original(path, *rest)
+    def recording(path, text_field, source, kind, problems, offset=0, first_line=1, end=None):
+        read_by.setdefault((path, end), set()).add(threading.current_thread().name)
+        return original(path, text_field, source, kind, problems, offset, first_line, end)
 
     monkeypatch.setattr(stream.sources, "located_documents", recording)
     meeting, indexes = threading.Barrier(2), {}
@@ -238,6 +262,9 @@ def test_each_file_is_indexed_by_one_rank(many_files, tmp_path, monkeypatch):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    files = indexes[0].files
-    assert len(files) == 10 and read_by == {path: {f"rank{c % 2}"} for c, (_, path) in enumerate(files)}
-    assert sorted(indexes[0].parts) == sorted(indexes[1].parts) == list(range(len(files)))
+    pieces = indexes[0].pieces
+    assert read_by == {(path, end): {f"rank{c % 2}"} for c, (_, path, _, end) in enumerate(pieces)}
+    assert sorted(indexes[0].parts) == sorted(indexes[1].parts) == list(range(len(pieces)))
+    files_read_by_both = {path for path, _ in read_by if {"rank0", "rank1"} <= set().union(
+        *(ranks for (p, _), ranks in read_by.items() if p == path))}
+    assert len(pieces) == 10 if piece_bytes == 10**9 else len(files_read_by_both) >= 4

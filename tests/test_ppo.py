@@ -574,7 +574,8 @@ def test_an_interrupted_run_resumes_to_the_same_policy_and_metrics(tmp_path, mon
     from conftest import interrupt_on_call, without_timings
     sft_path, rm_path = save_tiny_checkpoints(tmp_path)
     flags = ["--sft", sft_path, "--reward-model", rm_path, *SMALL_RUN[2:], "--iterations", "5",
-             "--checkpoint-every", "2", "--kl-target", "0.5", "--kl-horizon", "20"]  # β adapts: its state is saved too
+             "--checkpoint-every", "2", "--kl-target", "0.5", "--kl-horizon", "20",  # β adapts: its state is saved too
+             "--anneal-lr", "--lr", "1e-4"]  # and the learning rate decays, by iteration: resumed where it was
     expected = ppo.main([*flags, "--out", str(tmp_path / "straight")])
     interrupt_on_call(monkeypatch, ppo, "train_iteration", 4)  # Ctrl-C during iteration 4
     with pytest.raises(KeyboardInterrupt):
@@ -588,4 +589,5 @@ def test_an_interrupted_run_resumes_to_the_same_policy_and_metrics(tmp_path, mon
     records = [ppo.read_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("straight", "interrupted")]
     assert [r["iteration"] for r in records[1]] == [1, 2, 3, 4, 5]  # iteration 3 once: logged again, not twice
     assert without_timings(records[0]) == without_timings(records[1])
+    assert [r["lr"] for r in records[1]] == pytest.approx([1e-4, 0.8e-4, 0.6e-4, 0.4e-4, 0.2e-4])
     assert summary["final_beta"] == expected["final_beta"] != 0.2 and summary["ppo"] == expected["ppo"]
