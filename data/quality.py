@@ -244,13 +244,19 @@ def training_plan(positive_counts, negative_counts, seed=SEED):
 
 
 def training_chunks(positives, negatives, seed=SEED):
-    """The classifier's examples (training_plan's chunks of the positive and negative documents).
+    """The classifier's examples: training_plan's chunks of the positive and negative documents.
     Returns (train texts, train labels, held-out texts, held-out labels), label 1 = good."""
     pos_chunks, neg_chunks = [paragraph_chunks(t) for t in positives], [paragraph_chunks(t) for t in negatives]
-    plan = training_plan([len(c) for c in pos_chunks], [len(c) for c in neg_chunks], seed)
+    return planned_examples(training_plan([len(c) for c in pos_chunks], [len(c) for c in neg_chunks], seed),
+                            pos_chunks, neg_chunks)
+
+
+def planned_examples(plan, pos_chunks, neg_chunks):
+    """The texts and labels of a training_plan, given each planned document's paragraph chunks
+    (pos_chunks[d], neg_chunks[d]: a list, or a dict holding just the planned documents)."""
     good_train, good_held, random_train, random_held = (
-        [chunks[d][k] for d, k in zip(*part)] for chunks, part in zip((pos_chunks, pos_chunks, neg_chunks, neg_chunks),
-                                                                      plan))
+        [chunks[d][k] for d, k in zip(part[0].tolist(), part[1].tolist())]
+        for chunks, part in zip((pos_chunks, pos_chunks, neg_chunks, neg_chunks), plan))
     return (good_train + random_train, [1] * len(good_train) + [0] * len(random_train),
             good_held + random_held, [1] * len(good_held) + [0] * len(random_held))
 

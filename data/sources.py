@@ -130,6 +130,11 @@ def stdlib_files(extensions, seed=0):
     return found
 
 
+def looks_binary(head: bytes) -> bool:
+    """Text files have no NUL bytes; binary ones almost always have one in their first 8 KB."""
+    return b"\x00" in head[:8192]
+
+
 def _read_file(path, problems):
     """The bytes of a file, or None (with a problem recorded) if unreadable or binary."""
     try:
@@ -138,7 +143,7 @@ def _read_file(path, problems):
     except OSError as e:
         problems.append(f"{path}: unreadable ({e.strerror})")
         return None
-    if b"\x00" in raw[:8192]:  # text files have no NUL bytes; binary ones almost always do
+    if looks_binary(raw):
         problems.append(f"{path}: binary file, skipped")
         return None
     return raw
@@ -294,7 +299,7 @@ def read_jsonl(path, text_field, source, kind, problems, offset=0, first_line=1,
         problems.append(f"{path}: unreadable ({e.strerror})")
         return
     with f:
-        if offset == 0 and b"\x00" in f.read(8192):  # as _read_file: text files have no NUL bytes
+        if offset == 0 and looks_binary(f.read(8192)):
             problems.append(f"{path}: binary file, skipped")
             return
         f.seek(offset)
@@ -352,7 +357,7 @@ def first_record_at(path, start):
         return 0
     try:
         with open(path, "rb") as f:
-            if b"\x00" in f.read(8192):
+            if looks_binary(f.read(8192)):
                 return None
             f.seek(start - 1)
             f.readline()

@@ -153,9 +153,11 @@ def load_arrays(work, name, c, keys=None):
 _STATE = {}  # what a pass's chunk function reads; forked workers inherit it
 
 
-def _compute(task):
+def _compute(task, state=None):
+    """One chunk: function(state, payload), saved. A forked worker is given no state: it reads the
+    _STATE it inherited."""
     function, work, name, c, payload = task
-    arrays, info, blobs = function(_STATE, payload)
+    arrays, info, blobs = function(_STATE if state is None else state, payload)
     save_chunk(work, name, c, arrays, info, blobs)
     return info["bytes"]
 
@@ -166,19 +168,19 @@ def map_chunks(run, name, function, tasks, state):
     At most two chunks per worker are in flight, so reading never runs ahead of the memory bound.
     Returns the pass's throughput in MB/s over the chunks computed here (None if none were)."""
     global _STATE
-    _STATE = state
     start, computed = time.time(), 0
     mine = ((c, payload) for c, payload in tasks
             if c % run.ranks.world == run.ranks.rank and not chunk_done(run.work, name, c))
     pool = None
     if run.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
         try:  # fork: workers inherit _STATE (models, masks) without pickling it
+            _STATE = state  # before the fork; the serial path below passes `state` itself
             pool = multiprocessing.get_context("fork").Pool(run.workers)
         except (OSError, RuntimeError, ImportError) as e:
             print(f"[prepare] multiprocessing unavailable ({type(e).__name__}: {e}); one process", file=sys.stderr)
     if pool is None:
         for c, payload in mine:
-            computed += _compute((function, run.work, name, c, payload))
+            computed += _compute((function, run.work, name, c, payload), state)
     else:
         with pool:
             pending = collections.deque()
@@ -188,8 +190,8 @@ def map_chunks(run, name, function, tasks, state):
                     computed += pending.popleft().get()
             while pending:
                 computed += pending.popleft().get()
+        _STATE = {}
     run.ranks.barrier()
-    _STATE = {}
     seconds = time.time() - start
     return round(computed / 1e6 / seconds, 2) if computed else None
 
@@ -631,15 +633,10 @@ def streamed_classifier(run, store, alive, n_chunks, eval_texts, problems):
     quality.check_negatives(len(negatives), args.classifier_reference)
     pos_chunks = [quality.paragraph_chunks(t) for t in positives]
     parts = quality.training_plan([len(c) for c in pos_chunks], chunk_counts[negative], args.seed)
-    neg_chunks = {d: quality.paragraph_chunks(store.text(int(negatives[d])))
+    neg_chunks = {d: quality.paragraph_chunks(store.text(int(negatives[d])))  # only the planned documents
                   for d in np.unique(np.concatenate([parts[2][0], parts[3][0]])).tolist()}
-    good_train, good_held, random_train, random_held = (
-        [chunks[d][k] for d, k in zip(part[0].tolist(), part[1].tolist())]
-        for chunks, part in zip((pos_chunks, pos_chunks, neg_chunks, neg_chunks), parts))
-    examples = (good_train + random_train, [1] * len(good_train) + [0] * len(random_train),
-                good_held + random_held, [1] * len(good_held) + [0] * len(random_held))
-    classifier, report = quality.fit_classifier(examples, args.seed, args.classifier_epochs,
-                                                char_ngrams=args.classifier_char_ngrams)
+    classifier, report = quality.fit_classifier(quality.planned_examples(parts, pos_chunks, neg_chunks), args.seed,
+                                                args.classifier_epochs, char_ngrams=args.classifier_char_ngrams)
     start = time.time()
     run.throughput["classifier"] = map_chunks(run, "classifier_score", classifier_chunk,
                                               ((c, c) for c in range(n_chunks)), {**state, "classifier": classifier})
