@@ -53,9 +53,10 @@ from data.errors import DataError
 from data.tasks import generate_tasks, judge, sft_conversations
 from data.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
+from hf_gpt2 import gpt2_from_hf_state_dict
 from settings import build_parser_from, check_ranges, comma_list, runtime_flags, setting
-from train_gpt import (GPT, ConfigError, KVCache, atomic_save, get_lr, gpt2_from_hf_state_dict, load_resume_point,
-                       log_line, model_from_checkpoint, perplexity, pick_device, random_state, read_metrics,
+from train_gpt import (GPT, ConfigError, KVCache, atomic_save, get_lr, load_resume_point, log_line,
+                       model_from_checkpoint, perplexity, pick_device, random_state, read_metrics,
                        sample_next_token, save_resume_point, set_random_state, truncate_metrics)
 
 # Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).

@@ -18,6 +18,7 @@ import torch
 import dpo
 import ppo
 import sft
+import hf_gpt2
 import train_gpt as tg
 from data.errors import DataError
 from data.hf_tokenizer import bytes_to_unicode, chat_template, oniguruma_pattern, recover_merges, verify_hf_tokenizer
@@ -93,7 +94,7 @@ def test_exported_weights_load_back_with_identical_logits(tmp_path, tokenizer_di
     config = json.load(open(os.path.join(out, "config.json")))
     assert torch.equal(state_dict["lm_head.weight"], state_dict["transformer.wte.weight"])  # the tied head
     assert state_dict["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D: (in, out)
-    back = tg.gpt2_from_hf_state_dict(state_dict, n_head=config["n_head"]).eval()
+    back = hf_gpt2.gpt2_from_hf_state_dict(state_dict, n_head=config["n_head"]).eval()
     ids = [[enc.eot_token, *enc.encode_ordinary(text)][:64] for text in SAMPLE_CORPUS[:2]]
     ids = [row[:min(map(len, ids))] for row in ids]
     assert torch.equal(logits(back, ids), logits(model, ids))
@@ -106,9 +107,9 @@ def test_exported_weights_load_back_with_identical_logits(tmp_path, tokenizer_di
 def test_a_model_without_biases_exports_with_zero_biases(tmp_path, tokenizer_dir):
     enc = load_tokenizer(tokenizer_dir)
     model = tiny_policy(enc.n_vocab, bias=False)
-    hf = tg.gpt2_to_hf_state_dict(model)
+    hf = hf_gpt2.gpt2_to_hf_state_dict(model)
     assert torch.count_nonzero(hf["transformer.h.0.mlp.c_fc.bias"]) == 0 and hf["transformer.ln_f.bias"].shape == (32,)
-    back = tg.gpt2_from_hf_state_dict(hf, n_head=2).eval()
+    back = hf_gpt2.gpt2_from_hf_state_dict(hf, n_head=2).eval()
     ids = [[enc.eot_token, *enc.encode_ordinary(SAMPLE_CORPUS[0])][:40]]
     assert torch.allclose(logits(back, ids), logits(model, ids), atol=1e-6)
 
@@ -255,7 +256,7 @@ def test_verify_flag_passes_and_catches_a_broken_export(tmp_path, tokenizer_dir,
     state_dict["transformer.h.0.attn.c_proj.weight"] = state_dict["transformer.h.0.attn.c_proj.weight"].t().contiguous()
     torch.save(state_dict, weights)
     with pytest.raises(SystemExit, match="differs from the checkpoint"):
-        tg.verify_hf_export(out, model, enc)
+        hf_gpt2.verify_hf_export(out, model, enc)
 
 
 def test_verify_says_clearly_when_the_packages_are_absent(tmp_path, tokenizer_dir, capsys, monkeypatch):

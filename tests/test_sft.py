@@ -16,7 +16,8 @@ import torch
 import sft
 from data.tasks import sft_conversations
 from data.tokenizer import SPECIAL_TOKENS, save_tokenizer
-from train_gpt import GPT, ConfigError, GPTConfig, atomic_save, gpt2_key_map, model_from_checkpoint
+from hf_gpt2 import gpt2_key_map
+from train_gpt import GPT, ConfigError, GPTConfig, atomic_save, model_from_checkpoint
 
 PATTERN = r"""\s?\S+|\s+"""
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf_gpt2
 import train_gpt as tg
 from conftest import write_synthetic_data
 
@@ -243,14 +244,14 @@ def test_loads_hugging_face_gpt2_state_dict():
     ours = tg.GPT(tg.GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
     hf = {}
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    for our_name, hf_name in tg.gpt2_key_map(2).items():
+    for our_name, hf_name in hf_gpt2.gpt2_key_map(2).items():
         tensor = ours.state_dict()[our_name]
         hf["transformer." + hf_name] = tensor.t().clone() if hf_name.endswith(conv1d) else tensor.clone()
     for i in range(2):
         hf[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 16, 16))
         hf[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     hf["lm_head.weight"] = hf["transformer.wte.weight"]
-    loaded = tg.gpt2_from_hf_state_dict(hf, n_head=2).eval()
+    loaded = hf_gpt2.gpt2_from_hf_state_dict(hf, n_head=2).eval()
     x = torch.randint(0, 50, (2, 16))
     assert torch.allclose(loaded(x)[0], ours(x)[0], atol=1e-6)
 
