@@ -32,10 +32,11 @@ cpu_DATA     :=
 cpu_PRETRAIN := --n-layer 4 --n-head 4 --n-embd 128 --block-size 256 --max-steps 500
 cpu_SFT      := --epochs 5 --lr 3e-3 --families $(FAMILIES) --eval-tasks 300
 cpu_REWARD   := --num-prompts 4000 --k 8 --epochs 3 --families $(FAMILIES)
-cpu_PPO      := --iterations 60 --beta 0.3 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
-# PPO on the gold judge: 256 rollouts, minibatches of 64, 1 epoch, lr 1e-4, 140 iterations: 280 s on session 6's host, 338 s on session 7's (README, "Making RL climb")
-cpu_PPO_JUDGE := --iterations 140 --rollouts 256 --minibatch-size 64 --ppo-epochs 1 --lr 1e-4 --value-lr 3e-4 \
-                 --beta 0.02 --threads 0 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
+cpu_PPO      := --iterations 60 --beta 0.3 --threads 0 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
+# PPO on the gold judge: 256 rollouts, minibatches of 64, 1 epoch, lr 1e-4, β 0.01, 190 iterations: 280 s on
+# session 8's host (README, "Making RL climb")
+cpu_PPO_JUDGE := --iterations 190 --rollouts 256 --minibatch-size 64 --ppo-epochs 1 --lr 1e-4 --value-lr 3e-4 \
+                 --beta 0.01 --threads 0 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
 cpu_DPO      := --beta 0.5 --max-steps 700 --families $(FAMILIES) --eval-tasks 0
 cpu_BON      := --best-of-n 1,2,4,8,16,32 --eval-prompts 500 --families $(FAMILIES)
 cpu_EVAL     := --families $(FAMILIES) --eval-tasks 1000

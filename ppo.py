@@ -12,9 +12,10 @@ model, frozen), the reward model r_φ (reward.py, frozen) and the value model V 
 initialised from r_φ, trained). The loop follows seed 3.4's six steps:
 
     1. Prompts      a batch of train-split task prompts                              (training_prompts)
-    2. Rollout      y ∼ π_θ(·|x) (KV-cached, left-padded prompts)                    (sample_rollouts)
-    3. Score        r_φ(x, y) once per response, read at its last real token; log π_old, log π_ref and
-                    V(s_t) on every response token, and the per-token reward
+    2. Rollout      y ∼ π_θ(·|x) (KV-cached, left-padded prompts), keeping log π_old(y_t|s_t)
+                                                                                     (sample_rollouts)
+    3. Score        r_φ(x, y) once per response, read at its last real token; log π_ref and V(s_t)
+                    on every response token, and the per-token reward
                     r_t = −β·(log π_θ − log π_ref)(y_t|s_t) + [t = last]·r_φ(x, y)    (make_experience; blog)
     4. Advantages   GAE: δ_t = r_t + γ·V(s_{t+1}) − V(s_t),  A_t = Σ_l (γλ)^l δ_{t+l}  (make_experience)
     5. Update       a few epochs of minibatch steps on the clipped objective (ppo_update). The seed's
@@ -112,6 +113,9 @@ class Hyperparameters:
                                  check="> 0", group="rollouts")
     missing_end_penalty: float = setting(1.0, "subtracted from r_φ for a response that never emits <|end|>",
                                          check="≥ 0", group="rollouts")
+    recompute_logprobs: bool = setting(False, "compute log π_old with a second forward after sampling instead of "
+                                              "keeping the sampler's (equal to float error; costs a forward)",
+                                       group="rollouts")
     families: list = setting(None, "task families for rollouts and evaluation, e.g. arith,sort (default: all)",
                              type=comma_list(str), group="rollouts")
     levels: list = setting(None, "task levels for rollouts and evaluation, e.g. 1,2 (default: the usual mix)",
@@ -419,12 +423,15 @@ def response_mask_and_ended(responses, end_token):
 
 @torch.no_grad()
 def sample_rollouts(policy, prompts, special, max_new_tokens, temperature, generator=None,
-                    autocast=contextlib.nullcontext()):
+                    autocast=contextlib.nullcontext(), keep_logprobs=False):
     """Seed 3.4, step 2 (the rollout): y ∼ π_θ(·|x) for each prompt (token lists), as a Rollout.
 
     train_gpt's KV-cached `generate` samples all rows in step; a row that emits <|end|> is
     finished and later slots hold <|pad|>. A row that never emits it stops at max_new_tokens
     (truncated: `ended` is False, and the reward is read at its last generated token).
+    With keep_logprobs the sampler's own log π_θ(y_t|s_t) become the rollout's log π_old: they are
+    the numbers a second, full forward would compute (tests/test_ppo.py checks it to float error),
+    and generation has them for free.
     """
     device = next(policy.parameters()).device
     ids, prompt_mask = left_pad(prompts, special.pad)
@@ -432,9 +439,10 @@ def sample_rollouts(policy, prompts, special, max_new_tokens, temperature, gener
     was_training = policy.training
     policy.eval()
     with autocast:
-        sequences = policy.generate(ids, max_new_tokens, temperature, eos_token=special.end, pad_token=special.pad,
-                                    prompt_mask=prompt_mask, generator=generator)
+        generated = policy.generate(ids, max_new_tokens, temperature, eos_token=special.end, pad_token=special.pad,
+                                    prompt_mask=prompt_mask, generator=generator, return_logprobs=keep_logprobs)
     policy.train(was_training)
+    sequences, logprobs = generated if keep_logprobs else (generated, None)
     prompt_length = ids.shape[1]
     responses = sequences[:, prompt_length:]
     response_mask, ended = response_mask_and_ended(responses, special.end)
@@ -443,7 +451,7 @@ def sample_rollouts(policy, prompts, special, max_new_tokens, temperature, gener
     doc_ids = torch.where(real, 0, -1)
     lengths = response_mask.sum(dim=1).long().tolist()
     return Rollout(sequences, position_ids, doc_ids, response_mask, ended, prompt_length, [list(p) for p in prompts],
-                   [row[:n] for row, n in zip(responses.tolist(), lengths)])
+                   [row[:n] for row, n in zip(responses.tolist(), lengths)], old_logprobs=logprobs)
 
 
 def response_hidden_states(gpt, rollout):
@@ -709,9 +717,10 @@ def logprobs_and_values(policy, critic, rollout, temperature):
 def make_experience(rollout, policy, reference, critic, score_fn, beta, args, autocast=contextlib.nullcontext()):
     """Seed 3.4, steps 3–4 (score, advantages): fill `rollout` with what the update needs (in place).
 
-    log π_old and log π_ref on every response token; the reward model's score (minus the penalty
-    if the response never ended); the KL estimates; then for PPO the values, the KL-penalised
-    per-token rewards, GAE advantages (whitened) and returns, for GRPO the group advantages.
+    log π_old (unless the sampler kept it) and log π_ref on every response token; the reward
+    model's score (minus the penalty if the response never ended); the KL estimates; then for PPO
+    the values, the KL-penalised per-token rewards, GAE advantages (whitened) and returns, for GRPO
+    the group advantages.
     `score_fn(prompts, responses) → (B,)` is r_φ (or, in tests, any reward function).
     """
     was_training = policy.training
@@ -723,7 +732,7 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
         if shared:  # one forward of the shared network gives log π_old and V(s_t)
             rollout.old_logprobs, shared_values = per_token_in_chunks(
                 lambda b: logprobs_and_values(policy, critic, b, args.temperature), rollout, chunks, outputs=2)
-        else:
+        elif rollout.old_logprobs is None:  # not kept from sampling (--recompute-logprobs)
             rollout.old_logprobs = per_token_in_chunks(lambda b: response_logprobs(policy, b, args.temperature)[0],
                                                        rollout, chunks)
         rollout.ref_logprobs = per_token_in_chunks(lambda b: response_logprobs(reference, b, args.temperature)[0],
@@ -779,7 +788,8 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
             loss, stats = ppo_policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, args.clip_eps)
             stats["policy_loss"] = loss.item()
             entropy = masked_mean(entropy, mask)
-            loss = loss - args.entropy_coef * entropy
+            if args.entropy_coef:  # at 0 the entropy is only reported: no backward through it
+                loss = loss - args.entropy_coef * entropy
             stats["entropy"] = entropy.item()
             if args.algo == "grpo":
                 _, k3 = kl_estimators(logprobs, batch.ref_logprobs)
@@ -832,7 +842,9 @@ def train_iteration(policy, reference, critic, optimizer, prompts, score_fn, spe
     """One PPO/GRPO iteration on `prompts`: rollout, experience, update. Returns (rollout, stats),
     stats with the seconds spent generating, scoring (the no-grad forwards of step 3) and optimising."""
     t0 = time.time()
-    rollout = sample_rollouts(policy, prompts, special, args.max_new_tokens, args.temperature, generator, autocast)
+    keep = not args.recompute_logprobs and args.critic != "shared"
+    rollout = sample_rollouts(policy, prompts, special, args.max_new_tokens, args.temperature, generator, autocast,
+                              keep_logprobs=keep)
     t1 = time.time()
     make_experience(rollout, policy, reference, critic, score_fn, beta, args, autocast)
     t2 = time.time()

@@ -273,10 +273,15 @@ def sequence_logprobs(model, ids, mask, position_ids=None, doc_ids=None, reducti
     left-padded rows (padding: doc id −1). Gradients flow: wrap in torch.no_grad() for π_ref.
     """
     inputs, targets = shift_targets(ids, mask)
-    logits, _ = model(inputs, position_ids=None if position_ids is None else position_ids[:, :-1],
-                      doc_ids=None if doc_ids is None else doc_ids[:, :-1])
-    logps = token_logprobs(logits, targets).sum(dim=1)
-    count = (targets != IGNORE_INDEX).sum(dim=1)
+    hidden = model.hidden_states(inputs, None if position_ids is None else position_ids[:, :-1],
+                                 None if doc_ids is None else doc_ids[:, :-1])
+    # The LM head and its softmax run on the response positions only: the prompt's logits would be
+    # thrown away, and on these short answers they were most of the vocabulary work.
+    scored = targets != IGNORE_INDEX
+    per_token = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    per_token[scored] = token_logprobs(model.lm_head(hidden[scored])[None], targets[scored][None])[0]
+    logps = per_token.sum(dim=1)
+    count = scored.sum(dim=1)
     if reduction == "mean":
         logps = logps / count.clamp(min=1)
     elif reduction != "sum":

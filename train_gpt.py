@@ -468,7 +468,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_token=None, pad_token=None, prompt_mask=None, use_cache=True, generator=None):
+                 eos_token=None, pad_token=None, prompt_mask=None, use_cache=True, generator=None,
+                 return_logprobs=False):
         """Sample max_new_tokens continuations of idx (B, T) autoregressively.
 
         temperature 0 is greedy decoding. Prompts of different lengths come left-padded, with
@@ -476,11 +477,16 @@ class GPT(nn.Module):
         A sequence that has emitted eos_token is finished: later slots hold pad_token (or eos).
         With use_cache the keys and values of earlier tokens are kept (KVCache), so each step
         feeds only the newest token; without it every step re-reads the whole sequence.
+        With return_logprobs it returns (sequences, logprobs): logprobs (B, R) holds
+        log softmax(logits / T)[y_t] of each sampled token — the log-prob under the distribution it
+        was drawn from, which RL needs anyway — and 0 in the slots after a row finished.
         """
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context "
                              f"length block_size={self.config.block_size}")
+        if return_logprobs and (temperature == 0 or top_k is not None or top_p is not None):
+            raise ValueError("return_logprobs needs plain sampling (temperature > 0, no top_k or top_p)")
         real = torch.ones_like(idx, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
         doc_ids = torch.where(real, 0, -1)
         position_ids = (real.long().cumsum(1) - 1).clamp(min=0)
@@ -493,9 +499,19 @@ class GPT(nn.Module):
             cache = KVCache(self.config, B, T + max_new_tokens, idx.device, dtype)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out = idx
-        logits, _ = self(idx, position_ids=position_ids, doc_ids=doc_ids, cache=cache)
+        logprobs = []
+
+        def last_logits(tokens, positions, docs):
+            # Only the last position's logits are sampled from: the LM head skips the other columns
+            # (on a 30-token prompt batch it was most of the prefill's work).
+            return self.lm_head(self.hidden_states(tokens, positions, docs, cache)[:, -1])
+
+        logits = last_logits(idx, position_ids, doc_ids)
         for _ in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            if return_logprobs:
+                logprob = torch.log_softmax(logits.float() / temperature, dim=-1)
+                logprobs.append(torch.where(finished, 0.0, logprob.gather(1, next_token[:, None]).squeeze(1)))
             if eos_token is not None:
                 next_token = torch.where(finished, fill_token, next_token)
                 finished |= next_token == eos_token
@@ -506,11 +522,12 @@ class GPT(nn.Module):
             position_ids = torch.cat([position_ids, next_position], dim=1)
             doc_ids = torch.cat([doc_ids, torch.zeros_like(next_position)], dim=1)
             if use_cache:
-                logits, _ = self(next_token[:, None], position_ids=next_position,
-                                 doc_ids=doc_ids[:, -1:], cache=cache)
+                logits = last_logits(next_token[:, None], next_position, doc_ids[:, -1:])
             else:
-                logits, _ = self(out, position_ids=position_ids, doc_ids=doc_ids)
-        return out
+                logits = last_logits(out, position_ids, doc_ids)
+        if not return_logprobs:
+            return out
+        return out, torch.stack(logprobs, dim=1) if logprobs else torch.zeros(B, 0, device=idx.device)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -532,8 +549,26 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return sample_categorical(torch.softmax(logits, dim=-1), generator)
+
+
+# classroom: begin sample_categorical
+def sample_categorical(probs, generator=None):
+    """One draw per row from the categorical distribution probs (B, V), by inverse transform
+    (every sampled response — seed 3.2's k samples, 3.4's rollouts — is a chain of these draws):
+
+        y = min { i : F_i > x },   x = u · F_V,   F_i = Σ_{j ≤ i} p_j (the CDF),   u ∼ U[0, 1)
+
+    One uniform per row. torch.multinomial draws one exponential per vocabulary entry instead —
+    on CPU about 50× slower at 256 × 4,096 (bench/sampling.py), and 59 % of a PPO rollout's time.
+    A token of probability 0 (cut by top-k or top-p) has F_i = F_{i−1}, so it is never the first
+    with F_i > x. Scaling u by F_V absorbs the float32 CDF's rounding (F_V ≈ 1); u < 1 keeps
+    x below F_V, so the search always ends on a token of positive probability.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+# classroom: end sample_categorical
 
 
 # =============================================================================

@@ -286,6 +286,11 @@ WRONG_BODIES = {
         total = math.comb(N, n)
         return sum(math.comb(i - 1, n - 1) / total * values[order[i - 1]] for i in range(n, N + 1))
         """,
+    "sample_categorical": """
+        cdf = probs.float().cumsum(dim=-1)
+        u = torch.rand(1, device=probs.device, generator=generator)  # one u for the whole batch: every row alike
+        return torch.searchsorted(cdf, u.expand(probs.shape[0], 1) * cdf[:, -1:], right=True).squeeze(1)
+        """,
     "gae": """
         values = values * mask
         advantages = torch.zeros_like(rewards)

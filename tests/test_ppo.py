@@ -222,6 +222,24 @@ def test_rollout_logprobs_and_values_match_unpadded_sequences():
     assert torch.isfinite(entropy).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_samplers_logprobs_are_those_a_second_forward_computes(temperature):
+    """keep_logprobs: log π_old from the KV-cached sampling steps equals response_logprobs of the
+    finished rollout (a full forward over left-padded prompts), 0 on padding — and keeping them
+    draws the very same responses."""
+    policy, _, _ = toy_models()
+    prompts = toy_prompts(6, seed=1)
+    kept = ppo.sample_rollouts(policy, prompts, TOY, 8, temperature, torch.Generator().manual_seed(0),
+                               keep_logprobs=True)
+    plain = ppo.sample_rollouts(policy, prompts, TOY, 8, temperature, torch.Generator().manual_seed(0))
+    assert kept.responses == plain.responses and plain.old_logprobs is None
+    recomputed, _ = ppo.response_logprobs(policy, kept, temperature)
+    assert kept.old_logprobs.shape == kept.response_mask.shape
+    torch.testing.assert_close(kept.old_logprobs, recomputed, atol=1e-5, rtol=0)
+    assert (kept.old_logprobs[kept.response_mask == 0] == 0).all()
+    assert kept.old_logprobs[kept.response_mask == 1].lt(0).all()
+
+
 def test_a_minibatch_is_cut_to_its_own_padding_and_keeps_every_value():
     """Rollout.select drops columns that are padding in all chosen rows: narrower tensors, the same
     log-probs, values and experience for every chosen row as in the full batch."""

@@ -225,6 +225,34 @@ def test_prompt_longer_than_context_is_a_clear_error():
         model.generate(torch.zeros(1, 30, dtype=torch.long), 5)
 
 
+SPARSE_P = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.05, 0.6, 0.0])  # zeros first, inside and last
+
+
+def test_inverse_transform_sampling_draws_each_token_with_its_probability():
+    """sample_categorical: 200,000 draws from p match p within 5 standard errors per token; a token
+    of probability 0 is never drawn; rows are drawn independently (two rows of one distribution
+    differ about 1 − Σp² of the time)."""
+    p = SPARSE_P
+    g = torch.Generator().manual_seed(0)
+    draws = tg.sample_categorical(p.repeat(200_000, 1), g)
+    assert draws.shape == (200_000,)
+    frequency = torch.bincount(draws, minlength=len(p)).double() / len(draws)
+    standard_error = (p.double() * (1 - p.double()) / len(draws)).sqrt()
+    assert ((frequency - p.double()).abs() <= 5 * standard_error + 1e-12).all(), frequency
+    assert (frequency[p == 0] == 0).all()
+    differ = (draws[0::2] != draws[1::2]).double().mean().item()
+    assert differ == pytest.approx(1 - (p.double() ** 2).sum().item(), abs=0.01)
+
+
+def test_inverse_transform_sampling_at_the_extremes_of_u(monkeypatch):
+    """u = 0 gives the first token of positive probability, torch.rand's largest float32 below 1
+    the last one — never the zero-probability token after it."""
+    p = SPARSE_P
+    for u, token in ((0.0, 1), (1 - 2 ** -24, 5)):  # torch.rand's extremes: the first and last positive token
+        monkeypatch.setattr(torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
+        assert tg.sample_categorical(p[None]).item() == token
+
+
 def test_top_k_and_top_p_restrict_the_choice():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
