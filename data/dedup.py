@@ -567,6 +567,39 @@ def repeated_span_mask(tokens, min_length=50):
     return np.cumsum(starts[:n]) > 0
 
 
+# The same decision in bounded memory (data/stream.py): a position is in a later copy of a span of
+# ≥ w tokens exactly when the w tokens starting there occurred before, at an earlier position. (In the
+# suffix array those positions are one run with lcp ≥ w; all but its earliest are marked.) So hash every
+# window of w consecutive tokens, keep the first occurrence of each hash, and mark [p, p + w) for the
+# others — a sort of 8-byte keys, which can be cut by hash range, instead of one suffix array.
+
+def span_window_hashes(token_hashes, w):
+    """64-bit hash of each run of w consecutive tokens of one document (len − w + 1 of them, or none):
+    equal windows, wherever they stand, get equal hashes; fmix64 spreads them over all 64 bits, so a
+    hash range is a fair share of the windows."""
+    return _fmix64(ngram_hashes(np.asarray(token_hashes, dtype=np.uint64), w))
+
+
+def later_occurrences(keys):
+    """True at each key equal to one earlier in the array: a stable sort puts equal keys next to each
+    other in their original order, and all but the first of each group are later occurrences."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    later = np.zeros(len(keys), dtype=bool)
+    later[order[1:][sorted_keys[1:] == sorted_keys[:-1]]] = True
+    return later
+
+
+def tokens_in_marked_windows(marked, n_tokens, w):
+    """Token mask (n_tokens,): True inside [p, p + w) for every marked window start p (a +1/−1 fill)."""
+    edges = np.zeros(n_tokens + 1, dtype=np.int64)
+    starts = np.flatnonzero(marked)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, np.minimum(starts + w, n_tokens), -1)
+    return np.cumsum(edges[:n_tokens]) > 0
+
+
 def substring_dedup(documents, min_tokens=50, pattern=None):
     """Cut later copies of every span of ≥ min_tokens tokens (Lee et al. 2022, seed 1.2).
 

@@ -144,7 +144,7 @@ class Hyperparameters:
                                        "near-duplicates", check="(0, 1]")
     num_perm: int = setting(NUM_PERM, "MinHash permutations", check="≥ 1")
     shingle_words: int = setting(SHINGLE_WORDS, "words per MinHash shingle", check="≥ 1")
-    substring_dedup: bool = setting(False, "also cut repeated spans with a suffix array (slower)")
+    substring_dedup: bool = setting(False, "also cut later copies of repeated spans (Lee et al. 2022; slower)")
     substring_min_tokens: int = setting(SUBSTRING_MIN_TOKENS, "minimum length of a repeated span, in pre-tokeniser "
                                         "chunks", check="≥ 1")
     decontaminate: list = setting([], "evaluation texts to remove from training data: .jsonl ('prompt' or 'text' "

@@ -20,6 +20,9 @@ chunks of about `chunk_bytes` and every stage is a pass over the chunks:
             per band, a stable argsort of all documents' keys puts every bucket's members next
             to each other (dedup.sorted_band_candidates): no dictionary of buckets; only the
             candidates' signature rows are read back for verification
+    pass 4b (--substring-dedup) per chunk the hashes of every window of w pre-tokens; their first
+            occurrences found one hash range at a time; per chunk the later copies cut out, and the
+            texts written again                                                 (work/substring/)
     pass 5  decontamination per chunk
     then    the mixture and the split, computed from document sizes alone (sources.mix_positions,
             prepare.split_order); BPE on a --bpe-train-bytes sample; tokenisation per chunk of
@@ -30,8 +33,9 @@ document (the file index's sizes and offsets, 40 bytes; source, hash, perplexity
 ~50) plus, one band at a time, 16 bytes a document for the sort. Text, signatures and tokens
 are only ever held a chunk at a time. The quality classifier (off by default) is streamed too: its
 training plan needs only each document's number of paragraph chunks, so just the few thousand
-chunks it trains on are read back. The substring stage (off by default) still runs on the documents
-in memory — one suffix array over the whole corpus; every other stage is streamed.
+chunks it trains on are read back. So is the substring stage (off by default): in place of one suffix
+array over the whole corpus, the hash of every window of w pre-tokens goes to disk, 8 bytes a token,
+and the first occurrence of each is found one hash range at a time (pass 4b, `repeated_spans`).
 
 Every pass writes one result file per chunk (atomically, its .json last), so:
   * resumable: a run interrupted in any pass skips the chunks already written (work/manifest.json
@@ -62,6 +66,7 @@ from data.errors import DataError
 from data.hf_tokenizer import write_json
 from data.report import read_json
 from data.sources import KINDS, Document, decode, utf8
+from data.tokenizer import pretokenize
 
 WORK = "prepare_work"  # under --out; removed when the run finishes
 # Peak working memory per byte of chunk text, measured on a 2 MB chunk of bench/prepare_scale.py's corpus
@@ -445,7 +450,14 @@ class CuratedStore:
         self.kind = np.concatenate([p["kind"] for p in parts] + [np.zeros(0, np.int8)])
         self.hash = np.concatenate([p["hash"] for p in parts] + [np.zeros(0, np.uint64)])
         self.nbytes = np.concatenate([np.diff(o) for o in self.offsets] + [np.zeros(0, np.int64)])
-        self.replaced = {}  # index → text, where the (in-memory) substring stage changed a document
+        self.text_pass = "curated"  # the pass whose chunk files hold the current texts
+
+    def use_texts_of(self, name):
+        """Read the texts from pass `name`'s chunk files from now on (the substring stage rewrites
+        each chunk's texts, cut): their offsets and UTF-8 sizes replace the curated ones."""
+        self.offsets = [load_arrays(self.work, name, c, ["offsets"])["offsets"] for c in range(self.n_chunks)]
+        self.nbytes = np.concatenate([np.diff(o) for o in self.offsets] + [np.zeros(0, np.int64)])
+        self.text_pass = name
 
     def __len__(self):
         return len(self.source)
@@ -455,24 +467,23 @@ class CuratedStore:
 
     def chunk_texts(self, c):
         """All texts of chunk c (a list), in one read."""
-        with open(chunk_path(self.work, "curated", c) + ".text", "rb") as f:
+        with open(chunk_path(self.work, self.text_pass, c) + ".text", "rb") as f:
             blob = f.read()
         offsets = self.offsets[c]
-        first = self.chunk_start[c]
-        return [self.replaced.get(first + k, decode(blob[offsets[k]:offsets[k + 1]])) for k in range(len(offsets) - 1)]
+        return [decode(blob[offsets[k]:offsets[k + 1]]) for k in range(len(offsets) - 1)]
 
     def _read(self, i, kind, offsets):
         c = self.chunk_of(i)
         k = i - self.chunk_start[c]
-        fd = os.open(chunk_path(self.work, "curated", c) + f".{kind}", os.O_RDONLY)
+        name = self.text_pass if kind == "text" else "curated"
+        fd = os.open(chunk_path(self.work, name, c) + f".{kind}", os.O_RDONLY)
         try:
             return decode(os.pread(fd, int(offsets[c][k + 1] - offsets[c][k]), int(offsets[c][k])))
         finally:
             os.close(fd)
 
     def text(self, i):
-        i = int(i)
-        return self.replaced[i] if i in self.replaced else self._read(i, "text", self.offsets)
+        return self._read(int(i), "text", self.offsets)
 
     def origin(self, i):
         return self._read(int(i), "origins", self.origin_offsets)
@@ -720,6 +731,122 @@ def near_duplicates(run, store, alive, n_chunks):
 
 
 # -----------------------------------------------------------------------------
+# Pass 4b (--substring-dedup): repeated spans by window hashes, in bounded memory
+# -----------------------------------------------------------------------------
+# dedup.substring_dedup builds one suffix array over the whole corpus. Here the same decision comes
+# from hashes (dedup.span_window_hashes): each chunk writes the hash of every window of w pre-tokens
+# of its documents; the first occurrence of each hash is found one hash range at a time (the windows
+# are 8 bytes each on disk, and a range holds a 1/P share of them); each chunk then cuts its own
+# documents' later copies and writes its texts again, which later passes read.
+
+SUBSTRING_BYTES_PER_WINDOW = 40  # in memory while a hash range is sorted: key, position, the sort's copies
+
+
+def window_chunk(state, c):
+    """The window hashes of chunk c's alive documents, one document after another."""
+    store, alive, w = state["store"], state["alive"], state["min_tokens"]
+    first, last = store.chunk_start[c], store.chunk_start[c + 1]
+    texts = store.chunk_texts(c)
+    local = np.flatnonzero(alive[first:last])
+    keys = [dedup.span_window_hashes(dedup.word_hashes(pretokenize(texts[k])), w) for k in local]
+    keys = np.concatenate(keys + [np.zeros(0, np.uint64)])
+    return {"keys": keys}, {"bytes": int(store.nbytes[first:last][local].sum()), "windows": len(keys)}, None
+
+
+def substring_partitions(total_windows, max_memory):
+    """P, a power of two: the hash ranges the windows are sorted in, each within a quarter of --max-memory."""
+    share = max(max_memory / 4, 1)
+    partitions = 1
+    while total_windows * SUBSTRING_BYTES_PER_WINDOW / partitions > share:
+        partitions *= 2
+    return partitions
+
+
+def mark_later_windows(run, n_chunks, partitions, path):
+    """marks[g] = 1 where window g (counted over all chunks, in order) repeats an earlier window: per
+    hash range q (the top log2 P bits of the hash), the range's keys of every chunk, in order, then
+    dedup.later_occurrences. Written once (by rank 0) to a uint8 array on disk at `path`."""
+    counts = [load_info(run.work, "substring_windows", c)["windows"] for c in range(n_chunks)]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if run.ranks.rank == 0 and not os.path.exists(path):
+        temporary = f"{path}.tmp{os.getpid()}.npy"
+        marks = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(max(int(starts[-1]), 1),))
+        shift = np.uint64(64 - partitions.bit_length() + 1)
+        for q in range(partitions):
+            keys, where = [], []
+            for c in range(n_chunks):
+                chunk_keys = load_arrays(run.work, "substring_windows", c, ["keys"])["keys"]
+                inside = np.flatnonzero(chunk_keys >> shift == q) if partitions > 1 else np.arange(len(chunk_keys))
+                keys.append(chunk_keys[inside])
+                where.append(starts[c] + inside)
+            keys = np.concatenate(keys + [np.zeros(0, np.uint64)])
+            where = np.concatenate(where + [np.zeros(0, np.int64)])
+            marks[where[dedup.later_occurrences(keys)]] = 1
+        marks.flush()
+        del marks
+        os.replace(temporary, path)
+    run.ranks.barrier()
+    return starts
+
+
+def cut_chunk(state, c):
+    """Chunk c's texts again, every token inside a marked window of an alive document cut out."""
+    store, alive, w = state["store"], state["alive"], state["min_tokens"]
+    marks = np.load(state["marks"], mmap_mode="r")
+    first, last = store.chunk_start[c], store.chunk_start[c + 1]
+    position = int(state["window_starts"][c])
+    texts, counts, changed, emptied = [], collections.Counter(), [], []
+    for k, text in enumerate(store.chunk_texts(c)):
+        if alive[first + k]:
+            tokens = pretokenize(text)
+            n_windows = max(len(tokens) - w + 1, 0)
+            cut = dedup.tokens_in_marked_windows(marks[position:position + n_windows], len(tokens), w)
+            position += n_windows
+            counts["tokens"] += len(tokens)
+            counts["removed_tokens"] += int(cut.sum())
+            if cut.any():
+                kept = "".join(token for token, drop in zip(tokens, cut) if not drop)
+                counts["removed_bytes"] += len(utf8(text)) - len(utf8(kept))
+                changed.append(k)
+                text = kept
+            if not text.strip():  # dropped, as dedup.substring_dedup drops it
+                emptied.append(k)
+        texts.append(utf8(text))
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in texts])]).astype(np.int64)
+    info = {"bytes": int(offsets[-1]), **counts, "changed": len(changed),
+            "examples": [int(first + k) for k in changed[:5]]}
+    return ({"offsets": offsets, "emptied": np.asarray(emptied, dtype=np.int64) + first}, info,
+            {"text": b"".join(texts)})
+
+
+def repeated_spans(run, store, alive, n_chunks):
+    """dedup.substring_dedup's decision from the chunk files: the documents left empty (a mask over
+    all documents) and the report; the store reads the cut texts from then on."""
+    args, w = run.args, run.args.substring_min_tokens
+    state = {"store": store, "alive": alive, "min_tokens": w}
+    run.throughput["substring_windows"] = map_chunks(run, "substring_windows", window_chunk,
+                                                     ((c, c) for c in range(n_chunks)), state)
+    total = sum(load_info(run.work, "substring_windows", c)["windows"] for c in range(n_chunks))
+    partitions = substring_partitions(total, args.max_memory)
+    path = os.path.join(run.work, "substring_marks.npy")
+    state.update(marks=path, window_starts=mark_later_windows(run, n_chunks, partitions, path))
+    run.throughput["substring_cut"] = map_chunks(run, "substring", cut_chunk, ((c, c) for c in range(n_chunks)), state)
+    infos = [load_info(run.work, "substring", c) for c in range(n_chunks)]
+    store.use_texts_of("substring")
+    emptied = np.zeros(len(store), dtype=bool)
+    emptied[np.concatenate([load_arrays(run.work, "substring", c, ["emptied"])["emptied"] for c in range(n_chunks)]
+                           + [np.zeros(0, np.int64)])] = True
+    examples = [i for info in infos for i in info["examples"]][:5]
+    report = {"min_tokens": w, "tokens": sum(info.get("tokens", 0) for info in infos),
+              "removed_tokens": sum(info.get("removed_tokens", 0) for info in infos),
+              "removed_bytes": sum(info.get("removed_bytes", 0) for info in infos),
+              "documents_changed": sum(info["changed"] for info in infos),
+              "examples": [store.origin(i) for i in examples]}
+    report["partitions"] = partitions
+    return emptied, report
+
+
+# -----------------------------------------------------------------------------
 # Pass 5: decontamination; then tokenisation
 # -----------------------------------------------------------------------------
 
@@ -847,18 +974,9 @@ class StreamingRun:
         alive &= ~drop
         self._stage("near_dedup", store, alive)
 
-        if args.substring_dedup:  # in memory: one suffix array over the whole corpus
-            members = np.flatnonzero(alive)
-            documents = [dataclasses.replace(store.document(i), origin=str(i)) for i in members]
-            kept, _, report["substring_dedup"] = dedup.substring_dedup(documents, args.substring_min_tokens)
-            report["substring_dedup"]["examples"] = [store.origin(int(o)) for o in report["substring_dedup"]["examples"]]
-            alive[members] = False
-            for doc in kept:
-                i = int(doc.origin)
-                alive[i] = True
-                if doc.text != store.text(i):
-                    store.replaced[i] = doc.text
-                    store.nbytes[i] = len(utf8(doc.text))
+        if args.substring_dedup:
+            emptied, report["substring_dedup"] = repeated_spans(self, store, alive, n_chunks)
+            alive &= ~emptied
             self._stage("substring_dedup", store, alive)
         else:
             report["substring_dedup"] = {"enabled": False}

@@ -111,6 +111,82 @@ def test_the_streamed_classifier_decides_as_the_in_memory_one(corpus, tmp_path):
     assert streamed == reference and reference["removed"] >= 20 and reference["train_chunks"]["random"] > 50
 
 
+@pytest.fixture(scope="module")
+def boilerplate_corpus(tmp_path_factory):
+    """Prose whose documents share spans: a 5-sentence footer under every third one, a quoted sentence
+    of an earlier document in every seventh, and one document made of the first document's opening
+    and the footer (both seen before: cut to nothing, so dropped)."""
+    rng = random.Random(2)
+    root = tmp_path_factory.mktemp("boilerplate_corpus")
+    footer = _paragraph(rng, 5)
+    records = []
+    for i in range(90):
+        text = _paragraph(rng)
+        if i % 3 == 0:
+            text += " " + footer
+        if i % 7 == 6:
+            text = records[i // 2].split(". ")[1] + ". " + text
+        records.append(text)
+    records.insert(45, ". ".join(records[0].split(". ")[:3]) + ". " + footer)
+    (root / "web.jsonl").write_text("\n".join(json.dumps({"text": r}) for r in records) + "\n")
+    return root
+
+
+def _substring_argv(corpus, out, *extra):
+    return ["--out", str(out), "--source", f"web={corpus / 'web.jsonl'}", "--vocab-size", "300", "--max-bytes", "1000000",
+            "--shard-tokens", "5000", "--rule", "prose.min_words=50", "--substring-dedup", "--substring-min-tokens",
+            "20", "--ppl-band", "0", "100", "--quiet", "--max-memory", "1e5", "--workers", "2", *extra]
+
+
+@pytest.mark.parametrize("bytes_per_window", [1e-3, stream.SUBSTRING_BYTES_PER_WINDOW])
+def test_streamed_substring_dedup_cuts_what_the_suffix_array_cuts(boilerplate_corpus, tmp_path, monkeypatch,
+                                                                   bytes_per_window):
+    """Window hashes in chunk files, first occurrences found per hash range (one range when a window
+    is counted as nothing; at its real 40 bytes and --max-memory 1e5, many), later copies cut chunk by
+    chunk: the documents and the report of dedup.substring_dedup's suffix array in memory."""
+    monkeypatch.setattr(stream, "SUBSTRING_BYTES_PER_WINDOW", bytes_per_window)
+    args = _args(_substring_argv(boilerplate_corpus, tmp_path / "out"))
+    source_list = [parse_source_flag(spec) for spec in args.source]
+    reference_report, streamed_report = {}, {}
+    documents = curate_documents(source_list, args, [], [], Log(quiet=True), reference_report)
+    run = stream.StreamingRun(args, "test", stream.Ranks(), 2, Log(quiet=True))
+    store, final = run.curate(source_list, [], [], streamed_report)
+    assert streamed_report["streaming"]["chunks"] >= 8
+    assert [store.text(i) for i in final] == [d.text for d in documents]
+    streamed = dict(streamed_report["substring_dedup"])
+    assert (streamed.pop("partitions") > 1) == (bytes_per_window > 1)
+    assert streamed == reference_report["substring_dedup"]
+    assert streamed["documents_changed"] >= 20 and streamed["removed_tokens"] > 1000
+    assert len(documents) == 90  # of 91: the opening-and-footer document was cut to nothing and dropped
+
+
+def test_two_gloo_ranks_cut_the_spans_one_process_cuts(boilerplate_corpus, tmp_path):
+    """Under torchrun each rank hashes and cuts its own chunks, rank 0 alone finds the first
+    occurrences: the same shards and the same substring report as one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    main(_substring_argv(boilerplate_corpus, one, "--workers", "1"))
+    torchrun(2, _substring_argv(boilerplate_corpus, two, "--workers", "1"), timeout=300, script="data/prepare.py")
+    meta = json.loads((one / "meta.json").read_text())
+    assert json.loads((two / "meta.json").read_text()) == meta
+    for name in meta["train_shards"] + meta["val_shards"]:
+        assert np.array_equal(read_shard(str(one / name)), read_shard(str(two / name))), name
+    reports = [json.loads((d / "report.json").read_text())["substring_dedup"] for d in (one, two)]
+    assert reports[0] == reports[1] and reports[0]["documents_changed"] >= 20
+
+
+def test_later_occurrences_and_marked_windows_by_hand():
+    """later_occurrences marks every repeat of an earlier key; tokens_in_marked_windows covers
+    [p, p + w) for each marked p, overlapping windows joined, the last one clipped at the end."""
+    keys = np.array([5, 3, 5, 7, 3, 5], dtype=np.uint64)
+    assert dedup.later_occurrences(keys).tolist() == [False, False, True, False, True, True]
+    marked = np.array([False, True, True, False, False, True])
+    assert dedup.tokens_in_marked_windows(marked, 8, 2).tolist() == [False, True, True, True, False, True, True, False]
+    assert dedup.tokens_in_marked_windows(np.array([True]), 3, 3).tolist() == [True, True, True]
+    hashes = dedup.span_window_hashes(dedup.word_hashes(["a", " b", " c", " a", " b", " c"]), 2)
+    # windows "a b", " b c", " c a", " a b", " b c": only the second " b c" repeats (" a" is not "a")
+    assert dedup.later_occurrences(hashes).tolist() == [False, False, False, False, True]
+
+
 def test_band_key_candidates_are_lsh_candidate_pairs(monkeypatch):
     rng = np.random.default_rng(0)
     signatures = rng.integers(0, 2**61, size=(300, 32), dtype=np.uint64)
