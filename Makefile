@@ -30,9 +30,8 @@ FAMILIES ?= reverse,upper
 # prompt's answers best of the reward-model settings tried (README, "Measured").
 cpu_DATA     :=
 cpu_PRETRAIN := --n-layer 4 --n-head 4 --n-embd 128 --block-size 256 --max-steps 500
-# Two validations per epoch, not four, in SFT and the reward model: ~50 s of the 15 minutes (README, "Measured").
-cpu_SFT      := --epochs 5 --lr 3e-3 --evals-per-epoch 2 --families $(FAMILIES) --eval-tasks 300
-cpu_REWARD   := --num-prompts 4000 --k 8 --epochs 3 --evals-per-epoch 2 --families $(FAMILIES)
+cpu_SFT      := --epochs 5 --lr 3e-3 --families $(FAMILIES) --eval-tasks 300
+cpu_REWARD   := --num-prompts 4000 --k 8 --epochs 3 --families $(FAMILIES)
 cpu_PPO      := --iterations 60 --beta 0.3 --threads 0 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
 # PPO on the gold judge: 256 rollouts, minibatches of 64, 1 epoch, lr 1e-4, β 0.01, 190 iterations: 280 s on
 # session 8's host (README, "Making RL climb")
