@@ -33,8 +33,8 @@ cpu_PRETRAIN := --n-layer 4 --n-head 4 --n-embd 128 --block-size 256 --max-steps
 cpu_SFT      := --epochs 5 --lr 3e-3 --families $(FAMILIES) --eval-tasks 300
 cpu_REWARD   := --num-prompts 4000 --k 8 --epochs 3 --families $(FAMILIES)
 cpu_PPO      := --iterations 60 --beta 0.3 --threads 0 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
-# PPO on the gold judge: 256 rollouts, minibatches of 64, 1 epoch, lr 1e-4, β 0.01, 190 iterations: 280 s on
-# session 8's host (README, "Making RL climb")
+# PPO on the gold judge: 256 rollouts, minibatches of 64, 1 epoch, lr 1e-4, β 0.01, 190 iterations: 277-344 s on
+# session 8's host, whose speed varied (README, "Making RL climb")
 cpu_PPO_JUDGE := --iterations 190 --rollouts 256 --minibatch-size 64 --ppo-epochs 1 --lr 1e-4 --value-lr 3e-4 \
                  --beta 0.01 --threads 0 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
 cpu_DPO      := --beta 0.5 --max-steps 700 --families $(FAMILIES) --eval-tasks 0

@@ -186,7 +186,8 @@ def test_optimal_experiment_measures_kl_to_the_exact_optimum(source_run, tmp_pat
     check_outcome(tmp_path, "optimal", outcomes)
     models = outcomes["optimal"]["models"]
     assert set(models) == {"sft", "dpo", "ppo", "optimal"}
-    assert all(m["kl_to_optimal"] >= 0 for name, m in models.items() if name != "optimal")
+    # KL ≥ 0; in float64 a model already at π* can land a rounding error below it (−6e-116 was seen)
+    assert all(m["kl_to_optimal"] >= -1e-12 for name, m in models.items() if name != "optimal")
     assert models["sft"]["kl_from_sft"] == pytest.approx(0.0, abs=1e-9)
     # π* is by construction at least as good on the candidates as π_SFT (r increases with gold)
     assert models["optimal"]["gold"] >= models["sft"]["gold"] - 1e-9
