@@ -762,12 +762,12 @@ def substring_partitions(total_windows, max_memory):
     return partitions
 
 
-def mark_later_windows(run, n_chunks, partitions, path):
-    """marks[g] = 1 where window g (counted over all chunks, in order) repeats an earlier window: per
-    hash range q (the top log2 P bits of the hash), the range's keys of every chunk, in order, then
-    dedup.later_occurrences. Written once (by rank 0) to a uint8 array on disk at `path`."""
-    counts = [load_info(run.work, "substring_windows", c)["windows"] for c in range(n_chunks)]
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+def mark_later_windows(run, starts, partitions, path):
+    """marks[g] = 1 where window g (counted over all chunks, in order; chunk c's start at starts[c])
+    repeats an earlier window: per hash range q (the top log2 P bits of the hash), the range's keys of
+    every chunk, in order, then dedup.later_occurrences. Written once (by rank 0) to a uint8 array on
+    disk at `path`."""
+    n_chunks = len(starts) - 1
     if run.ranks.rank == 0 and not os.path.exists(path):
         temporary = f"{path}.tmp{os.getpid()}.npy"
         marks = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(max(int(starts[-1]), 1),))
@@ -786,7 +786,6 @@ def mark_later_windows(run, n_chunks, partitions, path):
         del marks
         os.replace(temporary, path)
     run.ranks.barrier()
-    return starts
 
 
 def cut_chunk(state, c):
@@ -826,10 +825,12 @@ def repeated_spans(run, store, alive, n_chunks):
     state = {"store": store, "alive": alive, "min_tokens": w}
     run.throughput["substring_windows"] = map_chunks(run, "substring_windows", window_chunk,
                                                      ((c, c) for c in range(n_chunks)), state)
-    total = sum(load_info(run.work, "substring_windows", c)["windows"] for c in range(n_chunks))
-    partitions = substring_partitions(total, args.max_memory)
+    counts = [load_info(run.work, "substring_windows", c)["windows"] for c in range(n_chunks)]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    partitions = substring_partitions(int(starts[-1]), args.max_memory)
     path = os.path.join(run.work, "substring_marks.npy")
-    state.update(marks=path, window_starts=mark_later_windows(run, n_chunks, partitions, path))
+    mark_later_windows(run, starts, partitions, path)
+    state.update(marks=path, window_starts=starts)
     run.throughput["substring_cut"] = map_chunks(run, "substring", cut_chunk, ((c, c) for c in range(n_chunks)), state)
     infos = [load_info(run.work, "substring", c) for c in range(n_chunks)]
     store.use_texts_of("substring")
