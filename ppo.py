@@ -106,7 +106,11 @@ class Hyperparameters:
     # rollouts (seed 3.4, steps 1–3)
     iterations: int = setting(40, "rollout → update cycles", check="> 0", group="rollouts")
     rollouts: int = setting(64, "responses sampled per iteration (the experience batch)", check="> 0", group="rollouts")
-    group_size: int = setting(4, "GRPO: responses per prompt, k (the group is the baseline)", group="rollouts")
+    group_size: int = setting(4, "GRPO, and PPO with --reward-baseline group: responses per prompt, k (the group is "
+                                 "the baseline)", group="rollouts")
+    reward_baseline: str = setting("none", "PPO: group samples --group-size responses per prompt and subtracts their "
+                                           "mean r_φ (Bradley–Terry leaves a constant per prompt free); none: r_φ as "
+                                           "scored", choices=["none", "group"], group="rollouts")
     max_new_tokens: int = setting(32, "longest response in tokens (as reward.py sampled its data)", check="> 0",
                                   group="rollouts")
     temperature: float = setting(1.0, "rollout sampling temperature; 1 samples π_θ itself, as the KL assumes",
@@ -601,6 +605,20 @@ def whiten(x, mask, eps=1e-8):
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
+def group_centred_scores(scores, group_size):
+    """R_i − mean_j R_j over the k responses j of the same prompt (adjacent in `scores`, B = prompts × k).
+
+    Bradley–Terry sees only differences r_φ(x, y_w) − r_φ(x, y_l) between answers to one prompt, so
+    r_φ(x, ·) + c(x) fits the comparisons as well as r_φ(x, ·) for any per-prompt c(x): the level of
+    r_φ from one prompt to the next was never trained and is noise to PPO, which the critic must
+    then learn to predict. Centring within each prompt's group removes it (GRPO's baseline, kept
+    here under PPO's critic and GAE). It equals (k − 1)/k times RLOO's leave-one-out difference
+    R_i − mean_{j≠i} R_j, a scale the whitened advantages divide out.
+    """
+    groups = scores.view(-1, group_size)
+    return (groups - groups.mean(dim=1, keepdim=True)).view(-1)
+
+
 def grpo_advantages(scores, group_size, eps=1e-6):
     """GRPO's advantage (Shao et al. 2024, DeepSeekMath): each response against its own group.
 
@@ -751,7 +769,9 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
             with autocast:
                 rollout.values = per_token_in_chunks(lambda b: response_values(critic, b), rollout, chunks)
         critic.train(was_training)
-        rollout.rewards = per_token_rewards(rollout.scores, k1, mask, beta)
+        scores = (group_centred_scores(rollout.scores, args.group_size) if args.reward_baseline == "group"
+                  else rollout.scores)
+        rollout.rewards = per_token_rewards(scores, k1, mask, beta)
         advantages, rollout.returns = gae(rollout.rewards, rollout.values, mask, args.gamma, args.lam)
         rollout.advantages = whiten(advantages, mask)
     else:
@@ -905,7 +925,7 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
 def training_prompts(args, enc):
     """(tasks, prompts) for every iteration: train-split tasks rendered with the chat template.
     GRPO repeats each prompt k times, adjacently (a group)."""
-    copies = args.group_size if args.algo == "grpo" else 1
+    copies = args.group_size if args.algo == "grpo" or args.reward_baseline == "group" else 1
     per_iteration = args.rollouts // copies
     try:
         tasks = generate_tasks(args.iterations * per_iteration, "train", seed=args.seed, families=args.families,
@@ -1121,7 +1141,8 @@ def begin_ppo_stage(args, fingerprint, reference, enc, heldout, sft_evaluation, 
 
 def print_plan(args, reward_model):
     print(f"{args.algo.upper()}: {args.iterations} iterations × {args.rollouts} responses"
-          + (f" ({args.rollouts // args.group_size} prompts × k={args.group_size})" if args.algo == "grpo" else "")
+          + (f" ({args.rollouts // args.group_size} prompts × k={args.group_size})"
+             if args.algo == "grpo" or args.reward_baseline == "group" else "")
           + f", {args.ppo_epochs} epochs of minibatches of {args.minibatch_size}, lr {args.lr:g}, β {args.beta:g}"
           + (f" (adaptive, target KL {args.kl_target:g})" if args.kl_target else "")
           + f", reward: {'the gold judge' if reward_model is None else 'r_φ ' + args.reward_model}")
@@ -1325,9 +1346,11 @@ def validate_args(args):
         raise ConfigError(f"--value-lr must be > 0 (got {args.value_lr})")
     if args.critic == "shared" and args.algo != "ppo":
         raise ConfigError("--critic shared is PPO's value head: GRPO has no critic (drop --critic or use --algo ppo)")
-    if args.algo == "grpo":
+    if args.reward_baseline == "group" and args.algo != "ppo":
+        raise ConfigError("--reward-baseline group is PPO's: GRPO always centres on its group (drop the flag)")
+    if args.algo == "grpo" or args.reward_baseline == "group":
         if args.group_size < 2:
-            raise ConfigError(f"--group-size must be ≥ 2 for GRPO: the group is the baseline (got {args.group_size})")
+            raise ConfigError(f"--group-size must be ≥ 2 when the group is the baseline (got {args.group_size})")
         if args.rollouts % args.group_size:
             raise ConfigError(f"--rollouts {args.rollouts} must be a multiple of --group-size {args.group_size}")
     if args.beta_sweep is not None and (not args.beta_sweep or any(not b >= 0 for b in args.beta_sweep)):

@@ -107,6 +107,10 @@ class Hyperparameters:
     batch_size: int = setting(16, "prompts per optimizer step, each with all its pairs", check="> 0", group="training")
     weighting: str = setting("prompt", "prompt: each prompt's pairs share weight 1 (InstructGPT's 1/C(k,2)); "
                                        "pair: every pair weighs 1", choices=["prompt", "pair"], group="training")
+    assumed_noise: float = setting(0.0, "ε of the noise-aware likelihood P(label) = ε + (1 − 2ε)·σ(Δ) "
+                                        "(noisy_bradley_terry_loss): a label that contradicts a confident r_φ "
+                                        "pulls with a bounded force; 0: plain Bradley–Terry", check="[0, 0.5)",
+                                   group="training")
     lr: float = setting(3e-4, "peak learning rate: 3× below SFT's 1e-3", check="> 0", group="training")
     min_lr: float = setting(None, "final learning rate of the cosine (default lr/10)", group="training")
     warmup_ratio: float = setting(0.05, "share of the steps in linear warmup", check="[0, 1)", group="training")
@@ -599,6 +603,34 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=0.0, weights=None):
 # classroom: end bradley_terry_loss
 
 
+# classroom: begin noisy_bradley_terry_loss
+def noisy_bradley_terry_loss(r_chosen, r_rejected, noise, weights=None):
+    """L = −mean_i log[ε + (1 − 2ε)·σ(r_φ(x, y_w) − r_φ(x, y_l))]   (seed 3.3: labelers disagree).
+
+    Bradley–Terry with the labeler's flips in the likelihood. If a labeler reports the true order
+    with probability 1 − ε and flips it with probability ε, a label "y_w ≻ y_l" has probability
+    (1 − ε)·σ(Δ) + ε·σ(−Δ) = ε + (1 − 2ε)·σ(Δ), Δ = r_w − r_l. At ε = 0 this is
+    bradley_terry_loss. The difference is in the gradient on a pair whose label contradicts a
+    confident r_φ (Δ ≪ 0): plain BT pulls it back with force → 1 however sure r_φ is, this loss
+    with force → 0 (the loss stays below −log ε), since a flip explains such a label better. The
+    log of the sum is taken as logaddexp(log ε, log(1 − 2ε) + log σ(Δ)), stable for any Δ.
+    `weights` as in bradley_terry_loss.
+    """
+    noise = torch.as_tensor(noise, dtype=r_chosen.dtype)
+    log_p = torch.logaddexp(torch.log(noise), torch.log1p(-2 * noise) + F.logsigmoid(r_chosen - r_rejected))
+    if weights is None:
+        return -log_p.mean()
+    return -(weights * log_p).sum() / weights.sum()
+# classroom: end noisy_bradley_terry_loss
+
+
+def preference_loss(r_chosen, r_rejected, noise=0.0, weights=None):
+    """The training and validation loss: plain Bradley–Terry, or its noise-aware form when ε > 0."""
+    if noise:
+        return noisy_bradley_terry_loss(r_chosen, r_rejected, noise, weights)
+    return bradley_terry_loss(r_chosen, r_rejected, weights=weights)
+
+
 def pairwise_accuracy(r_chosen, r_rejected):
     """Share of pairs where r_φ agrees with the label, r(y_w) > r(y_l); an exact tie counts ½."""
     return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean().item()
@@ -693,13 +725,14 @@ def batch_rewards(model, batch):
 # 6. Training (seed 3.3)
 # =============================================================================
 
-def train_step(model, optimizer, batch, lr, grad_clip, autocast):
-    """One AdamW update on the batch's Bradley–Terry loss; returns (loss, accuracy, grad norm)."""
+def train_step(model, optimizer, batch, lr, grad_clip, autocast, noise=0.0):
+    """One AdamW update on the batch's Bradley–Terry loss (noise-aware with ε = `noise` > 0); returns
+    (loss, accuracy, grad norm)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast:
         r_chosen, r_rejected = batch_rewards(model, batch)
-    loss = bradley_terry_loss(r_chosen, r_rejected, weights=batch.weights)
+    loss = preference_loss(r_chosen, r_rejected, noise, batch.weights)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
     optimizer.step()
@@ -708,8 +741,9 @@ def train_step(model, optimizer, batch, lr, grad_clip, autocast):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, batches, device, autocast=contextlib.nullcontext()):
-    """Rewards of every held-out pair and their summary: BT loss, accuracy against the labels
+def evaluate_pairs(model, batches, device, autocast=contextlib.nullcontext(), noise=0.0):
+    """Rewards of every held-out pair and their summary: the training loss (BT, noise-aware with ε =
+    `noise` > 0), accuracy against the labels
     (noisy), accuracy against the clean labels (pairs the gold judge does not call equal).
 
     Seed 3.3, "Reward model quality": an RM is judged by its accuracy on held-out comparisons,
@@ -732,7 +766,7 @@ def evaluate_pairs(model, batches, device, autocast=contextlib.nullcontext()):
     decided = (clean == 0) | (clean == 1)
     # Against the clean label, a pair "agrees" when r_φ orders it as the gold judge does.
     signed = torch.where(clean == 1, r_chosen - r_rejected, r_rejected - r_chosen)[decided]
-    return {"loss": bradley_terry_loss(r_chosen, r_rejected, weights=weights).item(),
+    return {"loss": preference_loss(r_chosen, r_rejected, noise, weights).item(),
             "accuracy": pairwise_accuracy(r_chosen, r_rejected),
             "clean_accuracy": pairwise_accuracy(signed, torch.zeros_like(signed)) if decided.any() else None,
             "pairs": len(r_chosen), "clean_pairs": int(decided.sum()),
@@ -775,7 +809,7 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
     checkpoint_every = args.checkpoint_every or schedule["eval_every"]
 
     def validate(step, epoch):
-        val = evaluate_pairs(model, val_batches, device, autocast)
+        val = evaluate_pairs(model, val_batches, device, autocast, args.assumed_noise)
         improved = val["loss"] < best["loss"]
         log_line(metrics, {"step": step, "epoch": epoch, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                            "val_clean_accuracy": val["clean_accuracy"], "best": improved})
@@ -804,7 +838,8 @@ def fit(model, optimizer, epochs, val_batches, schedule, save, metrics, args, de
                 continue
             t0 = time.time()
             lr = get_lr(step + 1, schedule["warmup_steps"], total, args.lr, args.min_lr)
-            loss, accuracy, grad_norm = train_step(model, optimizer, batch.to(device), lr, args.grad_clip, autocast)
+            loss, accuracy, grad_norm = train_step(model, optimizer, batch.to(device), lr, args.grad_clip, autocast,
+                                                   args.assumed_noise)
             step += 1
             log_line(metrics, {"step": step, "epoch": epoch, "loss": loss, "accuracy": accuracy, "lr": lr,
                                "grad_norm": grad_norm, "pairs": len(batch.chosen), "seconds": time.time() - t0})

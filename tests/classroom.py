@@ -68,6 +68,8 @@ GRADERS = {
     "bradley_terry_loss": ["tests/test_reward.py::test_loss_and_probability_match_hand_computation",
                            "tests/test_reward.py::test_margin_and_weights",
                            "tests/test_reward.py::test_loss_is_stable_and_its_gradient_is_sigmoid_minus_one"],
+    "noisy_bradley_terry_loss": ["tests/test_reward.py::test_noisy_loss_is_the_flip_likelihood_by_hand",
+                                 "tests/test_reward.py::test_noisy_loss_is_bounded_where_plain_bradley_terry_pulls_hardest"],
     "best_of_n_kl": ["tests/test_reward.py::test_best_of_n_kl_by_hand"],
     "best_of_n_expectation": ["tests/test_reward.py::test_best_of_n_expectation_is_the_mean_over_every_subset"],
     # RLHF (seed 3.4)

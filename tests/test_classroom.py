@@ -275,6 +275,13 @@ WRONG_BODIES = {
             return losses.mean()
         return (weights * losses).sum() / weights.sum()
         """,
+    "noisy_bradley_terry_loss": """
+        p = (1 - noise) * torch.sigmoid(r_chosen - r_rejected) + noise  # forgets that a flip also removes a true label
+        log_p = torch.log(p)
+        if weights is None:
+            return -log_p.mean()
+        return -(weights * log_p).sum() / weights.sum()
+        """,
     "best_of_n_kl": """
         return math.log(n)  # the KL of the best of n, forgetting the −(n − 1)/n term
         """,

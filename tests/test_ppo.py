@@ -156,6 +156,18 @@ def test_grpo_advantages_by_hand():
     assert advantages[4:].tolist() == [0.0] * 4  # a group that all scored the same teaches nothing
 
 
+def test_group_centred_scores_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
+    assert ppo.group_centred_scores(scores, group_size=4).tolist() == [-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]
+    # A constant added to one prompt's rewards (what Bradley–Terry cannot see) changes nothing.
+    shifted = scores + torch.tensor([5.0] * 4 + [-7.0] * 4)
+    assert torch.equal(ppo.group_centred_scores(shifted, 4), ppo.group_centred_scores(scores, 4))
+    # (k − 1)/k times RLOO's leave-one-out difference R_i − mean_{j≠i} R_j.
+    group = scores[:4].tolist()
+    loo = [r - (sum(group) - r) / 3 for r in group]
+    assert ppo.group_centred_scores(scores, 4)[:4].tolist() == pytest.approx([0.75 * d for d in loo])
+
+
 def test_whitening_uses_only_valid_tokens():
     x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, -7.0, 1e9]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
@@ -362,13 +374,14 @@ def share_of_target(prompts, responses):
     return torch.tensor([sum(t == TARGET for t in r) / len(r) for r in responses])
 
 
-@pytest.mark.parametrize("algo,critic", [("ppo", "separate"), ("ppo", "shared"), ("grpo", "separate")])
-def test_policy_learns_a_toy_reward(algo, critic):
+@pytest.mark.parametrize("algo,critic,baseline", [("ppo", "separate", "none"), ("ppo", "shared", "none"),
+                                                  ("ppo", "separate", "group"), ("grpo", "separate", "none")])
+def test_policy_learns_a_toy_reward(algo, critic, baseline):
     """Starts near 1/16 (random tiny GPT); must clearly rise. A sign error in the advantages, a
     reward on the wrong token or a broken ratio makes this fail."""
     torch.manual_seed(0)
     policy, reference, value_model = toy_models(algo, critic=critic)
-    critic_flags = ["--critic", critic, "--value-coef", "0.1"] if algo == "ppo" else []
+    critic_flags = ["--critic", critic, "--value-coef", "0.1", "--reward-baseline", baseline] if algo == "ppo" else []
     args = toy_args("--algo", algo, "--rollouts", "64", "--minibatch-size", "16", "--lr", "3e-3", "--value-lr",
                     "3e-3", "--beta", "0", "--missing-end-penalty", "0", "--group-size", "4", *critic_flags)
     critic = value_model
@@ -545,6 +558,8 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, capsys):
     assert "--clip-eps" in run_expecting_error(capsys, base + ["--clip-eps", "1.5"])
     assert "--rollouts" in run_expecting_error(capsys, base + ["--rollouts", "0"])
     assert "--group-size" in run_expecting_error(capsys, base + ["--algo", "grpo", "--rollouts", "10"])
+    assert "--group-size" in run_expecting_error(capsys, base + ["--reward-baseline", "group", "--rollouts", "10"])
+    assert "--reward-baseline" in run_expecting_error(capsys, base + ["--algo", "grpo", "--reward-baseline", "group"])
     assert "--beta" in run_expecting_error(capsys, base + ["--beta", "-1"])
     assert "--max-new-tokens" in run_expecting_error(capsys, base + ["--max-new-tokens", "200"])
 

@@ -97,6 +97,34 @@ def test_loss_is_stable_and_its_gradient_is_sigmoid_minus_one():
     assert torch.allclose(r_chosen.grad, expected)
 
 
+def test_noisy_loss_is_the_flip_likelihood_by_hand():
+    r_chosen, r_rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.5, 0.0, 1.0])
+    noise = 0.2
+    # P(label) = (1 − ε)·σ(d) + ε·(1 − σ(d)): the labeler reports the true order or flips it.
+    p_label = [(1 - noise) / (1 + math.exp(-d)) + noise * (1 - 1 / (1 + math.exp(-d))) for d in (1.5, 0.0, -2.0)]
+    expected = -sum(math.log(p) for p in p_label) / 3
+    assert reward.noisy_bradley_terry_loss(r_chosen, r_rejected, noise).item() == pytest.approx(expected, rel=1e-6)
+    weighted = reward.noisy_bradley_terry_loss(r_chosen, r_rejected, noise, weights=torch.tensor([1.0, 0.0, 3.0]))
+    assert weighted.item() == pytest.approx(-(math.log(p_label[0]) + 3 * math.log(p_label[2])) / 4, rel=1e-6)
+    # ε = 0 is plain Bradley–Terry.
+    plain = sum(math.log(1 + math.exp(-d)) for d in (1.5, 0.0, -2.0)) / 3
+    assert reward.noisy_bradley_terry_loss(r_chosen, r_rejected, 0.0).item() == pytest.approx(plain, rel=1e-6)
+
+
+def test_noisy_loss_is_bounded_where_plain_bradley_terry_pulls_hardest():
+    # A label that contradicts a confident r_φ (d = −30): plain BT's loss is ≈ 30 and its gradient −1;
+    # the flip likelihood's loss stays at −log ε and its gradient vanishes.
+    r_chosen = torch.tensor([-30.0], requires_grad=True)
+    loss = reward.noisy_bradley_terry_loss(r_chosen, torch.tensor([0.0]), 0.2)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(-math.log(0.2), rel=1e-6)
+    loss.backward()
+    assert abs(r_chosen.grad.item()) < 1e-10
+    # Where r_φ is unsure (d = 0) it pulls with (1 − 2ε)·σ'(0)/P = 0.6 · 0.25 / 0.5 = 0.3.
+    r_chosen = torch.tensor([0.0], requires_grad=True)
+    reward.noisy_bradley_terry_loss(r_chosen, torch.tensor([0.0]), 0.2).backward()
+    assert r_chosen.grad.item() == pytest.approx(-0.3, rel=1e-6)
+
+
 def test_pairwise_accuracy_counts_ties_as_half():
     assert reward.pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.tensor([0.0, 1.0, 2.0, 0.0])) == 0.625
 
