@@ -1350,7 +1350,8 @@ def validate_args(args):
         raise ConfigError("--reward-baseline group is PPO's: GRPO always centres on its group (drop the flag)")
     if args.algo == "grpo" or args.reward_baseline == "group":
         if args.group_size < 2:
-            raise ConfigError(f"--group-size must be ≥ 2 when the group is the baseline (got {args.group_size})")
+            raise ConfigError(f"--group-size must be ≥ 2 for GRPO and for --reward-baseline group: the group is the "
+                              f"baseline (got {args.group_size})")
         if args.rollouts % args.group_size:
             raise ConfigError(f"--rollouts {args.rollouts} must be a multiple of --group-size {args.group_size}")
     if args.beta_sweep is not None and (not args.beta_sweep or any(not b >= 0 for b in args.beta_sweep)):
