@@ -629,9 +629,8 @@ def grpo_advantages(scores, group_size, eps=1e-6):
     baseline; a group whose responses all score the same has A = 0 (nothing to learn from it).
     Every token of response i gets A_i.
     """
-    groups = scores.view(-1, group_size)
-    advantages = (groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + eps)
-    return advantages.view(-1)
+    spread = scores.view(-1, group_size).std(dim=1, keepdim=True) + eps
+    return (group_centred_scores(scores, group_size).view(-1, group_size) / spread).view(-1)
 
 
 def explained_variance(values, returns, mask):

@@ -954,9 +954,10 @@ def correlations(rewards, gold, lengths, groups):
             "pearson_length_within_prompt": pearson(centred, within_prompt(lengths, groups))}
 
 
-def evaluate_reward_model(model, enc, val_batches, heldout_samples, device, autocast):
-    """eval.json's numbers, and the arrays behind the plots."""
-    val = evaluate_pairs(model, val_batches, device, autocast)
+def evaluate_reward_model(model, enc, val_batches, heldout_samples, device, autocast, noise=0.0):
+    """eval.json's numbers, and the arrays behind the plots; val_loss is the training loss (ε = `noise`),
+    the one that picked the checkpoint."""
+    val = evaluate_pairs(model, val_batches, device, autocast, noise)
     p_chosen = preference_probability(val["r_chosen"], val["r_rejected"]).numpy()
     noisy_table, noisy_ece = calibration_table(p_chosen, np.ones_like(p_chosen))
     clean = val["clean_label"].numpy()
@@ -1375,7 +1376,8 @@ def train_reward(args):
                           resume, save_point)
         shift = centre_best_checkpoint(model, model_path, train_samples, enc, best, metrics, args, device, autocast)
     with autocast:
-        numbers, arrays = evaluate_reward_model(model, enc, val_batches, heldout, device, autocast)
+        numbers, arrays = evaluate_reward_model(model, enc, val_batches, heldout, device, autocast,
+                                               args.assumed_noise)
     summary = {**numbers, "label_agreement": label_agreement(val_pairs), "train_pairs": len(train_examples),
                "train_prompts": len({e.group for e in train_examples}), "best_step": best["step"], "steps": steps,
                "reward_shift": shift, "label_noise": args.label_noise, "length_bias": args.length_bias,
