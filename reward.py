@@ -141,6 +141,9 @@ class Hyperparameters:
                                  "chart; repeatable", action="append", metavar="NAME=CKPT", group=BON_GROUP)
     ppo_run: str = setting(None, "with --best-of-n: a ppo.py output directory whose snapshots/ trace PPO on the "
                                  "chart", group=BON_GROUP)
+    optimum_betas: list = setting([1.0, 0.5, 0.3, 0.2, 0.1, 0.05], "with --best-of-n: the β at which to chart π*, "
+                                  "the optimum of E[r] − β·KL over the max(n) samples (what PPO and DPO aim at)",
+                                  type=comma_list(float), group=BON_GROUP)
 
 
 # The flags left out of the stage fingerprint (data.stages.stage_fingerprint): speed, printing, bookkeeping.
@@ -1093,6 +1096,48 @@ def best_of_n_expectation(proxy, values, n):
 # classroom: end best_of_n_expectation
 
 
+# The same samples also give the optimum PPO and DPO aim at (seed 4.2): the maximiser of
+# E[r_φ] − β·KL over the N samples of a prompt, with π_SFT uniform over them (each was drawn from it).
+
+# classroom: begin optimal_policy
+def optimal_policy(ref_logprobs, rewards, beta):
+    """The maximiser of E_y∼π[r(x, y)] − β·KL(π ‖ π_ref) over a fixed candidate set Y(x) (seed 4.2;
+    blog, "Direct Preference Optimization", the Lagrangian step):
+
+        π*(y|x) = π_ref(y|x) · exp(r(x, y) / β) / Z(x),    Z(x) = Σ_{y' ∈ Y(x)} π_ref(y'|x) · exp(r(x, y')/β)
+
+    ref_logprobs: log π_ref(y|x) for each candidate y of one prompt (any constant offset cancels, so
+    unnormalised sequence log-probs are fine); rewards: r(x, y) for the same candidates. Returns π* as
+    a numpy array summing to 1, computed in log space (a softmax) so that large r/β cannot overflow.
+    """
+    logits = np.asarray(ref_logprobs, dtype=np.float64) + np.asarray(rewards, dtype=np.float64) / beta
+    logits -= logits.max()
+    weights = np.exp(logits)
+    return weights / weights.sum()
+# classroom: end optimal_policy
+
+
+def kl_divergence(p, q):
+    """KL(p ‖ q) = Σ_y p(y) · log(p(y) / q(y)) in nats, over one candidate set (terms with p = 0 are 0)."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    support = p > 0
+    return float(np.sum(p[support] * (np.log(p[support]) - np.log(q[support]))))
+
+
+def kl_regularized_optimum(proxy, values, beta):
+    """The KL-regularised optimum restricted to N samples of one prompt drawn from π_SFT, where
+    π_SFT is uniform over them (a sample of it): π* = optimal_policy(uniform, proxy, β), i.e.
+
+        π*(y_i) = exp(proxy_i / β) / Σ_j exp(proxy_j / β),   returns (Σ_i π*(y_i)·value_i,  KL(π* ‖ uniform))
+
+    — the value π* gets and the KL it spends (≤ log N), what PPO at this β could at best reach with
+    this reward on this prompt. β → ∞ gives the mean of the samples, β → 0 best-of-N by proxy.
+    """
+    weights = optimal_policy(np.zeros(len(proxy)), proxy, beta)
+    uniform = np.full(len(proxy), 1.0 / len(proxy))
+    return float(weights @ np.asarray(values, dtype=np.float64)), kl_divergence(weights, uniform)
+
+
 def sampled_policy_point(policy, reference, reward_model, enc, tasks, args, device, autocast):
     """One model on the over-optimisation chart: a sample per prompt at T = 1, its gold score, its
     r_φ and its KL to π_SFT (log π_θ(y|x) − log π_SFT(y|x), averaged) — mean and standard error."""
@@ -1109,7 +1154,8 @@ def sampled_policy_point(policy, reference, reward_model, enc, tasks, args, devi
 def best_of_n_command(args):
     """`--best-of-n 1,2,4,…`: N = max(n) SFT samples on --eval-prompts test-split tasks, each judged
     and scored by r_φ; best-of-n gold and proxy for every n, chosen by r_φ and by the judge; the
-    --policy checkpoints (PPO snapshots, DPO) sampled once per prompt for the same chart. Writes
+    --policy checkpoints (PPO snapshots, DPO) sampled once per prompt for the same chart, and π* —
+    the optimum of E[r] − β·KL over the same samples — for each of --optimum-betas. Writes
     bon.json and overoptimization.png (gold and r_φ against √KL). A cached stage like the others."""
     started = time.time()
     policies = named_policy_paths(args)
@@ -1153,6 +1199,18 @@ def best_of_n_command(args):
                                 "vs_sft": paired_difference(by_judge, [sum(g) / N for g in gold])})
         print(f"best-of-{n:<3d} KL {best_of_n_kl(n):.2f}: chosen by r_φ gold {curves['rm'][-1]['gold'][0]:.3f} "
               f"(r_φ {curves['rm'][-1]['proxy'][0]:+.3f}); by the judge gold {curves['judge'][-1]['gold'][0]:.3f}")
+    optimum = {"rm": [], "judge": []}
+    for beta in args.optimum_betas:
+        for key, choose in (("rm", proxy), ("judge", gold)):
+            gold_and_kl = [kl_regularized_optimum(c, g, beta) for c, g in zip(choose, gold)]
+            proxies = [kl_regularized_optimum(c, p, beta)[0] for c, p in zip(choose, proxy)]
+            optimum_gold = [v for v, _ in gold_and_kl]
+            optimum[key].append({"beta": beta, "kl": float(np.mean([kl for _, kl in gold_and_kl])),
+                                 "gold": mean_and_stderr(optimum_gold), "proxy": mean_and_stderr(proxies),
+                                 "vs_sft": paired_difference(optimum_gold, [sum(g) / N for g in gold])})
+        print(f"π* at β {beta:<5g}: on r_φ gold {optimum['rm'][-1]['gold'][0]:.3f} (r_φ {optimum['rm'][-1]['proxy'][0]:+.3f},"
+              f" KL {optimum['rm'][-1]['kl']:.2f}); on the judge gold {optimum['judge'][-1]['gold'][0]:.3f} "
+              f"(KL {optimum['judge'][-1]['kl']:.2f})")
     points = {}
     for name, path in policies.items():
         policy, _ = load_chat_model(path, None, device)
@@ -1161,7 +1219,7 @@ def best_of_n_command(args):
         points[name] = point
         print(f"{name}: gold {point['gold'][0]:.3f}, r_φ {point['proxy'][0]:+.3f}, KL {point['kl'][0]:.2f}")
     result = {"prompts": len(tasks), "samples_per_prompt": N, "reward_model": args.reward_model, "sft": args.sft,
-              "best_of_n": curves, "policies": points, "wall_seconds": round(time.time() - started, 1)}
+              "best_of_n": curves, "optimum": optimum, "policies": points, "wall_seconds": round(time.time() - started, 1)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bon.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -1193,8 +1251,9 @@ def named_policy_paths(args):
 
 
 def plot_overoptimization(result, png_path):
-    """Gold score and r_φ against √KL to π_SFT: best-of-n by r_φ and by the judge (lines), the
-    PPO snapshots (a trajectory) and the other policies (points) — Gao et al.'s picture."""
+    """Gold score and r_φ against √KL to π_SFT: best-of-n by r_φ and by the judge (lines), π* at
+    each β (dotted), the PPO snapshots (a trajectory) and the other policies (points) — Gao et
+    al.'s picture."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1208,6 +1267,14 @@ def plot_overoptimization(result, png_path):
         axes[1].plot(x, [c["proxy"][0] for c in curve], style, label=label)
         for c, xi in zip(curve, x):
             axes[0].annotate(f"n={c['n']}", (xi, c["gold"][0]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for key, label, color in (("rm", "π* on r_φ (β labelled)", "tab:blue"), ("judge", "π* on the judge", "tab:orange")):
+        curve = result.get("optimum", {}).get(key, [])  # files written before π* was charted have none
+        x = [math.sqrt(max(c["kl"], 0.0)) for c in curve]
+        axes[0].plot(x, [c["gold"][0] for c in curve], ":", marker=".", color=color, label=label)
+        axes[1].plot(x, [c["proxy"][0] for c in curve], ":", marker=".", color=color, label=label)
+        for c, xi in zip(curve, x):
+            axes[0].annotate(f"β={c['beta']:g}", (xi, c["gold"][0]), fontsize=6, xytext=(3, -8),
+                             textcoords="offset points", color=color)
     ppo = [(name, p) for name, p in result["policies"].items() if name.startswith("ppo@")]
     if ppo:
         x = [math.sqrt(max(p["kl"][0], 0.0)) for _, p in ppo]
@@ -1251,6 +1318,8 @@ def validate_best_of_n_args(args):
         raise ConfigError(f"--best-of-n needs one or more n ≥ 1, e.g. 1,4,16 (got {args.best_of_n})")
     if not args.reward_model:
         raise ConfigError("--best-of-n needs --reward-model (the r_φ that chooses)")
+    if any(not math.isfinite(beta) or beta <= 0 for beta in args.optimum_betas):
+        raise ConfigError(f"--optimum-betas must all be finite and > 0 (got {args.optimum_betas})")
     for name in ("eval_prompts", "temperature", "max_new_tokens", "gen_batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0 with --best-of-n (got {getattr(args, name)})")

@@ -60,6 +60,7 @@ from data.hf_tokenizer import write_json
 from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_fingerprint
 from data.tasks import generate_tasks, judge, read_jsonl
 from data.tokenizer import load_tokenizer
+from reward import kl_divergence, optimal_policy
 from settings import build_parser_from, check_ranges, comma_list, setting
 from train_gpt import ConfigError, count_params, pick_device
 
@@ -68,39 +69,14 @@ SOURCE_NOISE = reward.Hyperparameters.label_noise  # the main job's labeler flip
 
 
 # =============================================================================
-# 1. The equations
+# 1. The equations (optimal_policy and kl_divergence are reward.py's, section 8)
 # =============================================================================
-
-# classroom: begin optimal_policy
-def optimal_policy(ref_logprobs, rewards, beta):
-    """The maximiser of E_y∼π[r(x, y)] − β·KL(π ‖ π_ref) over a fixed candidate set Y(x) (seed 4.2;
-    blog, "Direct Preference Optimization", the Lagrangian step):
-
-        π*(y|x) = π_ref(y|x) · exp(r(x, y) / β) / Z(x),    Z(x) = Σ_{y' ∈ Y(x)} π_ref(y'|x) · exp(r(x, y')/β)
-
-    ref_logprobs: log π_ref(y|x) for each candidate y of one prompt (any constant offset cancels, so
-    unnormalised sequence log-probs are fine); rewards: r(x, y) for the same candidates. Returns π* as
-    a numpy array summing to 1, computed in log space (a softmax) so that large r/β cannot overflow.
-    """
-    logits = np.asarray(ref_logprobs, dtype=np.float64) + np.asarray(rewards, dtype=np.float64) / beta
-    logits -= logits.max()
-    weights = np.exp(logits)
-    return weights / weights.sum()
-# classroom: end optimal_policy
-
 
 def restricted_policy(logprobs):
     """π restricted to a candidate set and renormalised: π(y|x, y ∈ Y) = π(y|x) / Σ_{y' ∈ Y} π(y'|x)."""
     logits = np.asarray(logprobs, dtype=np.float64)
     weights = np.exp(logits - logits.max())
     return weights / weights.sum()
-
-
-def kl_divergence(p, q):
-    """KL(p ‖ q) = Σ_y p(y) · log(p(y) / q(y)) in nats, over one candidate set (terms with p = 0 are 0)."""
-    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    support = p > 0
-    return float(np.sum(p[support] * (np.log(p[support]) - np.log(q[support]))))
 
 
 def bradley_terry_labels(reward_a, reward_b, n_labels, rng):

@@ -572,6 +572,26 @@ def test_best_of_n_expectation_is_the_mean_over_every_subset():
         reward.best_of_n_expectation([1.0], [1.0], 2)
 
 
+def test_kl_regularized_optimum_by_hand_and_as_the_maximiser():
+    """π* over N samples of uniform π_SFT: two samples by hand (weights e^{r/β} normalised, KL to ½–½);
+    the β limits (the sample mean at KL 0; best-of-N by proxy at KL log N); and no other distribution
+    over the samples reaches a higher E[r] − β·KL (random Dirichlet draws)."""
+    value, kl = reward.kl_regularized_optimum([1.0, 0.0], [1.0, 0.0], 1.0)
+    w = math.e / (math.e + 1)
+    assert value == pytest.approx(w)
+    assert kl == pytest.approx(w * math.log(2 * w) + (1 - w) * math.log(2 * (1 - w)))
+    proxy, gold = [0.2, 0.9, 0.5, 0.1], [1.0, 0.0, 0.5, 0.25]
+    assert reward.kl_regularized_optimum(proxy, gold, 1e6) == pytest.approx((np.mean(gold), 0.0), abs=1e-6)
+    assert reward.kl_regularized_optimum(proxy, gold, 1e-4) == pytest.approx((0.0, math.log(4)), abs=1e-6)
+    rng = np.random.default_rng(0)
+    beta = 0.3
+    best_value, best_kl = reward.kl_regularized_optimum(proxy, proxy, beta)
+    objective = best_value - beta * best_kl
+    for _ in range(200):
+        p = rng.dirichlet(np.ones(4))
+        assert float(p @ proxy) - beta * float(np.sum(p * np.log(p * 4))) <= objective + 1e-12
+
+
 def test_best_of_n_command_writes_curves_policy_points_and_a_plot(tmp_path, monkeypatch, capsys):
     """The command end to end on tiny models: the judge's best-of-n never falls as n grows and is
     never below r_φ's choice; n = 1 is the plain sample mean for both; a policy equal to π_SFT sits
@@ -592,8 +612,12 @@ def test_best_of_n_command_writes_curves_policy_points_and_a_plot(tmp_path, monk
     assert by_judge[0] == pytest.approx(by_rm[0]) and result["best_of_n"]["rm"][0]["kl"] == 0.0
     assert result["policies"]["same"]["kl"][0] == pytest.approx(0.0, abs=1e-5)
     assert (out / "overoptimization.png").is_file() and json.loads((out / "bon.json").read_text())["prompts"] == 6
+    optimum = result["optimum"]["judge"]   # π* on the gold score: more gold, more KL, as β falls
+    assert [c["beta"] for c in optimum] == reward.Hyperparameters().optimum_betas
+    assert all(a["gold"][0] <= b["gold"][0] + 1e-12 and a["kl"] <= b["kl"] + 1e-12 for a, b in zip(optimum, optimum[1:]))
+    assert all(0 <= c["kl"] <= math.log(4) + 1e-9 for c in optimum + result["optimum"]["rm"])
     for bad, message in ((["--best-of-n", "0,2"], "--best-of-n"), (["--best-of-n", "2", "--reward-model", ""], ""),
-                         (["--policy", "nonsense"], "--policy")):
+                         (["--policy", "nonsense"], "--policy"), (["--optimum-betas", "0.1,0"], "--optimum-betas")):
         with pytest.raises(SystemExit):
             reward.main(flags + bad)
         err = capsys.readouterr().err.strip().splitlines()
