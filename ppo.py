@@ -127,6 +127,10 @@ class Hyperparameters:
     # the objective (seed 3.4)
     beta: float = setting(0.2, "β: weight of the KL penalty to π_ref (seed 3.4: typically 0.1–0.3)", check="≥ 0",
                           group="objective")
+    kl_penalty: str = setting("sampled", "sampled: β·k1 in each token's reward (PPO, the seed's) or β·k3 in the loss "
+                                         "(GRPO); exact: β·KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) over the vocabulary in "
+                                         "the loss",
+                              choices=["sampled", "exact"], group="objective")
     kl_target: float = setting(None, "adaptive β (Ziegler et al. 2019): target KL per response in nats (default: "
                                      "β stays fixed)", check="> 0", group="objective")
     kl_horizon: float = setting(1000, "adaptive β: horizon in responses, K_β = rollouts / horizon", check="> 0",
@@ -381,6 +385,7 @@ class Rollout:
     rewards: torch.Tensor = None       # (B, R) r_t, the KL-penalised per-token reward (PPO)
     advantages: torch.Tensor = None    # (B, R) A_t (whitened for PPO; group-relative for GRPO)
     returns: torch.Tensor = None       # (B, R) A_t + V(s_t), the critic's regression target (PPO)
+    advantage_std: float = None        # spread of A_t before whitening (PPO), scales --kl-penalty exact
 
     @property
     def batch_size(self):
@@ -522,6 +527,28 @@ def kl_estimators(logprobs, ref_logprobs):
     """
     log_r = ref_logprobs - logprobs
     return -log_r, torch.expm1(log_r) - log_r
+
+
+def exact_kl(logits, ref_logits):
+    """KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) = Σ_v π_θ(v|s_t) · (log π_θ(v|s_t) − log π_ref(v|s_t)) at every
+    position (B, R): the expectation that k1 estimates from one sampled token, computed exactly over
+    the vocabulary — no sampling noise at the visited states."""
+    log_p, log_q = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(ref_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def exact_kl_penalty(policy, reference, hidden, batch, temperature=1.0):
+    """--kl-penalty exact: mean_t KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) over a minibatch's response tokens,
+    differentiable in π_θ; `hidden` is the policy's response_hidden_states(batch).
+
+    The sampled penalty −β·k1_t in the reward reaches the policy through the advantages, one
+    sampled token per state and as noisy as they are; this term pulls every visited state's whole
+    distribution back towards π_ref directly. Like GRPO's KL in the loss, it does not count how an
+    action changes the states that follow it (the reward form does, in expectation).
+    """
+    with torch.no_grad():
+        ref_logits = reference.lm_head(response_hidden_states(reference, batch)) / temperature
+    return masked_mean(exact_kl(policy.lm_head(hidden) / temperature, ref_logits), batch.response_mask)
 
 
 def per_token_rewards(scores, kl_tokens, mask, beta):
@@ -770,20 +797,29 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
         critic.train(was_training)
         scores = (group_centred_scores(rollout.scores, args.group_size) if args.reward_baseline == "group"
                   else rollout.scores)
-        rollout.rewards = per_token_rewards(scores, k1, mask, beta)
+        in_reward = beta if args.kl_penalty == "sampled" else 0.0  # exact: the loss carries the penalty
+        rollout.rewards = per_token_rewards(scores, k1, mask, in_reward)
         advantages, rollout.returns = gae(rollout.rewards, rollout.values, mask, args.gamma, args.lam)
         rollout.advantages = whiten(advantages, mask)
+        # whitening divided the advantages by their spread; the loss's KL term is divided by it too,
+        # so that β weighs it against r_φ as it would inside the reward
+        rollout.advantage_std = float(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt())
     else:
         rollout.advantages = grpo_advantages(rollout.scores, args.group_size)[:, None] * mask
     return rollout
 
 
-def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextlib.nullcontext()):
+def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextlib.nullcontext(), reference=None):
     """Seed 3.4, step 5 (the update): `args.ppo_epochs` passes over the rollouts in minibatches (seed 3.4) — rows of similar
     length together, the minibatches in random order.
 
-    PPO:   loss = L_policy + L_value − c₂·H
-    GRPO:  loss = L_policy + β · mean_t k3_t − c₂·H       (KL to π_ref in the loss, not the reward)
+    PPO:   loss = L_policy + L_value − c₂·H                 (β·k1 in the per-token rewards)
+           loss = L_policy + (β/σ_A)·mean_t KL_t + L_value − c₂·H       (--kl-penalty exact)
+    GRPO:  loss = L_policy + β · mean_t k3_t − c₂·H       (KL to π_ref in the loss, not the reward;
+                                                           KL_t in place of k3_t with --kl-penalty exact)
+
+    KL_t = KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) over the vocabulary (exact_kl_penalty); σ_A is the spread
+    the advantages had before whitening, so that β weighs the penalty against r_φ as in the reward.
 
     The blog writes PPO's loss as L_policy + c₁·L_value − c₂·H. With a separate critic (the default)
     the two networks share no weight, each is clipped separately and has its own AdamW learning
@@ -810,12 +846,18 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
             if args.entropy_coef:  # at 0 the entropy is only reported: no backward through it
                 loss = loss - args.entropy_coef * entropy
             stats["entropy"] = entropy.item()
+            if args.kl_penalty == "exact":
+                with autocast:
+                    kl_loss = exact_kl_penalty(policy, reference, hidden, batch, args.temperature)
+            elif args.algo == "grpo":
+                kl_loss = masked_mean(kl_estimators(logprobs, batch.ref_logprobs)[1], mask)  # k3
             if args.algo == "grpo":
-                _, k3 = kl_estimators(logprobs, batch.ref_logprobs)
-                kl_loss = masked_mean(k3, mask)
                 loss = loss + beta * kl_loss
                 stats["kl_loss"] = kl_loss.item()
             else:
+                if args.kl_penalty == "exact":  # in r_φ's units: whitening divided the advantages by their spread
+                    loss = loss + beta / max(rollout.advantage_std, 1e-8) * kl_loss
+                    stats["kl_loss"] = kl_loss.item()
                 if shared:  # the same forward's hidden states: V = w·h_t + b
                     values = critic.values_from_hidden(hidden) * mask
                 else:
@@ -867,7 +909,7 @@ def train_iteration(policy, reference, critic, optimizer, prompts, score_fn, spe
     t1 = time.time()
     make_experience(rollout, policy, reference, critic, score_fn, beta, args, autocast)
     t2 = time.time()
-    stats = ppo_update(policy, critic, optimizer, rollout, beta, args, autocast)
+    stats = ppo_update(policy, critic, optimizer, rollout, beta, args, autocast, reference)
     t3 = time.time()
     stats.update(time_generation=t1 - t0, time_scoring=t2 - t1, time_optimisation=t3 - t2)
     return rollout, stats

@@ -148,6 +148,47 @@ def test_kl_estimators_are_unbiased_on_samples_from_the_policy():
     assert (k3 >= 0).all()
 
 
+def test_exact_kl_by_hand_and_as_the_mean_of_k1():
+    """KL(p ‖ q) = Σ_v p_v log(p_v / q_v) from logits, at each position; k1 on samples from p averages to it."""
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
+    logits = torch.stack([p.log() + 3.0, q.log()])[None]     # (1, 2, V): a constant shift changes nothing
+    ref_logits = torch.stack([q.log(), q.log() - 1.0])[None]
+    kl = ppo.exact_kl(logits, ref_logits)
+    assert kl[0].tolist() == pytest.approx([0.5 * math.log(2) + 0.25 * math.log(0.5), 0.0], abs=1e-6)
+    samples = torch.multinomial(p, 100_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    k1, _ = ppo.kl_estimators(p.log()[samples], q.log()[samples])
+    assert k1.mean().item() == pytest.approx(kl[0, 0].item(), abs=0.01)
+
+
+def test_exact_kl_penalty_pulls_the_policy_back_to_the_reference():
+    """With a reward that is the same for every response, only the penalty can move the policy: a
+    perturbed policy trained with --kl-penalty exact (PPO and GRPO) returns towards π_ref; with β = 0
+    it stays where it is."""
+    def distance(policy, reference, rollout):
+        with torch.no_grad():
+            hidden = ppo.response_hidden_states(policy, rollout)
+            return ppo.exact_kl_penalty(policy, reference, hidden, rollout).item()
+
+    for algo, beta, pulled in (("ppo", 1.0, True), ("grpo", 1.0, True), ("ppo", 0.0, False)):
+        torch.manual_seed(0)
+        policy, reference, critic = toy_models(algo)
+        with torch.no_grad():
+            policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
+        probe = ppo.sample_rollouts(reference, toy_prompts(16, seed=7), TOY, 6, 1.0, torch.Generator().manual_seed(1))
+        before = distance(policy, reference, probe)
+        args = toy_args("--algo", algo, "--kl-penalty", "exact", "--beta", str(beta), "--rollouts", "32",
+                        "--minibatch-size", "16", "--lr", "3e-3", "--value-lr", "3e-3", "--group-size", "4")
+        optimizer = ppo.make_optimizer(policy, critic, args)
+        generator = torch.Generator().manual_seed(0)
+        for iteration in range(12):
+            prompts = [p for p in toy_prompts(8, seed=20 + iteration) for _ in range(4)]
+            ppo.train_iteration(policy, reference, critic, optimizer, prompts, lambda p, r: torch.zeros(len(r)), TOY,
+                                beta, args, generator)
+        after = distance(policy, reference, probe)
+        assert before > 0.1
+        assert (after < 0.5 * before) if pulled else (after > 0.9 * before), (algo, beta, before, after)
+
+
 def test_grpo_advantages_by_hand():
     scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
     advantages = ppo.grpo_advantages(scores, group_size=4)
@@ -374,16 +415,20 @@ def share_of_target(prompts, responses):
     return torch.tensor([sum(t == TARGET for t in r) / len(r) for r in responses])
 
 
-@pytest.mark.parametrize("algo,critic,baseline", [("ppo", "separate", "none"), ("ppo", "shared", "none"),
-                                                  ("ppo", "separate", "group"), ("grpo", "separate", "none")])
-def test_policy_learns_a_toy_reward(algo, critic, baseline):
+@pytest.mark.parametrize("algo,critic,baseline,penalty", [("ppo", "separate", "none", []),
+                                                          ("ppo", "shared", "none", []),
+                                                          ("ppo", "separate", "group", []),
+                                                          ("ppo", "separate", "none", ["--kl-penalty", "exact"]),
+                                                          ("grpo", "separate", "none", [])])
+def test_policy_learns_a_toy_reward(algo, critic, baseline, penalty):
     """Starts near 1/16 (random tiny GPT); must clearly rise. A sign error in the advantages, a
     reward on the wrong token or a broken ratio makes this fail."""
     torch.manual_seed(0)
     policy, reference, value_model = toy_models(algo, critic=critic)
     critic_flags = ["--critic", critic, "--value-coef", "0.1", "--reward-baseline", baseline] if algo == "ppo" else []
     args = toy_args("--algo", algo, "--rollouts", "64", "--minibatch-size", "16", "--lr", "3e-3", "--value-lr",
-                    "3e-3", "--beta", "0", "--missing-end-penalty", "0", "--group-size", "4", *critic_flags)
+                    "3e-3", "--beta", "0.02" if penalty else "0", "--missing-end-penalty", "0", "--group-size", "4",
+                    *critic_flags, *penalty)
     critic = value_model
     optimizer = ppo.make_optimizer(policy, critic, args)
     generator = torch.Generator().manual_seed(0)
