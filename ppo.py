@@ -529,12 +529,18 @@ def kl_estimators(logprobs, ref_logprobs):
     return -log_r, torch.expm1(log_r) - log_r
 
 
+# classroom: begin exact_kl
 def exact_kl(logits, ref_logits):
-    """KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) = Σ_v π_θ(v|s_t) · (log π_θ(v|s_t) − log π_ref(v|s_t)) at every
-    position (B, R): the expectation that k1 estimates from one sampled token, computed exactly over
-    the vocabulary — no sampling noise at the visited states."""
+    """The per-position KL that k1 estimates from one sampled token, computed over the whole
+    vocabulary (seed 3.4, the KL penalty; blog, "LLM-specific PPO"):
+
+        KL_t = KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) = Σ_v π_θ(v|s_t) · (log π_θ(v|s_t) − log π_ref(v|s_t))
+
+    logits, ref_logits (B, R, V) → (B, R): no sampling noise at the visited states.
+    """
     log_p, log_q = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(ref_logits.float(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+# classroom: end exact_kl
 
 
 def exact_kl_penalty(policy, reference, hidden, batch, temperature=1.0):

@@ -74,6 +74,7 @@ GRADERS = {
     "best_of_n_expectation": ["tests/test_reward.py::test_best_of_n_expectation_is_the_mean_over_every_subset"],
     # RLHF (seed 3.4)
     "sample_categorical": ["tests/test_train_gpt.py::test_inverse_transform_sampling_draws_each_token_with_its_probability"],
+    "exact_kl": ["tests/test_ppo.py::test_exact_kl_by_hand_and_as_the_mean_of_k1"],
     "gae": ["tests/test_ppo.py::test_gae_matches_a_plain_loop",
             "tests/test_ppo.py::test_gae_with_lambda_one_gives_the_monte_carlo_return"],
     "ppo_policy_loss": ["tests/test_ppo.py::test_clipped_policy_loss_by_hand"],

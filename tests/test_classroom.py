@@ -298,6 +298,10 @@ WRONG_BODIES = {
         u = torch.rand(1, device=probs.device, generator=generator)  # one u for the whole batch: every row alike
         return torch.searchsorted(cdf, u.expand(probs.shape[0], 1) * cdf[:, -1:], right=True).squeeze(1)
         """,
+    "exact_kl": """
+        log_p, log_q = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(ref_logits.float(), dim=-1)
+        return (log_q.exp() * (log_q - log_p)).sum(dim=-1)  # KL(π_ref ‖ π_θ), the wrong direction
+        """,
     "gae": """
         values = values * mask
         advantages = torch.zeros_like(rewards)

@@ -150,11 +150,12 @@ def test_kl_estimators_are_unbiased_on_samples_from_the_policy():
 
 def test_exact_kl_by_hand_and_as_the_mean_of_k1():
     """KL(p ‖ q) = Σ_v p_v log(p_v / q_v) from logits, at each position; k1 on samples from p averages to it."""
-    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.2, 0.3, 0.5])
     logits = torch.stack([p.log() + 3.0, q.log()])[None]     # (1, 2, V): a constant shift changes nothing
     ref_logits = torch.stack([q.log(), q.log() - 1.0])[None]
     kl = ppo.exact_kl(logits, ref_logits)
-    assert kl[0].tolist() == pytest.approx([0.5 * math.log(2) + 0.25 * math.log(0.5), 0.0], abs=1e-6)
+    by_hand = 0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.3) + 0.1 * math.log(0.1 / 0.5)  # 0.635; KL(q ‖ p) 0.676
+    assert kl[0].tolist() == pytest.approx([by_hand, 0.0], abs=1e-6)
     samples = torch.multinomial(p, 100_000, replacement=True, generator=torch.Generator().manual_seed(0))
     k1, _ = ppo.kl_estimators(p.log()[samples], q.log()[samples])
     assert k1.mean().item() == pytest.approx(kl[0, 0].item(), abs=0.01)
