@@ -221,7 +221,7 @@ def final_table(evaluation):
 
 def best_of_n_rows(bon, reference, n=16):
     """Rows for the final table from reward.py --best-of-n: best-of-n (n = 16, or the largest n
-    evaluated) chosen by r_φ and by the judge.
+    evaluated) chosen by r_φ and by the judge, and π* on r_φ at the β where it scores best.
     Their prompts are the first bon["prompts"] of the same held-out set; Δ is against the mean gold
     of SFT's own samples on those prompts, KL is KL_BoN = log n − (n − 1)/n."""
     rows, sizes = [], [c["n"] for c in bon["best_of_n"]["rm"]]
@@ -231,6 +231,12 @@ def best_of_n_rows(bon, reference, n=16):
         if point:
             rows.append(f"| best-of-{n}, chosen by {label} ({bon['prompts']} prompts) | — | — | — | "
                         f"{point['gold'][0]:.3f} | {_plus_minus(point['vs_sft'])} | {point['kl']:.2f} | — |")
+    optimum = bon.get("optimum", {}).get("rm")  # files written before π* was charted have none
+    if optimum:
+        best = max(optimum, key=lambda c: c["gold"][0])
+        rows.append(f"| π* on r_φ, its best β {best['beta']:g} (the optimum PPO and DPO aim at, over the same "
+                    f"{bon['samples_per_prompt']} samples) | — | — | — | {best['gold'][0]:.3f} | "
+                    f"{_plus_minus(best['vs_sft'])} | {best['kl']:.2f} | — |")
     return rows
 
 
@@ -403,8 +409,8 @@ def write_run_report(run, preset=None):
                 ("DPO", "dpo/dpo.png", "Loss, implicit reward margins and preference accuracy."),
                 ("Over-optimisation: best-of-n, PPO and DPO against KL", "bon/overoptimization.png",
                  "Gold score (left) and r_φ (right) against √KL to π_SFT: best-of-n chosen by r_φ and by the judge "
-                 "(KL_BoN = log n − (n−1)/n), PPO's snapshots along its run, DPO (Gao et al. 2022). Where the "
-                 "proxy keeps rising and gold does not, the reward model is being over-optimised.")]
+                 "(KL_BoN = log n − (n−1)/n), π* ∝ π_SFT·exp(r/β) over the same samples at each β (dotted), PPO's "
+                 "snapshots along its run, DPO (Gao et al. 2022). Where the proxy keeps rising and gold does not, the reward model is being over-optimised.")]
     for title, image, caption in sections:
         if os.path.exists(os.path.join(run, image)):
             lines += [f"## {title}", "", caption, "", f"![{title}]({image})", ""]

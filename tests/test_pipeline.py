@@ -61,6 +61,8 @@ def test_every_stage_finishes_and_the_report_has_finite_numbers(pipeline):
     assert len(table) == 4
     best_of_n = [line for line in report.splitlines() if re.match(r"\| best-of-\d+, chosen by (r_φ|the judge) ", line)]
     assert len(best_of_n) == 2, best_of_n
+    optimum = [line for line in report.splitlines() if line.startswith("| π* on r_φ, its best β ")]
+    assert len(optimum) == 1 and math.isfinite(float(optimum[0].split("|")[5])), optimum
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")][1:]
         numbers = [float(re.match(r"[-+]?\d+\.?\d*", c).group()) for c in cells]
