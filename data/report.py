@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from data.tasks import read_jsonl
+
 
 def plot_report(report, path):
     import matplotlib
@@ -196,13 +198,6 @@ def read_json(path):
         return None
 
 
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _plus_minus(difference):
     return f"{difference['mean']:+.3f} ± {difference['stderr']:.3f}"
 
@@ -324,7 +319,9 @@ def plot_frontier(run, evaluation, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    trajectory = [r for r in read_jsonl(os.path.join(run, "ppo", "metrics.jsonl")) if "kl" in r and "gold_score" in r]
+    metrics = os.path.join(run, "ppo", "metrics.jsonl")
+    trajectory = [r for r in (read_jsonl(metrics) if os.path.exists(metrics) else [])
+                  if "kl" in r and "gold_score" in r]
     if trajectory:
         # one iteration's 64 rollouts are a noisy estimate: a running mean over SMOOTHING iterations
         window = min(SMOOTHING, len(trajectory))
