@@ -78,7 +78,7 @@ from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_res
                  left_pad, render_prompt, token_logprobs)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from settings import build_parser_from, check_ranges, runtime_flags, setting
-from train_gpt import (ConfigError, atomic_save, load_checkpoint, load_resume_point, log_line, pick_device,
+from train_gpt import (ConfigError, atomic_save, load_resume_point, log_line, pick_device,
                        random_state, read_metrics, save_resume_point, set_random_state, truncate_metrics)
 
 # =============================================================================
@@ -926,14 +926,15 @@ def train_iteration(policy, reference, critic, optimizer, prompts, score_fn, spe
 # =============================================================================
 
 def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path, device,
-                   autocast=contextlib.nullcontext(), resume=None, save_point=None):
+                   autocast=contextlib.nullcontext(), resume=None, save_point=None, snapshot=None):
     """The training loop: --iterations × (rollout, experience, update), one metrics.jsonl line and
     (every --log-every) one progress line each; β updated by the KL controller. Returns (records, β).
 
     Every --checkpoint-every iterations `save_point(iteration, state)` stores the policy, the critic,
     AdamW's moments, β and the random states (the global one shuffles the minibatches, `generator`
     samples the rollouts). Given such a `resume` point the loop continues after its iteration:
-    iteration i always uses the same prompts, so the run goes on as if never interrupted."""
+    iteration i always uses the same prompts, so the run goes on as if never interrupted. Every
+    --snapshot-every iterations `snapshot(iteration)` keeps the policy as it is then."""
     special = chat_tokens(enc)
     optimizer = make_optimizer(policy, critic, args)
     controller = (AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.kl_target
@@ -959,8 +960,8 @@ def run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args,
             if iteration % args.log_every == 0 or iteration in (1, args.iterations):
                 print(format_record(record, args.iterations))
             controller.update(record["kl"], rollout.batch_size)
-            if args.snapshot_every and iteration % args.snapshot_every == 0:
-                save_snapshot(policy, iteration, args)
+            if snapshot is not None and args.snapshot_every and iteration % args.snapshot_every == 0:
+                snapshot(iteration)
             if save_point is not None and iteration % args.checkpoint_every == 0 and iteration < args.iterations:
                 save_point(iteration, resume_state(policy, critic, optimizer, controller, generator))
     return records, controller.beta
@@ -1093,12 +1094,11 @@ def restore(resume, policy, critic, optimizer, controller, generator, metrics_pa
     return resume["step"]
 
 
-def save_snapshot(policy, iteration, args):
+def save_snapshot(policy, iteration, tokenizer_ref, args):
     """The policy after `iteration`, as a loadable checkpoint in --out/snapshots/ (reward.py
     --best-of-n --ppo-run traces PPO's gold and r_φ against KL with them). Iteration 0 is π_SFT."""
     folder = os.path.join(args.out, "snapshots")
     os.makedirs(folder, exist_ok=True)
-    tokenizer_ref = load_checkpoint(args.sft).get("tokenizer")
     atomic_save(ppo_checkpoint(policy, iteration, tokenizer_ref, args, {}),
                 os.path.join(folder, f"iteration_{iteration:04d}.pt"))
 
@@ -1163,7 +1163,8 @@ def train(args, sft_evaluation=None):
         save_resume_point(args.out, fingerprint, iteration, {**state, "evaluation": evaluation})
 
     records, final_beta = run_iterations(policy, reference, critic, reward, tasks, prompts, enc, args, metrics_path,
-                                         device, autocast, resume, save_point)
+                                         device, autocast, resume, save_point,
+                                         lambda iteration: save_snapshot(policy, iteration, tokenizer_ref, args))
     if heldout:
         evaluation["ppo"] = evaluate_heldout(f"{args.algo.upper()} policy", policy, reference, enc, heldout, args,
                                              device, autocast)

@@ -558,9 +558,8 @@ def test_an_ensemble_of_reward_models_is_loaded_and_its_first_member_starts_the_
     monkeypatch.setattr(reward.RewardModel, "__init__",  # global generator, which PPO's minibatches use next
                         lambda self, *a, **k: built.append(1) or init(self, *a, **k))
     read = []  # and each checkpoint file read once
-    for module in (ppo, reward):
-        monkeypatch.setattr(module, "load_checkpoint",
-                            lambda path, *a, **k: read.append(path) or load_checkpoint(path, *a, **k))
+    monkeypatch.setattr(reward, "load_checkpoint",  # ppo.load_models reads every checkpoint through reward.py
+                        lambda path, *a, **k: read.append(path) or load_checkpoint(path, *a, **k))
     _, _, reward_model, critic, _, _ = ppo.load_models(args, torch.device("cpu"))
     assert len(built) == 2
     assert sorted(read) == sorted([sft_path, rm_path, other])
