@@ -630,12 +630,15 @@ def gae(rewards, values, mask, gamma=Hyperparameters.gamma, lam=Hyperparameters.
 # classroom: end gae
 
 
+def masked_variance(x, mask):
+    """Var[x] over the positions where mask = 1 (the population variance, n in the denominator)."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
 def whiten(x, mask, eps=1e-8):
     """(x − mean) / std over the valid tokens of the whole batch; 0 on padding. Advantages on a
     fixed scale make the learning rate mean the same thing whatever the reward's scale."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
+    return torch.where(mask.bool(), (x - masked_mean(x, mask)) * torch.rsqrt(masked_variance(x, mask) + eps), 0.0)
 
 
 def group_centred_scores(scores, group_size):
@@ -669,9 +672,8 @@ def grpo_advantages(scores, group_size, eps=1e-6):
 def explained_variance(values, returns, mask):
     """1 − Var[returns − V] / Var[returns] over valid tokens: 1 is a perfect critic, 0 no better
     than a constant, negative worse than one."""
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    var_returns = masked_variance(returns, mask)
+    var_residual = masked_variance(returns - values, mask)
     return (1 - var_residual / var_returns).item() if var_returns > 0 else float("nan")
 
 
@@ -809,7 +811,7 @@ def make_experience(rollout, policy, reference, critic, score_fn, beta, args, au
         rollout.advantages = whiten(advantages, mask)
         # whitening divided the advantages by their spread; the loss's KL term is divided by it too,
         # so that β weighs it against r_φ as it would inside the reward
-        rollout.advantage_std = float(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).sqrt())
+        rollout.advantage_std = float(masked_variance(advantages, mask).sqrt())
     else:
         rollout.advantages = grpo_advantages(rollout.scores, args.group_size)[:, None] * mask
     return rollout
@@ -852,18 +854,18 @@ def ppo_update(policy, critic, optimizer, rollout, beta, args, autocast=contextl
             if args.entropy_coef:  # at 0 the entropy is only reported: no backward through it
                 loss = loss - args.entropy_coef * entropy
             stats["entropy"] = entropy.item()
-            if args.kl_penalty == "exact":
-                with autocast:
-                    kl_loss = exact_kl_penalty(policy, reference, hidden, batch, args.temperature)
-            elif args.algo == "grpo":
-                kl_loss = masked_mean(kl_estimators(logprobs, batch.ref_logprobs)[1], mask)  # k3
-            if args.algo == "grpo":
-                loss = loss + beta * kl_loss
+            if args.kl_penalty == "exact" or args.algo == "grpo":  # the KL to π_ref in the loss
+                if args.kl_penalty == "exact":
+                    with autocast:
+                        kl_loss = exact_kl_penalty(policy, reference, hidden, batch, args.temperature)
+                else:
+                    kl_loss = masked_mean(kl_estimators(logprobs, batch.ref_logprobs)[1], mask)  # k3
+                # GRPO's advantages are divided by each group's spread already; PPO's were whitened, so
+                # the penalty is divided by their spread too, to stay in r_φ's units
+                weight = beta if args.algo == "grpo" else beta / max(rollout.advantage_std, 1e-8)
+                loss = loss + weight * kl_loss
                 stats["kl_loss"] = kl_loss.item()
-            else:
-                if args.kl_penalty == "exact":  # in r_φ's units: whitening divided the advantages by their spread
-                    loss = loss + beta / max(rollout.advantage_std, 1e-8) * kl_loss
-                    stats["kl_loss"] = kl_loss.item()
+            if args.algo == "ppo":
                 if shared:  # the same forward's hidden states: V = w·h_t + b
                     values = critic.values_from_hidden(hidden) * mask
                 else:
