@@ -1,8 +1,8 @@
 """Memory and communication per GPU of every parallel strategy, for three model sizes (seed 1.7).
 
-Model state per GPU is train_gpt.memory_per_gpu (16 bytes per parameter a GPU holds: bf16 weights and
+Model state per GPU is parallel/costs.py's memory_per_gpu (16 bytes per parameter a GPU holds: bf16 weights and
 gradients, fp32 master weights and Adam moments; activations come on top); bytes sent per GPU and optimizer
-step are train_gpt.communication_per_step (ring collectives, 2-byte values). What a tensor-parallel rank or
+step are parallel/costs.py's communication_per_step (ring collectives, 2-byte values). What a tensor-parallel rank or
 a pipeline stage holds is counted on the real module layout (parallel/tensor.py, parallel/pipeline.py), built on
 PyTorch's meta device, which allocates nothing. Formulas only: nothing runs.
 
@@ -18,6 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_gpt as tg  # noqa: E402
+from parallel.costs import communication_per_step, memory_per_gpu  # noqa: E402
 from parallel.pipeline import PipelineStage  # noqa: E402
 from parallel.tensor import params_per_rank  # noqa: E402
 
@@ -48,15 +49,15 @@ def costs(config, sequences, n):
     stage = max(sum(p.numel() for p in PipelineStage(model, s, n).parameters()) for s in range(n))
     tp_shard, dp_tp_shard = params_per_rank(model, n), params_per_rank(model, 2)
     return psi, {
-        "DDP": (tg.memory_per_gpu(psi, n, "ddp"), tg.communication_per_step("ddp", psi, n)),
-        "ZeRO-1": (tg.memory_per_gpu(psi, n, "zero1"), tg.communication_per_step("zero1", psi, n)),
-        "FSDP / ZeRO-3": (tg.memory_per_gpu(psi, n, "fsdp"), tg.communication_per_step("fsdp", psi, n)),
-        f"TP {n}": (tg.memory_per_gpu(tp_shard, 1, "ddp"),
-                    tg.communication_per_step("tp", tp_shard, n, tp=n, tokens=tokens, **dims)),
-        f"PP {n}": (tg.memory_per_gpu(stage, 1, "ddp"),
-                    tg.communication_per_step("pp", stage, n, tokens=tokens, **dims)),
-        f"TP 2 × DP {n // 2}": (tg.memory_per_gpu(dp_tp_shard, 1, "ddp"),
-                                tg.communication_per_step("dp-tp", dp_tp_shard, n, tp=2, tokens=tokens // (n // 2),
+        "DDP": (memory_per_gpu(psi, n, "ddp"), communication_per_step("ddp", psi, n)),
+        "ZeRO-1": (memory_per_gpu(psi, n, "zero1"), communication_per_step("zero1", psi, n)),
+        "FSDP / ZeRO-3": (memory_per_gpu(psi, n, "fsdp"), communication_per_step("fsdp", psi, n)),
+        f"TP {n}": (memory_per_gpu(tp_shard, 1, "ddp"),
+                    communication_per_step("tp", tp_shard, n, tp=n, tokens=tokens, **dims)),
+        f"PP {n}": (memory_per_gpu(stage, 1, "ddp"),
+                    communication_per_step("pp", stage, n, tokens=tokens, **dims)),
+        f"TP 2 × DP {n // 2}": (memory_per_gpu(dp_tp_shard, 1, "ddp"),
+                                communication_per_step("dp-tp", dp_tp_shard, n, tp=2, tokens=tokens // (n // 2),
                                                           **dims)),
     }
 

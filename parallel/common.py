@@ -1,7 +1,7 @@
 """parallel/common.py — what the model-parallel strategies share.
 
 1. Counted collectives: torch.distributed's, plus a count of the bytes this rank sends in each, so that a run
-   can compare what it communicated with train_gpt.communication_per_step.
+   can compare what it communicated with parallel/costs.py's communication_per_step.
 2. Clipping by the global gradient norm when no rank holds all the gradients.
 3. Checkpoints: each rank's piece gathered into the single-process layout (one model.pt-style file), and a
    single-process checkpoint cut back into this rank's piece — so every strategy reads every other's files.

@@ -2,7 +2,7 @@
 
 Data parallelism keeps the whole optimizer state on each of the N ranks. With Adam in mixed precision that is
 12 bytes per parameter — an fp32 master copy of the weights, Adam's m and v — beside 2 + 2 bytes of bf16
-weights and gradients: 16Ψ per rank (train_gpt.memory_per_gpu). Every rank then does the same update of
+weights and gradients: 16Ψ per rank (parallel/costs.py's memory_per_gpu). Every rank then does the same update of
 every weight. ZeRO-1 cuts the flat vector of parameters into N equal shards and lets rank r keep the
 optimizer state of shard r only, and update only that shard: 4Ψ + 12Ψ/N per rank. One step:
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from parallel import costs
 from conftest import torchrun
 
 STEPS = 6
@@ -55,11 +56,11 @@ def test_rank_batches_are_disjoint_and_cover_the_global_batch():
 
 def test_memory_per_gpu_follows_zero_accounting():
     psi, n = 7.5e9, 64  # the ZeRO paper's example: 7.5B parameters on 64 GPUs
-    assert tg.memory_per_gpu(psi, n, "ddp") / 1e9 == pytest.approx(120)
-    assert tg.memory_per_gpu(psi, n, "zero1") / 1e9 == pytest.approx(31.4, abs=0.1)
-    assert tg.memory_per_gpu(psi, n, "zero2") / 1e9 == pytest.approx(16.6, abs=0.1)
-    assert tg.memory_per_gpu(psi, n, "fsdp") / 1e9 == pytest.approx(1.875)
-    assert tg.memory_per_gpu(psi, 1, "zero3") == tg.memory_per_gpu(psi, 1, "ddp")
+    assert costs.memory_per_gpu(psi, n, "ddp") / 1e9 == pytest.approx(120)
+    assert costs.memory_per_gpu(psi, n, "zero1") / 1e9 == pytest.approx(31.4, abs=0.1)
+    assert costs.memory_per_gpu(psi, n, "zero2") / 1e9 == pytest.approx(16.6, abs=0.1)
+    assert costs.memory_per_gpu(psi, n, "fsdp") / 1e9 == pytest.approx(1.875)
+    assert costs.memory_per_gpu(psi, 1, "zero3") == costs.memory_per_gpu(psi, 1, "ddp")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "manual", "fsdp"])

@@ -19,6 +19,7 @@ import torch
 import train_gpt as tg
 from conftest import torchrun
 from gloo_workers import column_worker, linear_case, row_worker, spawn_gloo
+from parallel import costs
 from parallel.common import optimizer_state_by_name, optimizer_state_dict, parameter_names
 from parallel.pipeline import PipelineStage, bubble_fraction, stage_layers
 from parallel.tensor import params_per_rank, shard_index, shard_rule, tensor_and_data_groups
@@ -141,10 +142,10 @@ def test_counted_communication_equals_the_formula(runs):
     groups = [sum(p.numel() for p in g["params"]) for g in model.configure_optimizer(1, 0.1).param_groups]
     per_group = sum(-(-n // 2) * 2 for n in groups)  # ZeRO-1's flat groups, each padded to 2 shards
     expected = {
-        "tp": tg.communication_per_step("tp", psi, 2, tp=2, tokens=tokens, **dims),
-        "dp-tp": tg.communication_per_step("dp-tp", params_per_rank(model, 2), 4, tp=2, tokens=tokens // 2, **dims),
-        "pp": tg.communication_per_step("pp", psi, 2, tokens=tokens, **dims),
-        "zero1": tg.communication_per_step("zero1", per_group, 2, **dims),
+        "tp": costs.communication_per_step("tp", psi, 2, tp=2, tokens=tokens, **dims),
+        "dp-tp": costs.communication_per_step("dp-tp", params_per_rank(model, 2), 4, tp=2, tokens=tokens // 2, **dims),
+        "pp": costs.communication_per_step("pp", psi, 2, tokens=tokens, **dims),
+        "zero1": costs.communication_per_step("zero1", per_group, 2, **dims),
     }
     for strategy, formula in expected.items():
         sent = [r["sent_bytes"] for r in records(runs[strategy]) if "loss" in r]
@@ -195,20 +196,20 @@ def test_powersgd_sends_fewer_bytes_and_is_lossy(runs):
 
 def test_communication_per_step_by_hand():
     psi, n = 1e9, 8
-    assert tg.communication_per_step("ddp", psi, n) == 2 * 7 / 8 * psi * 2  # ring all-reduce of bf16 gradients
-    assert tg.communication_per_step("zero1", psi, n) == tg.communication_per_step("ddp", psi, n)
-    assert tg.communication_per_step("fsdp", psi, n) == pytest.approx(1.5 * tg.communication_per_step("ddp", psi, n))
+    assert costs.communication_per_step("ddp", psi, n) == 2 * 7 / 8 * psi * 2  # ring all-reduce of bf16 gradients
+    assert costs.communication_per_step("zero1", psi, n) == costs.communication_per_step("ddp", psi, n)
+    assert costs.communication_per_step("fsdp", psi, n) == pytest.approx(1.5 * costs.communication_per_step("ddp", psi, n))
     # GPT-2 124M sized: L = 12, d = 768, a step of 2^19 tokens, 8-way TP: 4 · 12 · (14/8) · 2^19 · 768 · 2 bytes.
-    assert tg.communication_per_step("tp", psi, 8, tp=8, tokens=2**19, n_layer=12, n_embd=768) == \
+    assert costs.communication_per_step("tp", psi, 8, tp=8, tokens=2**19, n_layer=12, n_embd=768) == \
         4 * 12 * 1.75 * 2**19 * 768 * 2
-    assert tg.communication_per_step("dp-tp", 100, 8, tp=2, tokens=10, n_layer=1, n_embd=4, bytes_per_value=1) == \
+    assert costs.communication_per_step("dp-tp", 100, 8, tp=2, tokens=10, n_layer=1, n_embd=4, bytes_per_value=1) == \
         4 * 1 * 1 * 40 + 2 * 3 / 4 * 100
     # pp: the busiest stage — a middle one (forward + backward activations) or an end one (+ the tied embedding)
     pp = dict(tokens=1000, n_embd=10, vocab_size=50, bytes_per_value=1)
-    assert tg.communication_per_step("pp", 0, 2, **pp) == 1000 * 10 + 50 * 10
-    assert tg.communication_per_step("pp", 0, 4, **pp) == 2 * 1000 * 10
+    assert costs.communication_per_step("pp", 0, 2, **pp) == 1000 * 10 + 50 * 10
+    assert costs.communication_per_step("pp", 0, 4, **pp) == 2 * 1000 * 10
     with pytest.raises(ValueError, match="unknown strategy"):
-        tg.communication_per_step("zero4", psi, n)
+        costs.communication_per_step("zero4", psi, n)
 
 
 def test_two_d_layout_and_stages():
