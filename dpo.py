@@ -32,8 +32,8 @@ The file reads top to bottom:
     5. Evaluation      held-out reward accuracy, KL(π_θ ‖ π_ref) on the policy's own samples,
                        gold score and win rate against the SFT model                    (4.6)
     6. The frontier    gold score against KL, DPO's β sweep beside PPO's run             (4.4)
-    7. Putting it together   the stage (preferences found or built, train, evaluate), the β sweep,
-                       the command line
+    7. Putting it together   the stage (preferences found or built, train, evaluate), iterated
+                       rounds on the policy's own samples (3.5), the β sweep, the command line
 
 Its settings are declared once, in `Hyperparameters` at the top (value, help, range; settings.py).
 
@@ -42,6 +42,7 @@ Usage:
     python dpo.py --loss ipo --beta 0.1 --data prefs.jsonl --out runs/default/ipo
     python dpo.py --loss kto --data unpaired.jsonl --out runs/default/kto
     python dpo.py --beta-sweep 0.05,0.1,0.3,1.0 --ppo-run runs/default/ppo --out runs/default/dpo_sweep
+    python dpo.py --rounds 2 --out runs/default/dpo   # round 2 on the round-1 policy's own samples
 """
 
 import argparse
@@ -50,6 +51,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections import namedtuple
@@ -60,8 +62,8 @@ import torch.nn.functional as F
 
 from data.errors import DataError
 from data.tasks import generate_tasks
-from reward import (Hyperparameters as RewardHyperparameters, build_preference_data, load_preferences,
-                    prompt_messages, response_text, split_by_prompt, write_preferences)
+from reward import (Hyperparameters as RewardHyperparameters, aggregate_comparisons, build_preference_data,
+                    load_preferences, prompt_messages, response_text, split_by_prompt, write_preferences)
 from sft import (chat_tokens, collate_examples, comma_list, evaluate_tasks, heldout_tasks, jsonl_records,
                  load_chat_model, render_chat, render_prompt, sampled_evaluation, sequence_logprobs)
 from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_decision, stage_fingerprint
@@ -73,6 +75,7 @@ from train_gpt import (ConfigError, atomic_save, get_lr, load_resume_point, log_
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")  # --loss choices: DPO and the variants of seed 4.5
 BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.0, "kto": 0.1}  # per-loss β (DPO/IPO/KTO papers; SimPO's β≈2; ORPO has none)
 DATA_GROUP, LOSS_GROUP, EVAL_GROUP = "models and data", "the objective", "evaluation and the frontier"
+ROUNDS_GROUP = "iterated DPO"
 
 
 def float_list(text):
@@ -104,6 +107,10 @@ class Hyperparameters:
                              type=comma_list(str), group=DATA_GROUP)
     levels: list = setting(None, "task levels for built data and evaluation, e.g. 1,2", type=comma_list(int),
                            group=DATA_GROUP)
+    label_aggregation: str = setting(RewardHyperparameters.label_aggregation, "none: train on each comparison as "
+                                     "labelled; net-wins: relabel the training pairs by a majority over their "
+                                     "prompt's comparisons (reward.aggregate_comparisons)",
+                                     choices=["none", "net-wins"], group=DATA_GROUP)
     # the objective (seed 4.3, 4.5)
     loss: str = setting("dpo", "the objective: DPO (seed 4.3) or a variant (4.5)", choices=LOSSES, group=LOSS_GROUP)
     beta: float = setting(None, f"β (default per loss: {BETA}); IPO's τ; unused by ORPO", group=LOSS_GROUP)
@@ -132,6 +139,14 @@ class Hyperparameters:
                           runtime=True, group="training")
     device: str = setting("auto", "cpu, cuda, cuda:1, … (auto: cuda if available)", runtime=True, group="training")
     seed: int = setting(1337, "seed for data order, KTO mismatches and sampling", group="training")
+    # iterated DPO (seed 3.5, prevention 6)
+    rounds: int = setting(1, "rounds of DPO: round r ≥ 2 starts from round r − 1's policy, which is also its π_ref, "
+                             "and learns from comparisons of that policy's own samples", check="> 0",
+                          group=ROUNDS_GROUP)
+    round_prompts: int = setting(700, "fresh train-split prompts × --k samples per round r ≥ 2, ranked by the noisy "
+                                      "judge: ≈ the pairs one round's steps use, so 2 rounds label fewer prompts "
+                                      "than the reward model's 4,000", check="≥ 2",
+                                 why="some prompts are held out for validation", group=ROUNDS_GROUP)
     # evaluation and the frontier (seed 4.4, 4.6)
     eval_tasks: int = setting(200, "held-out prompts for KL, gold score, win rate (0: skip)", check="≥ 0",
                               group=EVAL_GROUP)
@@ -868,7 +883,7 @@ def build_default_preferences(reference, enc, args, run):
     """The reward stage's comparison data, built the same way (reward.build_preference_data, seed
     3.2): --num-prompts train-split tasks, a --val-fraction of them held out, k samples each from
     π_SFT ranked by the gold judge with --label-noise. Written to --out/preferences_*.jsonl."""
-    print(f"no preference files found: sampling {args.num_prompts} prompts × {args.k} responses from the SFT model, "
+    print(f"no preference files found: sampling {args.num_prompts} prompts × {args.k} responses from {args.sft}, "
           f"ranked by the gold judge (label noise {args.label_noise})")
     try:
         tasks = generate_tasks(args.num_prompts, "train", seed=args.seed, families=args.families, levels=args.levels)
@@ -904,6 +919,10 @@ def load_training_data(args, reference, enc, run):
         val_records = []
     else:
         records, val_records = split_by_prompt(records, args.val_fraction, args.seed)
+    if args.label_aggregation == "net-wins" and not unpaired:
+        before = len(records)
+        records = aggregate_comparisons(records)
+        print(f"net-wins aggregation: {before} training pairs → {len(records)} (ties of net wins dropped)")
     if args.loss == "kto":
         examples, dropped = tokenize_unpaired(records if unpaired else pairs_to_unpaired(records), enc, block_size,
                                               train_path, args.seed)
@@ -1031,6 +1050,96 @@ def train_stage(args):
     return train_one(args, run, args.beta, args.out, fingerprint, run["resume"])
 
 
+def round_args(args, r, previous):
+    """The flags of round r of --rounds, trained into out/round_<r>/. Round 1 is plain DPO on the
+    given comparisons. Round r ≥ 2 is the same loss one step further on: its π_θ starts from, and
+    its π_ref is, the policy `previous` of round r − 1, and its data are comparisons of that
+    policy's own samples (own_comparisons) — offline DPO learns only on the SFT model's answers,
+    and drifts away from them as it trains (seed 3.5, prevention 6: collect new comparisons on
+    the policy's outputs; Llama 2 iterates rounds the same way)."""
+    out = os.path.join(args.out, f"round_{r}")
+    flags = {**vars(args), "out": out, "rounds": 1, "eval_tasks": 0}
+    if r > 1:
+        flags.update(sft=previous, data=os.path.join(out, "preferences_train.jsonl"),
+                     val_data=os.path.join(out, "preferences_val.jsonl"), reward_run=None,
+                     num_prompts=args.round_prompts, seed=args.seed + r - 1)
+    return argparse.Namespace(**flags)
+
+
+def own_comparisons(args):
+    """Round r's comparisons (round_args): --round-prompts fresh train-split prompts, k samples each
+    from the previous round's policy, ranked by the same noisy judge (build_default_preferences).
+    Sampling is seeded, so an interrupted round that finds its files has the same ones."""
+    if os.path.isfile(args.data) and os.path.isfile(args.val_data):
+        return
+    device = pick_device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    policy, enc = load_chat_model(args.sft, None, device)
+    build_default_preferences(policy.eval(), enc, args, {"device": device, "autocast": autocast})
+
+
+def evaluate_against(policy_path, args):
+    """evaluate_policy for a trained checkpoint, against --sft (a later round's π_ref is not the SFT
+    model, so the rounds' own evaluations would not compare with a one-round run's)."""
+    device = pick_device(args.device)
+    run = {"device": device,
+           "autocast": torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()}
+    reference, enc = load_chat_model(args.sft, None, device)
+    policy, _ = load_chat_model(policy_path, None, device)
+    tasks = heldout_tasks(args)
+    baseline = sft_baseline(reference.eval(), enc, tasks, args, run)
+    return evaluate_policy(policy.eval(), reference, enc, tasks, baseline, args, run), baseline
+
+
+def iterated_stage(args):
+    """--rounds R as one stage: each round a stage of its own in out/round_<r>/ (skipped when
+    finished, resumed when interrupted), the last round's policy copied to out/model.pt and
+    evaluated against the SFT model; eval.json lists every round's held-out preference numbers."""
+    found = find_preference_files(args)
+    fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, [args.sft, *(found[:2] if found and not found[2] else ())])
+    if finished_stage(args.out, args.loss, fingerprint, args.force):
+        with open(os.path.join(args.out, "eval.json")) as f:
+            return json.load(f)
+    started = time.time()
+    if begin_stage(args.out, args.loss, fingerprint, args.force) == "fresh":
+        # Another configuration's rounds: their samples came from other policies.
+        for name in os.listdir(args.out) if os.path.isdir(args.out) else ():
+            if name.startswith("round_"):
+                shutil.rmtree(os.path.join(args.out, name))
+    previous, rounds = args.sft, []
+    for r in range(1, args.rounds + 1):
+        flags = round_args(args, r, previous)
+        if r > 1:
+            own_comparisons(flags)
+        result = train_stage(flags)
+        rounds.append({"round": r, "train_file": result.get("train_file"), "train_examples": result["train_examples"],
+                       "steps": result["steps"], "preferences": result["preferences"]})
+        previous = os.path.join(flags.out, "model.pt")
+    model_path = os.path.join(args.out, "model.pt")
+    atomic_save(torch.load(previous, map_location="cpu", weights_only=True), model_path)
+    summary = {"loss": args.loss, "beta": args.beta, "rounds": rounds}
+    if args.eval_tasks:
+        generation, baseline = evaluate_against(model_path, args)
+        summary.update({"heldout_prompts": args.eval_tasks, "policy": generation,
+                        "sft": {k: v for k, v in baseline.items() if k != "scores"}})
+    summary["wall_seconds"] = round(time.time() - started, 1)
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    policy_numbers = summary.get("policy") or {}
+    finish_stage(args.out, args.loss, fingerprint, started,
+                 {"rounds": args.rounds, "policy_gold": policy_numbers.get("gold_score"), "kl": policy_numbers.get("kl"),
+                  "val_logratio_accuracy": (rounds[-1]["preferences"] or {}).get("val_logratio_accuracy")})
+    print(f"{args.rounds} rounds: " + "; ".join(
+        f"round {e['round']} {e['train_examples']} pairs, held-out log-ratio accuracy "
+        f"{(e['preferences'] or {}).get('val_logratio_accuracy', float('nan')):.3f}" for e in rounds))
+    if "policy" in summary:
+        p, s = summary["policy"], summary["sft"]
+        print(f"held-out prompts, against the SFT model: KL {p['kl']:.3f} nats; gold score {p['gold_score']:.3f} "
+              f"(SFT {s['mean_score']:.3f}); sampled gold {p['sampled_gold_score']:.3f} (SFT {s['sampled_gold_score']:.3f})")
+    print(f"saved {model_path}, eval.json ({summary['wall_seconds']:.0f}s)")
+    return summary
+
+
 def print_summary(summary, out_dir):
     prefs = summary.get("preferences") or {}
     if prefs:
@@ -1085,6 +1194,8 @@ def validate_args(args):
         raise ConfigError(f"--min-lr must be in [0, --lr] (got {args.min_lr})")
     if args.val_data and not args.data:
         raise ConfigError("--val-data needs --data (the default preference set comes with its own split)")
+    if args.rounds > 1 and args.beta_sweep is not None:
+        raise ConfigError("--rounds and --beta-sweep: a sweep trains one round per β; give one of them")
     if args.ppo_run and args.beta_sweep is None:
         raise ConfigError("--ppo-run is read by --beta-sweep (the frontier plot); give both")
     for flag, path in (("--sft", args.sft), ("--data", args.data), ("--val-data", args.val_data)):
@@ -1109,7 +1220,7 @@ def main(argv=None):
         validate_args(args)
         if args.beta_sweep is not None:  # several runs, each redone: a sweep is not cached as one stage
             return beta_sweep(args, prepare(args))
-        return train_stage(args)
+        return iterated_stage(args) if args.rounds > 1 else train_stage(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

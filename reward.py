@@ -100,6 +100,10 @@ class Hyperparameters:
     max_new_tokens: int = setting(32, "longest sampled response in tokens", check="> 0", group=DATA_GROUP)
     gen_batch_size: int = setting(64, "prompts generated (and samples scored) in parallel", check="> 0",
                                   group=DATA_GROUP)
+    label_aggregation: str = setting("none", "none: train on each comparison as labelled; net-wins: relabel the "
+                                             "training pairs by a majority over their prompt's comparisons "
+                                             "(aggregate_comparisons)", choices=["none", "net-wins"],
+                                     group=DATA_GROUP)
     # training (seed 3.3)
     epochs: int = setting(1, "passes over the training comparisons (InstructGPT: 1; a second one overfits here "
                              "too)", check="> 0", group="training")
@@ -240,6 +244,56 @@ def label_comparisons(prompt, samples, label_noise, length_bias, rng):
                         "chosen_gold": chosen["gold"], "rejected_gold": rejected["gold"],
                         "chosen_tokens": chosen["tokens"], "rejected_tokens": rejected["tokens"]})
     return records
+
+
+def net_wins(records):
+    """Each response's Copeland score within its prompt: comparisons won − comparisons lost.
+
+    {(prompt key, response text): wins − losses} over the records' (chosen, rejected) pairs.
+    """
+    score = Counter()
+    for r in records:
+        key = json.dumps(r["prompt"])
+        score[key, r["chosen"]] += 1
+        score[key, r["rejected"]] -= 1
+    return score
+
+
+def aggregate_comparisons(records):
+    """Relabel every pair by a majority over its prompt's comparisons (seed 3.2, step 3: a ranking).
+
+    A labeler who ranks a prompt's k answers gives one consistent order (InstructGPT's interface,
+    seed 3.2); ours judged the C(k, 2) pairs one by one, each flipped with probability ε (seed 3.3),
+    so its verdicts can contradict each other (a ≻ b, b ≻ c, c ≻ a). The ranking they vote for
+    is the order of net wins s(y) = #won − #lost (net_wins); each pair (y_w, y_l) is re-oriented so
+    that s(y_w) > s(y_l), and a pair with s(y_w) = s(y_l) is dropped — the votes do not decide it.
+    Without noise or ties, a ≻ b with m responses ranked between them has s(a) − s(b) = 2(1 + m):
+    2 from their own comparison, 2 from each response that beats b and loses to a. Flipping their
+    verdict subtracts 4, so the majority restores it when m ≥ 2, drops the pair when m = 1 and keeps
+    the flip only between neighbours (m = 0), the pairs whose gold scores differ least. The truth
+    fields follow the pair: `flipped` now says whether the aggregated label contradicts the
+    noise-free labeler; the gold scores and lengths travel with their answers.
+    """
+    score = net_wins(records)
+    aggregated = []
+    for r in records:
+        key = json.dumps(r["prompt"])
+        margin = score[key, r["chosen"]] - score[key, r["rejected"]]
+        if margin == 0:
+            continue
+        if margin > 0:
+            aggregated.append(r)
+            continue
+        swapped = {**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+        for field in ("gold", "tokens"):
+            if f"chosen_{field}" in r:
+                swapped[f"chosen_{field}"], swapped[f"rejected_{field}"] = r[f"rejected_{field}"], r[f"chosen_{field}"]
+        if "clean_label" in r:
+            swapped["clean_label"] = 1.0 - r["clean_label"]
+        if "flipped" in r:
+            swapped["flipped"] = not r["flipped"]
+        aggregated.append(swapped)
+    return aggregated
 
 
 def build_preference_data(model, enc, tasks, k=Hyperparameters.k, label_noise=Hyperparameters.label_noise,
@@ -1420,6 +1474,11 @@ def train_reward(args):
         print(f"resuming {args.out} after step {resume['step']}")
     data, heldout = comparisons_and_heldout(args, policy, enc, file_data, resume, device, autocast)
     (train_pairs, train_samples), (val_pairs, _) = data
+    if args.label_aggregation == "net-wins":
+        train_pairs = aggregate_comparisons(train_pairs)
+        agreement = label_agreement(train_pairs)
+        print(f"net-wins aggregation: {len(data[0][0])} training pairs → {len(train_pairs)} "
+              f"(ties of net wins dropped)" + ("" if agreement is None else f"; labels agree with the judge {agreement:.3f}"))
     train_examples, val_examples = tokenize_splits(train_pairs, val_pairs, enc, block_size)
     generation_seconds = time.time() - started
 

@@ -620,3 +620,48 @@ def test_a_preference_set_built_into_out_is_output_not_input(tmp_path, monkeypat
     assert read_stage(str(out))["fingerprint"] == fingerprint and (out / "model.pt").stat().st_mtime_ns == stamp
     dpo.main([*flags, "--label-noise", "0.4"])  # another labeler: the set is built again
     assert (out / "preferences_train.jsonl").read_text() != built
+
+
+def test_rounds_learn_from_the_previous_policys_own_samples_and_resume(tmp_path, monkeypatch):
+    """--rounds 3: round r ≥ 2 starts from round r − 1's policy, takes it as π_ref, and learns from
+    comparisons of that policy's samples; out/model.pt is the last round's; an interrupted run
+    continues to the same weights, and a finished one is skipped."""
+    import reward
+    from conftest import interrupt_on_call
+    monkeypatch.setattr(reward, "judge", lambda task, text: sum(map(ord, text)) % 7 / 6)  # distinct scores
+    checkpoint = tiny_sft_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "prefs.jsonl", synthetic_records(24, seed=7))
+    flags = ["--sft", checkpoint, "--data", data, "--rounds", "3", "--round-prompts", "8", "--k", "4",
+             "--max-new-tokens", "4", "--max-steps", "2", "--lr", "1e-3", "--eval-tasks", "2", "--families", "arith",
+             "--levels", "1", "--device", "cpu"]
+    samplers = []
+    build = dpo.build_default_preferences
+    monkeypatch.setattr(dpo, "build_default_preferences", lambda policy, *a: samplers.append(
+        {k: v.clone() for k, v in policy.state_dict().items()}) or build(policy, *a))
+    straight = tmp_path / "straight"
+    summary = dpo.main([*flags, "--out", str(straight)])
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3] and summary["policy"]["kl"] >= 0
+    assert summary["rounds"][1]["train_file"] == str(straight / "round_2" / "preferences_train.jsonl")
+    assert len(samplers) == 2
+    for r, sampled_by in zip((2, 3), samplers):
+        previous = torch.load(straight / f"round_{r - 1}" / "model.pt", weights_only=True)
+        assert all(torch.equal(sampled_by[k], previous["model"][k]) for k in sampled_by)
+        this = torch.load(straight / f"round_{r}" / "model.pt", weights_only=True)
+        assert this["dpo"]["sft"] == str(straight / f"round_{r - 1}" / "model.pt")  # π_ref
+    last, final = (torch.load(p, weights_only=True) for p in (straight / "round_3" / "model.pt", straight / "model.pt"))
+    assert all(torch.equal(last["model"][k], final["model"][k]) for k in last["model"])
+    assert not torch.equal(final["model"]["lm_head.weight"], torch.load(checkpoint, weights_only=True)["model"]["lm_head.weight"])
+
+    stamp = (straight / "model.pt").stat().st_mtime_ns
+    assert dpo.main([*flags, "--out", str(straight)]) == json.loads((straight / "eval.json").read_text())
+    assert (straight / "model.pt").stat().st_mtime_ns == stamp  # finished: skipped
+
+    interrupt_on_call(monkeypatch, dpo, "train_step", 4)  # round 2's second step
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main([*flags, "--out", str(tmp_path / "interrupted")])
+    monkeypatch.undo()
+    monkeypatch.setattr(reward, "judge", lambda task, text: sum(map(ord, text)) % 7 / 6)
+    resumed = dpo.main([*flags, "--out", str(tmp_path / "interrupted")])
+    again = torch.load(tmp_path / "interrupted" / "model.pt", weights_only=True)
+    assert all(torch.equal(again["model"][k], final["model"][k]) for k in final["model"])
+    assert resumed["policy"]["gold_score"] == summary["policy"]["gold_score"]

@@ -167,6 +167,59 @@ def test_label_noise_flips_pairs_and_length_bias_prefers_long_answers():
     assert {p["clean_label"] for p in biased if {p["chosen"], p["rejected"]} == {"5", "6 is what I would say"}} == {0.5}
 
 
+def flip(record):
+    """The labeler's verdict on one pair reversed, as label noise would write it."""
+    return {**record, "chosen": record["rejected"], "rejected": record["chosen"], "flipped": not record["flipped"],
+            "chosen_gold": record["rejected_gold"], "rejected_gold": record["chosen_gold"],
+            "chosen_tokens": record["rejected_tokens"], "rejected_tokens": record["chosen_tokens"],
+            "clean_label": 1.0 - record["clean_label"]}
+
+
+def four_answers(flipped_pair):
+    """a ≻ b ≻ c ≻ d by gold, all six comparisons, the one between `flipped_pair` reversed."""
+    samples = [sample(r, g) for r, g in zip("abcd", (1.0, 0.75, 0.5, 0.0))]
+    pairs = reward.label_comparisons([{"role": "user", "content": "?"}], samples, 0.0, 0.0, random.Random(0))
+    return [flip(p) if {p["chosen"], p["rejected"]} == set(flipped_pair) else p for p in pairs]
+
+
+def oriented(pairs):
+    return {(p["chosen"], p["rejected"]) for p in pairs}
+
+
+def test_net_wins_restores_a_flip_with_two_answers_between():
+    # a ≻ d has b and c between them: net wins a 1, b 1, c −1, d −1 after the flip → restored;
+    # the flip cost a and d their margins over b and c, which now tie and are dropped.
+    pairs = reward.aggregate_comparisons(four_answers("ad"))
+    assert oriented(pairs) == {("a", "c"), ("a", "d"), ("b", "c"), ("b", "d")}
+    restored = next(p for p in pairs if p["chosen"] == "a" and p["rejected"] == "d")
+    assert not restored["flipped"] and restored["clean_label"] == 1.0
+    assert (restored["chosen_gold"], restored["rejected_gold"]) == (1.0, 0.0)
+    assert all(not p["flipped"] and p["chosen_gold"] > p["rejected_gold"] for p in pairs)
+
+
+def test_net_wins_drops_what_the_votes_tie_and_keeps_a_flip_between_neighbours():
+    # One answer (b) between a and c: a, b, c all end at net 1, so their three pairs are dropped.
+    assert oriented(reward.aggregate_comparisons(four_answers("ac"))) == {("a", "d"), ("b", "d"), ("c", "d")}
+    # Neighbours: nothing separates b from c but their own (flipped) verdict, which stands.
+    kept = reward.aggregate_comparisons(four_answers("bc"))
+    assert ("c", "b") in oriented(kept) and len(kept) == 6
+    assert next(p for p in kept if p["chosen"] == "c")["flipped"]
+
+
+def test_net_wins_counts_within_a_prompt_and_beats_the_raw_labels_under_noise():
+    rng = random.Random(0)
+    raw = []
+    for prompt in range(300):
+        samples = [sample(f"answer {i}", rng.random()) for i in range(8)]  # the same texts in every prompt
+        raw += reward.label_comparisons([{"role": "user", "content": f"q{prompt}"}], samples, 0.2, 0.0, rng)
+    aggregated = reward.aggregate_comparisons(raw)
+    raw_agreement, aggregated_agreement = reward.label_agreement(raw), reward.label_agreement(aggregated)
+    assert 0.77 < raw_agreement < 0.83
+    assert aggregated_agreement > raw_agreement + 0.05
+    assert all(p["flipped"] == (p["clean_label"] == 0.0) for p in aggregated)
+    assert 0.85 * len(raw) < len(aggregated) <= len(raw)
+
+
 def fake_judge(task, text):
     """Distinct scores for random text (the real judge gives a random model's nonsense 0)."""
     return sum(map(ord, text)) % 7 / 6
