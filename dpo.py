@@ -821,8 +821,9 @@ def plot_frontier(points_by_method, png):
     plt.close(fig)
 
 
-def plot_training(metrics_path, png, loss_name):
-    """Training loss and, on held-out pairs, the log-ratio accuracy and the chosen/rejected log-ratios."""
+def plot_training(metrics_path, png, loss_name, round_starts=()):
+    """Training loss and, on held-out pairs, the log-ratio accuracy and the chosen/rejected log-ratios
+    (with --rounds, a dashed line where each later round starts)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -843,6 +844,9 @@ def plot_training(metrics_path, png, loss_name):
     axes[2].axhline(0, color="gray", ls=":")
     axes[2].set(title="held-out log π_θ/π_ref (nats)", xlabel="step")
     axes[2].legend()
+    for ax in axes:
+        for step in round_starts:
+            ax.axvline(step, color="gray", ls="--", lw=0.8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -1091,10 +1095,27 @@ def evaluate_against(policy_path, args):
     return evaluate_policy(policy.eval(), reference, enc, tasks, baseline, args, run), baseline
 
 
+def merge_round_metrics(round_dirs, path):
+    """The rounds' metrics.jsonl as one file: each line tagged with its round, steps counted on from
+    one round to the next. Returns the step at which each later round starts."""
+    offset, starts = 0, []
+    with open(path, "w") as merged:
+        for r, directory in enumerate(round_dirs, 1):
+            if r > 1:
+                starts.append(offset)
+            records = read_metrics(os.path.join(directory, "metrics.jsonl"))
+            for record in records:
+                step = record.get("step", 0) + offset
+                merged.write(json.dumps({**record, "round": r, "step": step}) + "\n")
+            offset += max((record.get("step", 0) for record in records), default=0)
+    return starts
+
+
 def iterated_stage(args):
     """--rounds R as one stage: each round a stage of its own in out/round_<r>/ (skipped when
     finished, resumed when interrupted), the last round's policy copied to out/model.pt and
-    evaluated against the SFT model; eval.json lists every round's held-out preference numbers."""
+    evaluated against the SFT model; eval.json lists every round's held-out preference numbers, and
+    metrics.jsonl / dpo.png follow the rounds one after the other."""
     found = find_preference_files(args)
     fingerprint = stage_fingerprint(args, RUNTIME_FLAGS, [args.sft, *(found[:2] if found and not found[2] else ())])
     if finished_stage(args.out, args.loss, fingerprint, args.force):
@@ -1117,6 +1138,9 @@ def iterated_stage(args):
         previous = os.path.join(flags.out, "model.pt")
     model_path = os.path.join(args.out, "model.pt")
     atomic_save(torch.load(previous, map_location="cpu", weights_only=True), model_path)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    starts = merge_round_metrics([os.path.join(args.out, f"round_{r}") for r in range(1, args.rounds + 1)], metrics_path)
+    plot_training(metrics_path, os.path.join(args.out, "dpo.png"), args.loss, starts)
     summary = {"loss": args.loss, "beta": args.beta, "rounds": rounds}
     if args.eval_tasks:
         generation, baseline = evaluate_against(model_path, args)
@@ -1136,7 +1160,7 @@ def iterated_stage(args):
         p, s = summary["policy"], summary["sft"]
         print(f"held-out prompts, against the SFT model: KL {p['kl']:.3f} nats; gold score {p['gold_score']:.3f} "
               f"(SFT {s['mean_score']:.3f}); sampled gold {p['sampled_gold_score']:.3f} (SFT {s['sampled_gold_score']:.3f})")
-    print(f"saved {model_path}, eval.json ({summary['wall_seconds']:.0f}s)")
+    print(f"saved {model_path}, metrics.jsonl, eval.json, dpo.png ({summary['wall_seconds']:.0f}s)")
     return summary
 
 

@@ -259,6 +259,7 @@ def net_wins(records):
     return score
 
 
+# classroom: begin aggregate_comparisons
 def aggregate_comparisons(records):
     """Relabel every pair by a majority over its prompt's comparisons (seed 3.2, step 3: a ranking).
 
@@ -294,6 +295,7 @@ def aggregate_comparisons(records):
             swapped["flipped"] = not r["flipped"]
         aggregated.append(swapped)
     return aggregated
+# classroom: end aggregate_comparisons
 
 
 def build_preference_data(model, enc, tasks, k=Hyperparameters.k, label_noise=Hyperparameters.label_noise,

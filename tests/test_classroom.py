@@ -298,6 +298,16 @@ WRONG_BODIES = {
         u = torch.rand(1, device=probs.device, generator=generator)  # one u for the whole batch: every row alike
         return torch.searchsorted(cdf, u.expand(probs.shape[0], 1) * cdf[:, -1:], right=True).squeeze(1)
         """,
+    "aggregate_comparisons": """
+        score = net_wins(records)
+        aggregated = []
+        for r in records:  # re-oriented, but the truth fields stay with the old orientation
+            key = json.dumps(r["prompt"])
+            margin = score[key, r["chosen"]] - score[key, r["rejected"]]
+            if margin != 0:
+                aggregated.append(r if margin > 0 else {**r, "chosen": r["rejected"], "rejected": r["chosen"]})
+        return aggregated
+        """,
     "exact_kl": """
         log_p, log_q = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(ref_logits.float(), dim=-1)
         return (log_q.exp() * (log_q - log_p)).sum(dim=-1)  # KL(π_ref ‖ π_θ), the wrong direction

@@ -651,6 +651,10 @@ def test_rounds_learn_from_the_previous_policys_own_samples_and_resume(tmp_path,
     last, final = (torch.load(p, weights_only=True) for p in (straight / "round_3" / "model.pt", straight / "model.pt"))
     assert all(torch.equal(last["model"][k], final["model"][k]) for k in last["model"])
     assert not torch.equal(final["model"]["lm_head.weight"], torch.load(checkpoint, weights_only=True)["model"]["lm_head.weight"])
+    merged = dpo.read_metrics(str(straight / "metrics.jsonl"))
+    assert [r["step"] for r in merged if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["round"] for r in merged if "loss" in r] == [1, 1, 2, 2, 3, 3]
+    assert os.path.getsize(straight / "dpo.png") > 0
 
     stamp = (straight / "model.pt").stat().st_mtime_ns
     assert dpo.main([*flags, "--out", str(straight)]) == json.loads((straight / "eval.json").read_text())
