@@ -669,3 +669,14 @@ def test_rounds_learn_from_the_previous_policys_own_samples_and_resume(tmp_path,
     again = torch.load(tmp_path / "interrupted" / "model.pt", weights_only=True)
     assert all(torch.equal(again["model"][k], final["model"][k]) for k in final["model"])
     assert resumed["policy"]["gold_score"] == summary["policy"]["gold_score"]
+
+
+def test_cli_net_wins_drops_a_cycle_of_verdicts(tmp_path):
+    records = [{"prompt": p, "chosen": w, "rejected": l} for p, w, l in
+               [("cycle", "aa", "bb"), ("cycle", "bb", "cc"), ("cycle", "cc", "aa"),
+                ("order", "xx", "yy"), ("order", "xx", "zz"), ("order", "zz", "yy")]]
+    data, val = write_jsonl(tmp_path / "prefs.jsonl", records), write_jsonl(tmp_path / "val.jsonl", records[3:])
+    summary = dpo.main(["--sft", tiny_sft_checkpoint(tmp_path), "--data", data, "--val-data", val, "--out",
+                        str(tmp_path / "dpo"), "--max-steps", "1", "--eval-tasks", "0", "--device", "cpu",
+                        "--label-aggregation", "net-wins"])
+    assert summary["train_examples"] == 3

@@ -675,3 +675,20 @@ def test_best_of_n_command_writes_curves_policy_points_and_a_plot(tmp_path, monk
             reward.main(flags + bad)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_cli_net_wins_trains_on_the_aggregated_pairs(tmp_path, capsys):
+    """--label-aggregation net-wins: a prompt whose verdicts form a cycle (a ≻ b ≻ c ≻ a) has
+    every net win at 0 and leaves no pair; a consistent prompt keeps its three."""
+    def pair(prompt, chosen, rejected):
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    records = [pair("cycle", "aa", "bb"), pair("cycle", "bb", "cc"), pair("cycle", "cc", "aa"),
+               pair("order", "xx", "yy"), pair("order", "xx", "zz"), pair("order", "zz", "yy")]
+    train, val = str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")
+    reward.write_preferences(train, records)
+    reward.write_preferences(val, records[3:])
+    summary = reward.main(["--sft", tiny_sft_checkpoint(tmp_path), "--out", str(tmp_path / "rm"), "--data", train,
+                           "--val-data", val, "--max-steps", "1", "--eval-prompts", "0", "--device", "cpu",
+                           "--label-aggregation", "net-wins"])
+    assert summary["train_pairs"] == 3 and summary["train_prompts"] == 1
+    assert "net-wins aggregation: 6 training pairs → 3" in capsys.readouterr().out
