@@ -68,8 +68,8 @@ from sft import (chat_tokens, collate_examples, comma_list, evaluate_tasks, held
                  load_chat_model, render_chat, render_prompt, sampled_evaluation, sequence_logprobs)
 from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_decision, stage_fingerprint
 from settings import build_parser_from, check_ranges, runtime_flags, setting
-from train_gpt import (ConfigError, atomic_save, get_lr, load_resume_point, log_line, pick_device, random_state,
-                       read_metrics, save_resume_point, set_random_state, truncate_metrics)
+from train_gpt import (ConfigError, atomic_save, autocast_for, get_lr, load_resume_point, log_line, pick_device,
+                       random_state, read_metrics, save_resume_point, set_random_state, truncate_metrics)
 
 # Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")  # --loss choices: DPO and the variants of seed 4.5
@@ -950,7 +950,7 @@ def prepare(args, fingerprint=None):
     for p in reference.parameters():
         p.requires_grad_(False)
     tokenizer_ref = torch.load(args.sft, map_location="cpu", weights_only=True).get("tokenizer")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     run = {"device": device, "autocast": autocast, "pad": chat_tokens(enc).pad, "enc": enc,
            "reference": reference, "tokenizer_ref": tokenizer_ref}
     examples, val_pairs, data_info = load_training_data(args, reference, enc, run)
@@ -1077,7 +1077,7 @@ def own_comparisons(args):
     if os.path.isfile(args.data) and os.path.isfile(args.val_data):
         return
     device = pick_device(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     policy, enc = load_chat_model(args.sft, None, device)
     build_default_preferences(policy.eval(), enc, args, {"device": device, "autocast": autocast})
 
@@ -1086,8 +1086,7 @@ def evaluate_against(policy_path, args):
     """evaluate_policy for a trained checkpoint, against --sft (a later round's π_ref is not the SFT
     model, so the rounds' own evaluations would not compare with a one-round run's)."""
     device = pick_device(args.device)
-    run = {"device": device,
-           "autocast": torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()}
+    run = {"device": device, "autocast": autocast_for(device)}
     reference, enc = load_chat_model(args.sft, None, device)
     policy, _ = load_chat_model(policy_path, None, device)
     tasks = heldout_tasks(args)
@@ -1139,7 +1138,8 @@ def iterated_stage(args):
     model_path = os.path.join(args.out, "model.pt")
     atomic_save(torch.load(previous, map_location="cpu", weights_only=True), model_path)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    starts = merge_round_metrics([os.path.join(args.out, f"round_{r}") for r in range(1, args.rounds + 1)], metrics_path)
+    round_dirs = [os.path.join(args.out, f"round_{r}") for r in range(1, args.rounds + 1)]
+    starts = merge_round_metrics(round_dirs, metrics_path)
     plot_training(metrics_path, os.path.join(args.out, "dpo.png"), args.loss, starts)
     summary = {"loss": args.loss, "beta": args.beta, "rounds": rounds}
     if args.eval_tasks:

@@ -78,7 +78,7 @@ from sft import (HELDOUT_SEED, IGNORE_INDEX, chat_tokens, comma_list, decode_res
                  left_pad, render_prompt, token_logprobs)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from settings import build_parser_from, check_ranges, runtime_flags, setting
-from train_gpt import (ConfigError, atomic_save, load_resume_point, log_line, pick_device,
+from train_gpt import (ConfigError, atomic_save, autocast_for, load_resume_point, log_line, pick_device,
                        random_state, read_metrics, save_resume_point, set_random_state, truncate_metrics)
 
 # =============================================================================
@@ -1130,7 +1130,7 @@ def setup(args):
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     return device, autocast
 
 

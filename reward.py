@@ -63,7 +63,7 @@ from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, co
                  plot_train_val_loss, render_chat, render_prompt, sampled_evaluation)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from settings import build_parser_from, check_ranges, runtime_flags, setting
-from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, get_lr, load_checkpoint, load_resume_point,
+from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, autocast_for, get_lr, load_checkpoint, load_resume_point,
                        log_line, pick_device, random_state, read_metrics, save_resume_point, set_random_state,
                        truncate_metrics)
 
@@ -1223,7 +1223,7 @@ def best_of_n_command(args):
             return json.load(f)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     sft_model, checkpoint = load_sft(args.sft, device)
     enc = load_tokenizer(checkpoint.get("tokenizer") or "")
     reward_model = load_reward_models(args.reward_model, device, args.ensemble_reduce)
@@ -1462,7 +1462,7 @@ def train_reward(args):
             return json.load(f)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     os.makedirs(args.out, exist_ok=True)
     policy, model, enc, tokenizer_ref = load_models(args, device)
     block_size = model.config.block_size

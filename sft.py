@@ -55,7 +55,7 @@ from data.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from hf_gpt2 import gpt2_from_hf_state_dict
 from settings import build_parser_from, check_ranges, comma_list, runtime_flags, setting
-from train_gpt import (GPT, ConfigError, KVCache, atomic_save, get_lr, load_resume_point, log_line,
+from train_gpt import (GPT, ConfigError, KVCache, atomic_save, autocast_for, get_lr, load_resume_point, log_line,
                        model_from_checkpoint, perplexity, pick_device, random_state, read_metrics,
                        sample_next_token, save_resume_point, set_random_state, truncate_metrics)
 
@@ -740,7 +740,7 @@ def train_sft(args):
 
     epochs, val_batches, schedule = epochs_and_schedule(train_examples, val_examples, block_size, pad, args)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     evaluation = {}
     if resume is not None:  # the base model's evaluation travels in the resume point: not redone
         evaluation = resume["evaluation"]
@@ -1075,7 +1075,7 @@ def eval_command(args):
     evaluation of the same checkpoints and flags is there."""
     checkpoints = named_checkpoints(args.eval)
     device = pick_device(args.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
     tasks = heldout_tasks(args)
     if not tasks:
         raise ConfigError("--eval needs --eval-tasks > 0")

@@ -1173,8 +1173,7 @@ def set_up_run(args, ctx):
     run.grad_accum = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, run.data_world)
     run.dropout_rank = run.plan.dropout_rank if run.plan else ctx.rank
     torch.manual_seed(args.seed + run.dropout_rank)  # different dropout masks on different ranks
-    run.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda"
-                    else contextlib.nullcontext())
+    run.autocast = autocast_for(run.device)
     run.state = {"skipped_batches": [], "lr_scale": 1.0, "rollbacks": 0,
                  "spikes": SpikeDetector(args.spike_window, args.spike_sigmas)}
     run.metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -1511,6 +1510,12 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def autocast_for(device):
+    """bfloat16 autocast on a GPU (bf16 keeps float32's exponent range: no loss scaling); on the CPU,
+    plain float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # Flags that change only speed, memory, logging or bookkeeping, not the trained model: left out of
