@@ -41,8 +41,8 @@ cpu_PPO      := --iterations 60 --rollouts 256 --minibatch-size 64 --ppo-epochs 
 cpu_PPO_JUDGE := --iterations 190 --rollouts 256 --minibatch-size 64 --ppo-epochs 1 --lr 1e-4 --value-lr 3e-4 \
                  --beta 0.01 --threads 0 --snapshot-every 10 --families $(FAMILIES) --eval-tasks 0
 # DPO in two rounds: round 2 on 700 fresh prompts × 8 samples of round 1's own policy, judged by the same noisy
-# labeler, π_ref = round 1 (README, "Session 12"): held-out sampled gold +0.040 / +0.041 / +0.024 on seeds
-# 1337 / 1338 / 1339, where one round gave +0.023 / +0.025 / +0.018
+# labeler, π_ref = round 1 (README, "Session 12"): held-out sampled gold +0.035 / +0.041 / +0.024 on seeds
+# 1337 (make run) / 1338 / 1339, where one round gave +0.023 / +0.025 / +0.018
 cpu_DPO      := --beta 0.5 --max-steps 700 --rounds 2 --round-prompts 700 --k 8 --families $(FAMILIES) --eval-tasks 0
 cpu_BON      := --best-of-n 1,2,4,8,16,32 --eval-prompts 500 --families $(FAMILIES)
 cpu_EVAL     := --families $(FAMILIES) --eval-tasks 1000

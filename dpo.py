@@ -1126,9 +1126,10 @@ def iterated_stage(args):
         for name in os.listdir(args.out) if os.path.isdir(args.out) else ():
             if name.startswith("round_"):
                 shutil.rmtree(os.path.join(args.out, name))
-    previous, rounds = args.sft, []
+    previous, rounds, round_dirs = args.sft, [], []
     for r in range(1, args.rounds + 1):
         flags = round_args(args, r, previous)
+        round_dirs.append(flags.out)
         if r > 1:
             own_comparisons(flags)
         result = train_stage(flags)
@@ -1138,7 +1139,6 @@ def iterated_stage(args):
     model_path = os.path.join(args.out, "model.pt")
     atomic_save(torch.load(previous, map_location="cpu", weights_only=True), model_path)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    round_dirs = [os.path.join(args.out, f"round_{r}") for r in range(1, args.rounds + 1)]
     starts = merge_round_metrics(round_dirs, metrics_path)
     plot_training(metrics_path, os.path.join(args.out, "dpo.png"), args.loss, starts)
     summary = {"loss": args.loss, "beta": args.beta, "rounds": rounds}

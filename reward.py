@@ -63,9 +63,9 @@ from sft import (HELDOUT_SEED, chat_tokens, check_messages, collate_examples, co
                  plot_train_val_loss, render_chat, render_prompt, sampled_evaluation)
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from settings import build_parser_from, check_ranges, runtime_flags, setting
-from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, autocast_for, get_lr, load_checkpoint, load_resume_point,
-                       log_line, pick_device, random_state, read_metrics, save_resume_point, set_random_state,
-                       truncate_metrics)
+from train_gpt import (GPT, ConfigError, GPTConfig, adamw, atomic_save, autocast_for, get_lr, load_checkpoint,
+                       load_resume_point, log_line, pick_device, random_state, read_metrics, save_resume_point,
+                       set_random_state, truncate_metrics)
 
 # Hyperparameters: one line each — value, what it does, allowed range (settings.py makes the flags).
 DATA_GROUP = "comparison data (default: sampled from the SFT model, ranked by the gold judge)"
@@ -1479,8 +1479,8 @@ def train_reward(args):
     if args.label_aggregation == "net-wins":
         train_pairs = aggregate_comparisons(train_pairs)
         agreement = label_agreement(train_pairs)
-        print(f"net-wins aggregation: {len(data[0][0])} training pairs → {len(train_pairs)} "
-              f"(ties of net wins dropped)" + ("" if agreement is None else f"; labels agree with the judge {agreement:.3f}"))
+        print(f"net-wins aggregation: {len(data[0][0])} training pairs → {len(train_pairs)} (ties of net wins "
+              f"dropped)" + ("" if agreement is None else f"; labels agree with the judge {agreement:.3f}"))
     train_examples, val_examples = tokenize_splits(train_pairs, val_pairs, enc, block_size)
     generation_seconds = time.time() - started
 
