@@ -55,12 +55,12 @@ import dpo
 import ppo
 import reward
 import sft
+from best_of_n import kl_divergence, optimal_policy
 from data.errors import DataError
 from data.hf_tokenizer import write_json
 from data.stages import begin_stage, finish_stage, finished_stage, read_stage, stage_fingerprint
 from data.tasks import generate_tasks, judge, read_jsonl
 from data.tokenizer import load_tokenizer
-from reward import kl_divergence, optimal_policy
 from settings import build_parser_from, check_ranges, comma_list, setting
 from train_gpt import ConfigError, count_params, pick_device
 
@@ -69,7 +69,7 @@ SOURCE_NOISE = reward.Hyperparameters.label_noise  # the main job's labeler flip
 
 
 # =============================================================================
-# 1. The equations (optimal_policy and kl_divergence are reward.py's, section 8)
+# 1. The equations (optimal_policy and kl_divergence are best_of_n.py's, section 2)
 # =============================================================================
 
 def restricted_policy(logprobs):

@@ -72,8 +72,8 @@ GRADERS = {
                                  "tests/test_reward.py::test_noisy_loss_is_bounded_where_plain_bradley_terry_pulls_hardest"],
     "aggregate_comparisons": ["tests/test_reward.py::test_net_wins_restores_a_flip_with_two_answers_between",
                               "tests/test_reward.py::test_net_wins_drops_what_the_votes_tie_and_keeps_a_flip_between_neighbours"],
-    "best_of_n_kl": ["tests/test_reward.py::test_best_of_n_kl_by_hand"],
-    "best_of_n_expectation": ["tests/test_reward.py::test_best_of_n_expectation_is_the_mean_over_every_subset"],
+    "best_of_n_kl": ["tests/test_best_of_n.py::test_best_of_n_kl_by_hand"],
+    "best_of_n_expectation": ["tests/test_best_of_n.py::test_best_of_n_expectation_is_the_mean_over_every_subset"],
     # RLHF (seed 3.4)
     "sample_categorical": ["tests/test_train_gpt.py::test_inverse_transform_sampling_draws_each_token_with_its_probability"],
     "exact_kl": ["tests/test_ppo.py::test_exact_kl_by_hand_and_as_the_mean_of_k1"],
