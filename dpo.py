@@ -51,7 +51,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections import namedtuple
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from data.errors import DataError
+from data.hf_tokenizer import write_json
 from data.tasks import generate_tasks
 from reward import (Hyperparameters as RewardHyperparameters, aggregate_comparisons, build_preference_data,
                     load_preferences, prompt_messages, response_text, split_by_prompt, write_preferences)
@@ -1062,7 +1062,9 @@ def round_args(args, r, previous):
     and drifts away from them as it trains (seed 3.5, prevention 6: collect new comparisons on
     the policy's outputs; Llama 2 iterates rounds the same way)."""
     out = os.path.join(args.out, f"round_{r}")
-    flags = {**vars(args), "out": out, "rounds": 1, "eval_tasks": 0}
+    # rounds and round_prompts say how many rounds and how they sample, not what round r trains on:
+    # kept out of its flags (and so of its fingerprint), a finished round survives a change of either.
+    flags = {**vars(args), "out": out, "rounds": 1, "round_prompts": None, "eval_tasks": 0}
     if r > 1:
         flags.update(sft=previous, data=os.path.join(out, "preferences_train.jsonl"),
                      val_data=os.path.join(out, "preferences_val.jsonl"), reward_run=None,
@@ -1070,16 +1072,32 @@ def round_args(args, r, previous):
     return argparse.Namespace(**flags)
 
 
+COMPARISONS_ORIGIN = "comparisons.json"  # in round_<r>/: which policy and flags sampled its comparisons
+
+
+def comparisons_origin(args):
+    """What round r's comparisons come from: the contents of the policy that sampled them (round
+    r − 1's model.pt) and the round's flags (k, prompts, seed, labeler, …), as one fingerprint."""
+    flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("data", "val_data")})
+    return stage_fingerprint(flags, RUNTIME_FLAGS, [args.sft])
+
+
 def own_comparisons(args):
     """Round r's comparisons (round_args): --round-prompts fresh train-split prompts, k samples each
     from the previous round's policy, ranked by the same noisy judge (build_default_preferences).
-    Sampling is seeded, so an interrupted round that finds its files has the same ones."""
-    if os.path.isfile(args.data) and os.path.isfile(args.val_data):
-        return
+    Files already there are reused only when comparisons.json says they were sampled by this very
+    policy with these flags: a round 1 retrained (another β, say) makes round 2 sample afresh."""
+    origin = comparisons_origin(args)
+    record = os.path.join(os.path.dirname(args.data), COMPARISONS_ORIGIN)
+    if os.path.isfile(args.data) and os.path.isfile(args.val_data) and os.path.isfile(record):
+        with open(record) as f:
+            if json.load(f).get("origin") == origin:
+                return
     device = pick_device(args.device)
     autocast = autocast_for(device)
     policy, enc = load_chat_model(args.sft, None, device)
     build_default_preferences(policy.eval(), enc, args, {"device": device, "autocast": autocast})
+    write_json(record, {"origin": origin, "sampled_by": args.sft})  # last: the files above are complete
 
 
 def evaluate_against(policy_path, args):
@@ -1121,11 +1139,9 @@ def iterated_stage(args):
         with open(os.path.join(args.out, "eval.json")) as f:
             return json.load(f)
     started = time.time()
-    if begin_stage(args.out, args.loss, fingerprint, args.force) == "fresh":
-        # Another configuration's rounds: their samples came from other policies.
-        for name in os.listdir(args.out) if os.path.isdir(args.out) else ():
-            if name.startswith("round_"):
-                shutil.rmtree(os.path.join(args.out, name))
+    # Each round is a stage of its own: one whose fingerprint (and comparisons' origin) still match is
+    # skipped, so another --rounds, --round-prompts or --eval-tasks keeps the rounds already trained.
+    begin_stage(args.out, args.loss, fingerprint, args.force)
     previous, rounds, round_dirs = args.sft, [], []
     for r in range(1, args.rounds + 1):
         flags = round_args(args, r, previous)

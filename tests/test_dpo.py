@@ -671,6 +671,46 @@ def test_rounds_learn_from_the_previous_policys_own_samples_and_resume(tmp_path,
     assert resumed["policy"]["gold_score"] == summary["policy"]["gold_score"]
 
 
+def test_rounds_already_trained_survive_another_round_count_and_a_new_round_1_resamples(tmp_path, monkeypatch):
+    """A finished round is a stage of its own: asking for one more round (or another --round-prompts)
+    trains only what is new, to the weights a straight run gives; a changed β retrains round 1, and
+    round 2 then samples its comparisons afresh from the new round-1 policy instead of reusing the
+    files the old one sampled."""
+    import reward
+    monkeypatch.setattr(reward, "judge", lambda task, text: sum(map(ord, text)) % 7 / 6)  # distinct scores
+    checkpoint = tiny_sft_checkpoint(tmp_path)
+    data = write_jsonl(tmp_path / "prefs.jsonl", synthetic_records(24, seed=7))
+    flags = ["--sft", checkpoint, "--data", data, "--round-prompts", "8", "--k", "4", "--max-new-tokens", "4",
+             "--max-steps", "2", "--lr", "1e-3", "--eval-tasks", "0", "--families", "arith", "--levels", "1",
+             "--device", "cpu"]
+    samplers = []
+    build = dpo.build_default_preferences
+    monkeypatch.setattr(dpo, "build_default_preferences", lambda policy, *a: samplers.append(
+        {k: v.clone() for k, v in policy.state_dict().items()}) or build(policy, *a))
+    weights = lambda path: torch.load(path, weights_only=True)["model"]  # noqa: E731
+    straight = tmp_path / "straight"
+    dpo.main([*flags, "--rounds", "3", "--out", str(straight)])
+    grown = tmp_path / "grown"
+    dpo.main([*flags, "--rounds", "2", "--out", str(grown)])
+    stamps = [(grown / f"round_{r}" / "model.pt").stat().st_mtime_ns for r in (1, 2)]
+    samplers.clear()
+    dpo.main([*flags, "--rounds", "3", "--out", str(grown)])
+    assert [(grown / f"round_{r}" / "model.pt").stat().st_mtime_ns for r in (1, 2)] == stamps  # kept
+    assert len(samplers) == 1  # round 3's comparisons only
+    final, expected = weights(grown / "model.pt"), weights(straight / "model.pt")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+    origin = grown / "round_2" / "comparisons.json"
+    kept, old_round_1 = json.loads(origin.read_text())["origin"], weights(grown / "round_1" / "model.pt")
+    samplers.clear()
+    dpo.main([*flags, "--rounds", "2", "--beta", "0.3", "--out", str(grown)])
+    new_round_1 = weights(grown / "round_1" / "model.pt")
+    assert not torch.equal(new_round_1["lm_head.weight"], old_round_1["lm_head.weight"])
+    assert len(samplers) == 1 and all(torch.equal(samplers[0][k], new_round_1[k]) for k in samplers[0])
+    assert json.loads(origin.read_text())["origin"] != kept
+    assert json.loads(origin.read_text())["sampled_by"] == str(grown / "round_1" / "model.pt")
+
+
 def test_cli_net_wins_drops_a_cycle_of_verdicts(tmp_path):
     records = [{"prompt": p, "chosen": w, "rejected": l} for p, w, l in
                [("cycle", "aa", "bb"), ("cycle", "bb", "cc"), ("cycle", "cc", "aa"),
