@@ -45,7 +45,9 @@ cpu_PPO_JUDGE := --iterations 190 --rollouts 256 --minibatch-size 64 --ppo-epoch
 # 1337 (make run) / 1338 / 1339, where one round gave +0.023 / +0.025 / +0.018
 cpu_DPO      := --beta 0.5 --max-steps 700 --rounds 2 --round-prompts 700 --k 8 --families $(FAMILIES) --eval-tasks 0
 cpu_BON      := --best-of-n 1,2,4,8,16,32 --eval-prompts 500 --families $(FAMILIES)
-cpu_EVAL     := --families $(FAMILIES) --eval-tasks 1000
+# --eval-temperatures: the SFT model sampled at T = 0.8 and 0.7 as rows of the table, what sharpening alone buys
+# in sampled gold at a policy's KL (README, "Session 14")
+cpu_EVAL     := --families $(FAMILIES) --eval-tasks 1000 --eval-temperatures 0.8,0.7
 
 # gpu: not yet run on a GPU (none was lent while it was written); the stdlib corpus caps the data
 # at ~4M tokens, so the model stays mid-sized and uses dropout.
@@ -59,7 +61,7 @@ gpu_PPO      := --iterations 200 --rollouts 256 --minibatch-size 64 --snapshot-e
 gpu_PPO_JUDGE := $(gpu_PPO)
 gpu_DPO      := --eval-tasks 0
 gpu_BON      := --best-of-n 1,2,4,8,16,32,64 --eval-prompts 1000
-gpu_EVAL     := --eval-tasks 1000
+gpu_EVAL     := --eval-tasks 1000 --eval-temperatures 0.8,0.7
 
 tiny_DATA     := --max-bytes 300000 --vocab-size 512 --task-worksheets 200 --task-weight 0.2
 tiny_PRETRAIN := --n-layer 2 --n-head 2 --n-embd 32 --block-size 128 --max-steps 40 --warmup-steps 4 \

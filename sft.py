@@ -34,6 +34,7 @@ Usage:
 import argparse
 import codecs
 import contextlib
+import copy
 import json
 import math
 import os
@@ -74,6 +75,9 @@ class Hyperparameters:
                              group="modes (default: fine-tune)")
     eval_out: str = setting(None, "--eval: write DIR/eval.json (a cached stage)", metavar="DIR",
                             group="modes (default: fine-tune)")
+    eval_temperatures: list = setting(None, "--eval: also the --reference model with its logits divided by each T "
+                                            "(e.g. 0.8,0.7): what plain sharpening buys in sampled gold, per nat of KL",
+                                      type=comma_list(float), group="modes (default: fine-tune)")
     force: bool = setting(False, "redo the stage even if its outputs match this configuration", runtime=True,
                           group="modes (default: fine-tune)")
     # starting point
@@ -1023,6 +1027,30 @@ def paired_difference(scores, reference_scores):
     return {"mean": mean, "stderr": stderr}
 
 
+class SharpenedHead(nn.Module):
+    """The LM head with its logits divided by a temperature T: sampling the model at 1 then samples
+    π_T(v | s) ∝ π(v | s)^(1/T). It wraps the model's own head, so the tied embedding stays shared."""
+
+    def __init__(self, head, temperature):
+        super().__init__()
+        self.head, self.temperature = head, temperature
+
+    def forward(self, hidden):
+        return self.head(hidden) / self.temperature
+
+
+def sharpened(model, temperature):
+    """A copy of `model` whose every distribution is π_T = softmax(logits / T) (T < 1: sharper).
+
+    A baseline for RLHF's sampled gold: its greedy answers are the model's own (the argmax does not
+    move), yet sampled at 1 it answers like the model at T, and KL(π_T ‖ π) prices that sharpening in
+    the same nats a policy's distance from π_SFT is measured in. A policy whose sampled gain does not
+    beat π_T's at the same KL has bought no more than a lower temperature."""
+    copied = copy.deepcopy(model)
+    copied.lm_head = SharpenedHead(copied.lm_head, temperature)
+    return copied
+
+
 def evaluate_models(models, reference_name, enc, tasks, args, device, autocast=contextlib.nullcontext()):
     """The pipeline's final table: every model on the same held-out tasks — greedy answers judged
     (evaluate_tasks), samples at temperature 1 judged, their KL to the reference π_ref (the SFT
@@ -1044,6 +1072,8 @@ def evaluate_models(models, reference_name, enc, tasks, args, device, autocast=c
                                                                   greedy[reference_name]["scores"]),
                          "sampled_vs_reference": paired_difference(sampled[name]["gold"],
                                                                    sampled[reference_name]["gold"])}
+        if isinstance(models[name].lm_head, SharpenedHead):  # the reference at a lower temperature
+            results[name]["temperature"] = models[name].lm_head.temperature
         r = results[name]
         print(f"{name}: greedy gold {r['greedy_gold']:.3f} (exact {r['exact_match']:.1%}, "
               f"{r['greedy_vs_reference']['mean']:+.3f} ± {r['greedy_vs_reference']['stderr']:.3f} vs "
@@ -1074,12 +1104,14 @@ def eval_command(args):
     against --reference; with --eval-out DIR it is a stage: DIR/eval.json, skipped when a finished
     evaluation of the same checkpoints and flags is there."""
     checkpoints = named_checkpoints(args.eval)
+    if any(not (t > 0 and math.isfinite(t)) for t in args.eval_temperatures or ()):
+        raise ConfigError(f"--eval-temperatures must all be > 0 (got {','.join(map(str, args.eval_temperatures))})")
     device = pick_device(args.device)
     autocast = autocast_for(device)
     tasks = heldout_tasks(args)
     if not tasks:
         raise ConfigError("--eval needs --eval-tasks > 0")
-    if len(checkpoints) == 1:
+    if len(checkpoints) == 1 and not args.eval_temperatures:
         model, enc = load_chat_model(next(iter(checkpoints.values())), args.tokenizer, device)
         result = evaluate_tasks(model, enc, tasks, args.max_new_tokens, args.eval_batch_size, device, autocast)
         show_examples(result["examples"])
@@ -1103,6 +1135,11 @@ def eval_command(args):
         if enc.n_vocab != encodings[reference].n_vocab or models[name].config.vocab_size != models[reference].config.vocab_size:
             raise ConfigError(f"{checkpoints[name]}: another tokenizer or vocabulary than {checkpoints[reference]}")
     enc = encodings[reference]
+    for temperature in args.eval_temperatures or ():
+        name = f"{reference}@T{temperature:g}"
+        if name in models:
+            raise ConfigError(f"--eval-temperatures {temperature:g}: a checkpoint is already named {name!r}")
+        models[name] = sharpened(models[reference], temperature)
     if args.eval_out:
         begin_stage(args.eval_out, "eval", fingerprint, args.force)
     result = evaluate_models(models, reference, enc, tasks, args, device, autocast)

@@ -1422,8 +1422,9 @@ def truncate_metrics(path, after_step, key="step", final_events=()):
     with open(path) as f:
         records = [(line, json.loads(line)) for line in f if line.strip()]
     kept = [line for line, r in records if r.get(key, 0) <= after_step and r.get("event") not in final_events]
-    with open(path, "w") as f:
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:  # a kill mid-write must not lose the history
         f.writelines(kept)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def plot_metrics(metrics_path, png_path):

@@ -235,9 +235,15 @@ def best_of_n_rows(bon, reference, n=16):
     return rows
 
 
+def own_answers(evaluation):
+    """The models whose greedy answers are their own: a sharpened reference (sft.py
+    --eval-temperatures) answers greedily as the reference does, so it has no column of its own."""
+    return {name: r for name, r in evaluation["models"].items() if "temperature" not in r}
+
+
 def family_table(evaluation):
     """Greedy gold per task family and model."""
-    models = evaluation["models"]
+    models = own_answers(evaluation)
     families = sorted(next(iter(models.values()))["by_family"])
     rows = ["| family | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for family in families:
@@ -248,7 +254,7 @@ def family_table(evaluation):
 
 def examples_table(evaluation):
     """Held-out prompts with every model's greedy reply, side by side."""
-    names = list(evaluation["models"])
+    names = list(own_answers(evaluation))
     cell = lambda text: (text.replace("|", "\\|").replace("\n", "⏎") or "∅")[:60]
     rows = ["| prompt | answer | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for e in evaluation["examples"]:

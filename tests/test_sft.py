@@ -14,6 +14,7 @@ import tiktoken
 import torch
 
 import sft
+from data import report as data_report
 from data.tasks import sft_conversations
 from data.tokenizer import SPECIAL_TOKENS, save_tokenizer
 from hf_gpt2 import gpt2_key_map
@@ -566,6 +567,37 @@ def test_eval_mode_judges_a_checkpoint(tmp_path, capsys):
                        "--device", "cpu"])
     assert result["n"] == 6 and set(result["by_family"]) == {"upper"}
     assert '"mean_score"' in capsys.readouterr().out
+
+
+def test_a_sharpened_model_divides_its_logits_and_keeps_its_greedy_answers():
+    """sharpened(model, T): logits / T at every position (so softmax(logits / T) = π^(1/T) renormalised),
+    the tied embedding still shared, the model itself untouched, the same greedy reply."""
+    model = tiny_model().eval()
+    ids = torch.randint(0, ENC.n_vocab, (2, 9))
+    sharp = sft.sharpened(model, 0.5)
+    with torch.no_grad():
+        logits, sharp_logits = model(ids)[0], sharp(ids)[0]
+    torch.testing.assert_close(sharp_logits, logits / 0.5)
+    by_hand = torch.softmax(2 * torch.log_softmax(logits, -1), -1)  # π(v)² / Σ_u π(u)²
+    torch.testing.assert_close(torch.softmax(sharp_logits, -1), by_hand)
+    assert sharp.lm_head.head.weight is sharp.token_embedding.weight and model.lm_head.weight is model.token_embedding.weight
+    assert not isinstance(model.lm_head, sft.SharpenedHead)
+    prompt = sft.render_prompt(CHAT[1:2], ENC)
+    replies = [sft.generate_responses(m, [prompt], 6, TOKENS.end, TOKENS.pad) for m in (model, sharp)]
+    assert replies[0] == replies[1]
+
+
+def test_eval_temperatures_add_the_sharpened_reference_to_the_table(tmp_path, capsys):
+    checkpoint, _ = tiny_run_files(tmp_path)
+    flags = ["--eval", f"sft={checkpoint}", "--families", "upper", "--eval-tasks", "6", "--max-new-tokens", "4",
+             "--device", "cpu"]
+    result = sft.main([*flags, "--eval-temperatures", "0.5"])
+    sft_row, sharp = result["models"]["sft"], result["models"]["sft@T0.5"]
+    assert sharp["temperature"] == 0.5 and "temperature" not in sft_row
+    assert sharp["greedy_gold"] == sft_row["greedy_gold"] and sharp["greedy_vs_reference"]["mean"] == 0
+    assert sharp["kl_to_reference"] > 0 and sft_row["kl_to_reference"] == 0
+    assert "sft@T0.5" not in data_report.family_table(result)[0] and "| sft@T0.5 |" in data_report.final_table(result)[3]
+    assert "--eval-temperatures must all be > 0" in run_cli_error([*flags, "--eval-temperatures", "0.8,0"], capsys)
 
 
 def test_shift_targets_by_hand():
