@@ -15,7 +15,9 @@ Each row is one `python -m data.prepare --source web=corpus.jsonl` run in a subp
 10 MB sample (--bpe-train-bytes 1e7) and the default --max-memory. Printed per row: wall time,
 MB/s of input, the report's per-pass MB/s, and peak memory — of the largest process
 (getrusage of children) and summed over the process tree (sampled from /proc every 0.2 s; that
-sum counts pages shared by forked workers once per process, so it is an upper bound).
+sum counts pages shared by forked workers once per process, so it is an upper bound). A comment
+line under each row gives the main process's peak after each stage (report.json's peak_memory_gb),
+which shows the stage that set the peak.
 
 --datatrove: if the `datatrove` package imports, also run its MinHash dedup pipeline (signatures,
 buckets, clusters; 14 bands × 9 rows, word 5-grams, as ours) on every record of the smallest corpus
@@ -308,6 +310,8 @@ def main(argv=None):
             print(f"| {size_mb} MB | {workers} | {seconds:.0f} | {size_mb / seconds:.2f} | {largest / 1e9:.2f} GB | "
                   f"{tree / 1e9:.2f} GB | {passes} | {report['near_dedup']['removed']:,} | "
                   f"{report['exact_dedup']['removed']:,} |", flush=True)
+            print(f"<!-- {size_mb} MB, {workers} workers: main process's peak RSS (GB) after each stage: "
+                  f"{report.get('peak_memory_gb')} -->", flush=True)
     if args.datatrove:
         size_mb = args.datatrove_size_mb or min(int(x) for x in args.sizes_mb.split(","))
         corpus = os.path.join(args.dir, f"corpus_{size_mb}mb_seed{args.seed}.jsonl")

@@ -57,6 +57,7 @@ import math
 import multiprocessing
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -175,6 +176,12 @@ def build_parser():
 # Small helpers
 # -----------------------------------------------------------------------------
 
+def peak_rss_bytes():
+    """This process's peak resident set size (Linux and macOS report ru_maxrss in different units)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def nbytes(doc):
     return len(sources.utf8(doc.text))
 
@@ -184,7 +191,14 @@ class Log:
 
     def __init__(self, quiet=False):
         self.quiet, self.start, self.last = quiet, time.time(), time.time()
-        self.funnel, self.timing = [], {}
+        self.funnel, self.timing, self.peak_memory = [], {}, {}
+
+    def _ended(self, name):
+        """Time the stage that just ended, and this process's peak resident memory so far (a
+        high-water mark: the stage where it first rises is the one that needed the memory)."""
+        self.timing[name] = round(time.time() - self.last, 2)
+        self.last = time.time()
+        self.peak_memory[name] = round(peak_rss_bytes() / 1e9, 3)
 
     def say(self, message):
         if not self.quiet:
@@ -198,8 +212,7 @@ class Log:
             entry["bytes"] += nbytes(doc)
         total = sum(e["bytes"] for e in by_source.values())
         self.funnel.append({"stage": name, "documents": len(documents), "bytes": total, "by_source": by_source})
-        self.timing[name] = round(time.time() - self.last, 2)
-        self.last = time.time()
+        self._ended(name)
         self.say(f"{name:<15} {len(documents):>7,} documents {total / 1e6:8.2f} MB   ({self.timing[name]:.1f}s)")
 
     def stage_counts(self, name, by_source):
@@ -207,13 +220,11 @@ class Log:
         documents = sum(e["documents"] for e in by_source.values())
         total = sum(e["bytes"] for e in by_source.values())
         self.funnel.append({"stage": name, "documents": documents, "bytes": total, "by_source": by_source})
-        self.timing[name] = round(time.time() - self.last, 2)
-        self.last = time.time()
+        self._ended(name)
         self.say(f"{name:<15} {documents:>7,} documents {total / 1e6:8.2f} MB   ({self.timing[name]:.1f}s)")
 
     def timed(self, name):
-        self.timing[name] = round(time.time() - self.last, 2)
-        self.last = time.time()
+        self._ended(name)
         self.say(f"{name} done ({self.timing[name]:.1f}s)")
 
 
@@ -645,6 +656,7 @@ def prepare(args, extra_sources=(), eval_texts=()):
         report["malformed"] = {"count": len(problems), "examples": problems[:100]}
         report["funnel"] = log.funnel
         report["timing_s"] = log.timing
+        report["peak_memory_gb"] = log.peak_memory  # rank 0's main process after each stage (workers not included)
         report["throughput_mb_per_s"] = run.throughput
         report["meta"] = meta
         report["timing_s"]["total"] = round(time.time() - log.start, 2)

@@ -53,6 +53,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -664,7 +665,8 @@ def streamed_classifier(run, store, alive, n_chunks, eval_texts, problems):
 
 
 def sign_chunk(state, c):
-    """Signatures (rows: chunk c's alive documents) and their LSH band keys."""
+    """Signatures (rows: chunk c's alive documents, a raw .signatures file read by memory map) and
+    their LSH band keys (.npz)."""
     store, alive, args = state["store"], state["alive"], state["args"]
     first, last = store.chunk_start[c], store.chunk_start[c + 1]
     texts = store.chunk_texts(c)
@@ -673,25 +675,71 @@ def sign_chunk(state, c):
     signatures = (dedup.minhash_signatures(shingles, args.num_perm, args.seed) if shingles
                   else np.zeros((0, args.num_perm), dtype=np.uint64))
     keys = dedup.band_keys(signatures, state["bands"], state["rows"])
-    return ({"signatures": signatures, "keys": keys},
-            {"bytes": int(store.nbytes[first:last][local].sum())}, None)
+    return ({"keys": keys}, {"bytes": int(store.nbytes[first:last][local].sum())},
+            {"signatures": np.ascontiguousarray(signatures, dtype=np.uint64).tobytes()})
 
 
-def signature_rows(run, store, alive, positions):
-    """Signature rows of the given near-dedup positions (indices among the alive documents), read
-    chunk by chunk: only these rows stay in memory."""
+# Near-dedup's memory does not follow the number of documents: one band's keys are sorted one key
+# range at a time, and candidate pairs are verified a block at a time, each row read from its chunk's
+# signature file by memory map (one chunk mapped at once, so only the rows asked for are read).
+BAND_SORT_BYTES_PER_KEY = 40  # key, position, the argsort's order, the sorted copy, the run mask
+PAIR_BLOCK = 8192  # candidate pairs verified at once: 2 × num_perm × 8 bytes each (16 MB at 128)
+
+
+def band_partitions(n, max_memory):
+    """P, a power of two: the key ranges one band's n keys are sorted in, each within 1/8 of --max-memory."""
+    share, partitions = max(max_memory / 8, 1), 1
+    while n * BAND_SORT_BYTES_PER_KEY / partitions > share:
+        partitions *= 2
+    return partitions
+
+
+def alive_chunk_starts(store, alive):
+    """first[c]: the near-dedup position of chunk c's first alive document (positions count alive documents)."""
+    per_chunk = [int(alive[store.chunk_start[c]:store.chunk_start[c + 1]].sum()) for c in range(store.n_chunks)]
+    return np.concatenate([[0], np.cumsum(per_chunk)]).astype(np.int64)
+
+
+def band_candidates(run, first, band, partitions):
+    """dedup.sorted_band_candidates over every alive document's key in one band, as positions,
+    sorting the keys whose top log2(P) bits are p for each p in turn (equal keys share a range)."""
+    shift = np.uint64(64 - int(math.log2(partitions))) if partitions > 1 else None
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for p in range(partitions):
+        keys, positions = [], []
+        for c in range(len(first) - 1):
+            column = load_arrays(run.work, "minhash", c, ["keys"])["keys"][:, band]
+            local = np.arange(len(column)) if shift is None else np.flatnonzero((column >> shift) == p)
+            keys.append(column[local])
+            positions.append(first[c] + local)
+        keys = np.concatenate(keys + [np.zeros(0, np.uint64)])
+        positions = np.concatenate(positions + [np.zeros(0, np.int64)])
+        found.append(positions[dedup.sorted_band_candidates(keys)])  # positions rise, so i < j stays
+    return np.concatenate(found)
+
+
+def signature_rows(run, first, positions):
+    """Signature rows of the given near-dedup positions, in their order, one chunk's file mapped at
+    a time: only these rows are read and kept."""
     positions = np.asarray(positions, dtype=np.int64)
-    needed = np.unique(positions)
-    alive_per_chunk = np.array([alive[store.chunk_start[c]:store.chunk_start[c + 1]].sum()
-                                for c in range(store.n_chunks)], dtype=np.int64)
-    chunk_first = np.concatenate([[0], np.cumsum(alive_per_chunk)])
-    rows = np.zeros((len(needed), run.args.num_perm), dtype=np.uint64)
-    owner = np.searchsorted(chunk_first, needed, side="right") - 1
-    for c in np.unique(owner):
-        signatures = load_arrays(run.work, "minhash", int(c), ["signatures"])["signatures"]
+    rows = np.zeros((len(positions), run.args.num_perm), dtype=np.uint64)
+    owner = np.searchsorted(first, positions, side="right") - 1
+    for c in np.unique(owner).tolist():
+        mapped = np.memmap(chunk_path(run.work, "minhash", c) + ".signatures", dtype=np.uint64, mode="r",
+                           shape=(int(first[c + 1] - first[c]), run.args.num_perm))
         these = np.flatnonzero(owner == c)
-        rows[these] = signatures[needed[these] - chunk_first[c]]
-    return rows[np.searchsorted(needed, positions)]
+        rows[these] = mapped[positions[these] - first[c]]
+        del mapped  # unmapped: the pages read leave this process's resident memory
+    return rows
+
+
+def pair_similarities(run, first, pairs):
+    """The fraction of equal signature rows of each pair (the MinHash estimate of its Jaccard), PAIR_BLOCK pairs at a time."""
+    similarities = np.zeros(len(pairs))
+    for start in range(0, len(pairs), PAIR_BLOCK):
+        rows = signature_rows(run, first, pairs[start:start + PAIR_BLOCK].ravel())
+        similarities[start:start + PAIR_BLOCK] = np.mean(rows[0::2] == rows[1::2], axis=1)
+    return similarities
 
 
 def near_duplicates(run, store, alive, n_chunks):
@@ -699,27 +747,24 @@ def near_duplicates(run, store, alive, n_chunks):
     args = run.args
     index = np.flatnonzero(alive)  # near-dedup position p is document index[p]
     n = len(index)
+    first = alive_chunk_starts(store, alive)
     bands, rows = dedup.optimal_bands_rows(args.minhash_threshold, args.num_perm, *dedup.LSH_WEIGHTS)
-    per_band = []
-    for band in range(bands):
-        keys = np.concatenate([load_arrays(run.work, "minhash", c, ["keys"])["keys"][:, band] for c in range(n_chunks)]
-                              + [np.zeros(0, np.uint64)])
-        per_band.append(dedup.sorted_band_candidates(keys))
-    pairs = dedup.unique_pairs(per_band, max(n, 1))
+    partitions = band_partitions(n, args.max_memory)
+    pairs = dedup.unique_pairs([], max(n, 1))
+    for band in range(bands):  # merged band by band: memory follows the distinct pairs, not 14 bands' copies
+        pairs = dedup.unique_pairs([pairs, band_candidates(run, first, band, partitions)], max(n, 1))
     rng = np.random.default_rng(args.seed)
     random_pairs = rng.integers(0, n, size=(min(2000, n * (n - 1) // 2), 2)) if n > 1 else np.zeros((0, 2), int)
     random_pairs = random_pairs[random_pairs[:, 0] != random_pairs[:, 1]]
-    looked_up = signature_rows(run, store, alive, np.concatenate([pairs.ravel(), random_pairs.ravel()]))
-    pair_rows, random_rows = looked_up[:pairs.size], looked_up[pairs.size:]
-    similarities = np.mean(pair_rows[0::2] == pair_rows[1::2], axis=1) if len(pairs) else np.zeros(0)
-    random_similarities = np.mean(random_rows[0::2] == random_rows[1::2], axis=1)
+    similarities = pair_similarities(run, first, pairs)
+    random_similarities = pair_similarities(run, first, random_pairs)
     clusters = dedup.clusters_of_pairs(pairs[similarities >= args.minhash_threshold])
     drop = np.zeros(len(store), dtype=bool)
     for members in clusters:
         drop[index[members[1:]]] = True
     clusters.sort(key=len, reverse=True)
     info = {"threshold": args.minhash_threshold, "num_perm": args.num_perm, "ngram": args.shingle_words,
-            "bands": bands, "rows": rows, "candidate_pairs": len(similarities),
+            "bands": bands, "rows": rows, "band_sort_partitions": partitions, "candidate_pairs": len(similarities),
             "duplicate_pairs": int(np.sum(similarities >= args.minhash_threshold)),
             "clusters": len(clusters), "removed": int(drop.sum()),
             "largest_clusters": [[store.origin(index[i]) for i in members[:5]]

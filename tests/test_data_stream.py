@@ -93,6 +93,35 @@ def test_streamed_curation_equals_the_in_memory_reference(corpus, tmp_path):
         assert streamed_report["perplexity"]["by_source"][name] == info
 
 
+def test_near_dedup_in_key_ranges_and_pair_blocks_decides_as_the_in_memory_one(corpus, tmp_path, monkeypatch):
+    """Each band's keys sorted in 8+ key ranges and the candidates verified 2 pairs at a time (what
+    a corpus far larger than --max-memory gets): the same candidates, similarities and removals."""
+    monkeypatch.setattr(stream, "BAND_SORT_BYTES_PER_KEY", 4000)  # 40 KB a key range at --max-memory 1e5
+    monkeypatch.setattr(stream, "PAIR_BLOCK", 2)
+    args = _args(_argv(corpus, tmp_path / "out", "--max-memory", "1e5", "--workers", "1"))
+    source_list = [parse_source_flag(spec) for spec in args.source]
+    eval_texts = prepare.read_eval_texts(args.decontaminate[0], [])
+    reference_report, streamed_report = {}, {}
+    curate_documents(source_list, args, eval_texts, [], Log(quiet=True), reference_report)
+    stream.StreamingRun(args, "test", stream.Ranks(), 1, Log(quiet=True)).curate(source_list, eval_texts, [],
+                                                                                streamed_report)
+    near, near_reference = streamed_report["near_dedup"], reference_report["near_dedup"]
+    assert near["band_sort_partitions"] >= 8
+    assert near["candidate_pairs"] == near_reference["candidate_pairs"] > 2 * 2  # three blocks or more
+    assert near["removed"] == near_reference["removed"] >= 4
+    assert near["candidate_similarities"] == near_reference["candidate_similarities"]
+    assert near["random_pair_similarities"] == near_reference["random_pair_similarities"]
+
+
+def test_band_partitions_keep_a_key_range_within_an_eighth_of_max_memory():
+    assert stream.band_partitions(1000, 2e9) == 1
+    for n, max_memory in ((10**6, 1e6), (3 * 10**7, 2e9), (12345, 1e5)):
+        partitions = stream.band_partitions(n, max_memory)
+        assert partitions & (partitions - 1) == 0  # a power of two: the top bits of a key choose its range
+        assert n * stream.BAND_SORT_BYTES_PER_KEY / partitions <= max_memory / 8
+        assert n * stream.BAND_SORT_BYTES_PER_KEY / (partitions / 2) > max_memory / 8
+
+
 def test_the_streamed_classifier_decides_as_the_in_memory_one(corpus, tmp_path):
     """The quality classifier planned from counts, trained on the chunks read back and scored chunk by
     chunk: the same training examples, model, scores and kept documents as quality.classifier_filter."""
