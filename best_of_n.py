@@ -32,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from data.hf_tokenizer import write_json
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
 from data.tasks import generate_tasks, judge
 from data.tokenizer import load_tokenizer
@@ -238,8 +239,7 @@ def best_of_n_command(args):
     result = {"prompts": len(tasks), "samples_per_prompt": N, "reward_model": args.reward_model, "sft": args.sft,
               "best_of_n": curves, "optimum": optimum, "policies": points, "wall_seconds": round(time.time() - started, 1)}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bon.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(args.out, "bon.json"), result)
     plot_overoptimization(result, os.path.join(args.out, "overoptimization.png"))
     finish_stage(args.out, "bon", fingerprint, started,
                  {f"bon{c['n']}_rm_gold": c["gold"][0] for c in curves["rm"]})

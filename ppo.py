@@ -70,6 +70,7 @@ import torch.nn as nn
 
 import reward
 from data.errors import DataError
+from data.hf_tokenizer import write_json
 from data.tasks import generate_tasks, judge
 from data.tokenizer import load_tokenizer
 from reward import (RewardEnsemble, load_reward_model, load_sft, reward_model_from_gpt, reward_model_paths, score,
@@ -1215,8 +1216,7 @@ def write_outputs(args, policy, tokenizer_ref, records, final_beta, evaluation, 
                "heldout_tasks": heldout_tasks, "rollout_tokens_per_sec": tokens_per_sec,
                **{k: round(v, 1) for k, v in totals.items()}, "wall_seconds": round(time.time() - started, 1),
                "device": str(device)}
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(args.out, "eval.json"), summary)
     plot_training(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ppo.png"))
     finish_stage(args.out, "ppo", fingerprint, started,
                  {"heldout": {name: {k: result.get(k) for k in ("mean_score", "sampled_gold_score", "kl")}

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.errors import DataError
+from data.hf_tokenizer import write_json
 from data.tasks import generate_tasks, judge, sft_conversations
 from data.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer
 from data.stages import begin_stage, finish_stage, finished_stage, stage_fingerprint
@@ -806,8 +807,7 @@ def finish_sft(args, fingerprint, started, evaluation, n_heldout, best, steps, s
     summary = {**evaluation, "heldout_tasks": n_heldout, "best_step": best["step"],
                "best_val_loss": best["val_loss"], "steps": steps, "stop_reason": stop_reason,
                "wall_seconds": round(wall, 1), "device": str(device)}
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(args.out, "eval.json"), summary)
     plot_sft(os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "sft.png"))
     finish_stage(args.out, "sft", fingerprint, started,
                  {"base_gold": evaluation["base"]["mean_score"] if n_heldout else None,
@@ -1146,8 +1146,7 @@ def eval_command(args):
     if args.eval_out:
         result["checkpoints"] = checkpoints
         result["wall_seconds"] = round(time.time() - started, 1)
-        with open(os.path.join(args.eval_out, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(args.eval_out, "eval.json"), result)
         finish_stage(args.eval_out, "eval", fingerprint, started,
                      {name: {k: r[k] for k in ("greedy_gold", "sampled_gold", "kl_to_reference")}
                       for name, r in result["models"].items()})

@@ -474,32 +474,35 @@ def tokenize_texts(texts, tokenizer_ref, workers):
 
 
 class ShardWriter:
-    """Cuts a stream of tokens into shards of shard_tokens tokens, writing each as it fills."""
+    """Cuts a stream of tokens into shards of shard_tokens tokens, writing each as it fills. The
+    tokens are copied into one shard-sized buffer, reused for every shard: no allocation per shard,
+    so memory does not follow the corpus (a new array per shard fragments the heap, and grows it)."""
 
     def __init__(self, out_dir, prefix, vocab_size, shard_tokens):
         self.out_dir, self.prefix, self.vocab_size, self.shard_tokens = out_dir, prefix, vocab_size, shard_tokens
-        self.dtype = token_dtype(vocab_size)
-        self.names, self.buffer, self.buffered, self.total = [], [], 0, 0
+        self.buffer = np.empty(shard_tokens, dtype=token_dtype(vocab_size))  # pages are touched as they fill
+        self.names, self.filled, self.total = [], 0, 0
 
     def _flush(self, tokens):
         name = f"{self.prefix}_{len(self.names):06d}.bin"
         write_shard(os.path.join(self.out_dir, name), tokens, self.vocab_size)
         self.names.append(name)
+        self.total += len(tokens)
 
     def add(self, tokens):
-        self.buffer.append(np.asarray(tokens).astype(self.dtype))
-        self.buffered += len(tokens)
-        while self.buffered >= self.shard_tokens:
-            stream = np.concatenate(self.buffer)
-            self._flush(stream[:self.shard_tokens])
-            self.buffer, self.buffered = [stream[self.shard_tokens:]], self.buffered - self.shard_tokens
-            self.total += self.shard_tokens
+        tokens = np.asarray(tokens)
+        while len(tokens):
+            take = min(len(tokens), self.shard_tokens - self.filled)
+            self.buffer[self.filled:self.filled + take] = tokens[:take]
+            self.filled, tokens = self.filled + take, tokens[take:]
+            if self.filled == self.shard_tokens:
+                self._flush(self.buffer)
+                self.filled = 0
 
     def close(self):
         """Write the last, partial shard (an empty split still gets one). Returns (shard names, total tokens)."""
-        if self.buffered or not self.names:
-            self._flush(np.concatenate(self.buffer) if self.buffer else np.zeros(0, dtype=self.dtype))
-            self.total += self.buffered
+        if self.filled or not self.names:
+            self._flush(self.buffer[:self.filled])
         return self.names, self.total
 
 

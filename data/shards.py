@@ -49,7 +49,7 @@ def write_shard(path: str, tokens, vocab_size: int) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(dtype).tobytes())
+        np.ascontiguousarray(tokens, dtype=dtype).tofile(f)  # no copy when tokens already have the dtype
     os.replace(tmp, path)
 
 

@@ -78,6 +78,10 @@ MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 10_000, 64_000_000
 # Pass 0 reads a JSONL file larger than this in pieces of this size, one task each: a corpus of one
 # 40 GB file is 1,250 tasks for the ranks' processes to share, each reading (at ~2 MB/s) for seconds.
 PIECE_BYTES = 32_000_000
+# Per-document numbers the main process keeps for the whole run, measured (README, "At scale", session 15): the
+# curated store's source, kind, hash, size and text/origin offsets (35 bytes), masks, and the exact-dedup,
+# near-dedup and mixture stages' sorts of them. They must fit in the half of --max-memory that chunks leave.
+BYTES_PER_DOCUMENT = 100
 REPORT_SAMPLE = 100_000  # per-document lists in report.json (histograms) keep at most this many values
 
 
@@ -258,11 +262,12 @@ class FileIndex:
 
     def __init__(self, work, pieces, listing):
         self.work, self.pieces, self.listing = work, pieces, listing
-        self.parts, self.problems, self.lines = {}, {}, {}
+        self.indexed, self.problems, self.lines = set(), {}, {}  # a piece's arrays stay on disk until read
         self.ordinals = [[c for c, piece in enumerate(pieces) if piece[0] == s] for s in range(len(listing))]
         # Per source, over its pieces indexed so far (they are indexed in order): the documents'
         # UTF-8 bytes, and the size of the last document.
         self.text_bytes, self.last_size = [0] * len(listing), [0] * len(listing)
+        self.records = 0  # documents indexed, over all sources
 
     def first_line(self, c):
         """The line number of piece c's first record: 1 + the lines of the file's pieces before it."""
@@ -273,7 +278,9 @@ class FileIndex:
         return lines
 
     def load(self, c):
-        self.parts[c] = part = load_arrays(self.work, "index", c)
+        part = load_arrays(self.work, "index", c, ["bytes"])
+        self.indexed.add(c)
+        self.records += len(part["bytes"])
         self.problems[c] = load_info(self.work, "index", c)["problems"]
         s = self.pieces[c][0]
         self.text_bytes[s] += int(part["bytes"].sum())
@@ -291,7 +298,7 @@ class FileIndex:
         problems.extend(self.listing[s])
         total = 0
         for c in self.ordinals[s]:
-            part, reported = self.parts[c], 0
+            part, reported = load_arrays(self.work, "index", c), 0
             for k in range(len(part["bytes"])):
                 problems.extend(self.problems[c][reported:part["problems_before"][k]])
                 reported = part["problems_before"][k]
@@ -314,6 +321,16 @@ def next_round(index, s, cursor, budget, width):
         _, _, start, end = index.pieces[c]
         need -= end - start
     return taken
+
+
+def check_document_memory(documents, max_memory):
+    """One clear error after pass 0, before hours of work, when the per-document numbers of this
+    many documents would not fit in half of --max-memory, rather than running out of memory later."""
+    need = documents * BYTES_PER_DOCUMENT
+    if need > max_memory / 2:
+        raise DataError(f"--max-memory {max_memory:g}: the {documents:,} documents indexed keep ~{need / 1e9:.2f} GB "
+                        f"of per-document numbers in memory ({BYTES_PER_DOCUMENT} bytes each), more than half the "
+                        f"bound; pass --max-memory {2 * need:.2g} or more")
 
 
 def index_input_files(run, source_list):
@@ -963,6 +980,7 @@ class StreamingRun:
         if len(set(names)) != len(names):
             raise DataError(f"--source: source names must differ, got {names}")
         counter, file_index = {}, index_input_files(self, source_list)
+        check_document_memory(file_index.records, args.max_memory)
         state = {"args": args, "source_names": names, "sources": source_list, "pieces": file_index.pieces,
                  "identifier": langid.default_identifier() if args.language_list else None}
         chunks = document_chunks(source_list, args, problems, self.chunk_bytes, counter, file_index)
@@ -1056,7 +1074,7 @@ class StreamingRun:
         report["streaming"] = {"chunk_bytes": self.chunk_bytes, "chunks": n_chunks, "workers": self.workers,
                                "ranks": self.ranks.world, "max_memory": args.max_memory,
                                "input_files": len({piece[1] for piece in file_index.pieces}),
-                               "input_pieces": len(file_index.pieces), "indexed_pieces": len(file_index.parts)}
+                               "input_pieces": len(file_index.pieces), "indexed_pieces": len(file_index.indexed)}
         return store, final
 
     def _stage(self, name, store, mask):

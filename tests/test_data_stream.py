@@ -122,6 +122,22 @@ def test_band_partitions_keep_a_key_range_within_an_eighth_of_max_memory():
         assert n * stream.BAND_SORT_BYTES_PER_KEY / (partitions / 2) > max_memory / 8
 
 
+def test_too_many_documents_for_max_memory_is_one_error_after_the_file_index(corpus, tmp_path, capsys, monkeypatch):
+    """A corpus whose per-document numbers would not fit in half of --max-memory stops after pass 0
+    with one line naming the flag and the bound to pass; no curation has run."""
+    monkeypatch.setattr(stream, "BYTES_PER_DOCUMENT", 1000)  # the corpus's ~125 records: ~125 KB > 1e5 / 2
+    with pytest.raises(SystemExit) as stopped:
+        main(_argv(corpus, tmp_path / "out", "--max-memory", "1e5", "--workers", "1"))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: --max-memory 100000: the ")
+    assert "pass --max-memory" in error
+    assert not (tmp_path / "out" / stream.WORK / "curated").exists()
+    monkeypatch.setattr(stream, "BYTES_PER_DOCUMENT", 100)  # ~12.5 KB: within the bound, the run goes on
+    main(_argv(corpus, tmp_path / "out", "--max-memory", "1e5", "--workers", "1"))
+    assert (tmp_path / "out" / "meta.json").exists()
+
+
 def test_the_streamed_classifier_decides_as_the_in_memory_one(corpus, tmp_path):
     """The quality classifier planned from counts, trained on the chunks read back and scored chunk by
     chunk: the same training examples, model, scores and kept documents as quality.classifier_filter."""
@@ -330,11 +346,11 @@ def test_the_file_index_reads_what_the_stream_reads(many_files, tmp_path, max_by
     assert len(chunks) > 2 and any("unsupported extension" in p for p in problems)
     assert (len(index.pieces) > 3 * 11) == (piece_bytes == 97)  # 8 JSONL files of 200–2,000 bytes, cut
     if max_bytes == 1_500:
-        assert len(index.parts) < len(index.pieces)  # the pieces past the budget were not read
+        assert len(index.indexed) < len(index.pieces)  # the pieces past the budget were not read
     else:
         assert any("invalid JSON" in p for p in problems)
     if max_bytes == 10**9:
-        assert len(index.parts) == len(index.pieces) and sum("binary" in p for p in problems) == 1
+        assert len(index.indexed) == len(index.pieces) and sum("binary" in p for p in problems) == 1
 
 
 @pytest.mark.parametrize("piece_bytes", [10**9, 300])
@@ -369,7 +385,8 @@ def test_each_piece_is_indexed_by_one_rank(many_files, tmp_path, monkeypatch, pi
         t.join(timeout=120)
     pieces = indexes[0].pieces
     assert read_by == {(path, end): {f"rank{c % 2}"} for c, (_, path, _, end) in enumerate(pieces)}
-    assert sorted(indexes[0].parts) == sorted(indexes[1].parts) == list(range(len(pieces)))
+    assert sorted(indexes[0].indexed) == sorted(indexes[1].indexed) == list(range(len(pieces)))
+    assert indexes[0].records == indexes[1].records > 0
     readers = {}
     for (path, _), ranks in read_by.items():
         readers.setdefault(path, set()).update(ranks)
