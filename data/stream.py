@@ -78,10 +78,11 @@ MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 10_000, 64_000_000
 # Pass 0 reads a JSONL file larger than this in pieces of this size, one task each: a corpus of one
 # 40 GB file is 1,250 tasks for the ranks' processes to share, each reading (at ~2 MB/s) for seconds.
 PIECE_BYTES = 32_000_000
-# Per-document numbers the main process keeps for the whole run, measured (README, "At scale", session 15): the
-# curated store's source, kind, hash, size and text/origin offsets (35 bytes), masks, and the exact-dedup,
-# near-dedup and mixture stages' sorts of them. They must fit in the half of --max-memory that chunks leave.
-BYTES_PER_DOCUMENT = 100
+# Per-document numbers the main process keeps, measured (README, "At scale", session 15: its peak grew 137 bytes
+# a document from 1 to 3 GB): the curated store's source, kind, hash, size and text/origin offsets (35 bytes),
+# masks, and the exact-dedup, near-dedup and mixture stages' sorts of them. They must fit in the half of
+# --max-memory that the chunks in flight leave.
+BYTES_PER_DOCUMENT = 150
 REPORT_SAMPLE = 100_000  # per-document lists in report.json (histograms) keep at most this many values
 
 

@@ -125,7 +125,7 @@ def test_band_partitions_keep_a_key_range_within_an_eighth_of_max_memory():
 def test_too_many_documents_for_max_memory_is_one_error_after_the_file_index(corpus, tmp_path, capsys, monkeypatch):
     """A corpus whose per-document numbers would not fit in half of --max-memory stops after pass 0
     with one line naming the flag and the bound to pass; no curation has run."""
-    monkeypatch.setattr(stream, "BYTES_PER_DOCUMENT", 1000)  # the corpus's ~125 records: ~125 KB > 1e5 / 2
+    monkeypatch.setattr(stream, "BYTES_PER_DOCUMENT", 1000)  # the corpus's ~160 documents: ~160 KB > 1e5 / 2
     with pytest.raises(SystemExit) as stopped:
         main(_argv(corpus, tmp_path / "out", "--max-memory", "1e5", "--workers", "1"))
     assert stopped.value.code == 2
@@ -133,7 +133,7 @@ def test_too_many_documents_for_max_memory_is_one_error_after_the_file_index(cor
     assert len(error.splitlines()) == 1 and error.startswith("error: --max-memory 100000: the ")
     assert "pass --max-memory" in error
     assert not (tmp_path / "out" / stream.WORK / "curated").exists()
-    monkeypatch.setattr(stream, "BYTES_PER_DOCUMENT", 100)  # ~12.5 KB: within the bound, the run goes on
+    monkeypatch.setattr(stream, "BYTES_PER_DOCUMENT", 100)  # ~16 KB: within the bound, the run goes on
     main(_argv(corpus, tmp_path / "out", "--max-memory", "1e5", "--workers", "1"))
     assert (tmp_path / "out" / "meta.json").exists()
 
