@@ -720,7 +720,8 @@ def alive_chunk_starts(store, alive):
 
 def band_candidates(run, first, band, partitions):
     """dedup.sorted_band_candidates over every alive document's key in one band, as positions,
-    sorting the keys whose top log2(P) bits are p for each p in turn (equal keys share a range)."""
+    sorting the keys whose top log2(P) bits are p for each p in turn (equal keys share a range).
+    With P > 1 each chunk's keys are read P times a band: disk reads traded for a bounded sort."""
     shift = np.uint64(64 - int(math.log2(partitions))) if partitions > 1 else None
     found = [np.zeros((0, 2), dtype=np.int64)]
     for p in range(partitions):
@@ -760,7 +761,7 @@ def pair_similarities(run, first, pairs):
     return similarities
 
 
-def near_duplicates(run, store, alive, n_chunks):
+def near_duplicates(run, store, alive):
     """dedup.near_dedup's decision from the chunk files: drop mask (over all documents) and report."""
     args = run.args
     index = np.flatnonzero(alive)  # near-dedup position p is document index[p]
@@ -1035,7 +1036,7 @@ class StreamingRun:
         self.throughput["minhash"] = map_chunks(self, "minhash", sign_chunk, ((c, c) for c in range(n_chunks)),
                                                 {"store": store, "alive": alive, "args": args,
                                                  "bands": bands, "rows": rows})
-        drop, report["near_dedup"] = near_duplicates(self, store, alive, n_chunks)
+        drop, report["near_dedup"] = near_duplicates(self, store, alive)
         alive &= ~drop
         self._stage("near_dedup", store, alive)
 
